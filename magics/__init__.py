@@ -1,0 +1,1 @@
+"""IPython magics for sandboxed kernels (``%container``): they arrive with snapshots."""

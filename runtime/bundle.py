@@ -1,0 +1,149 @@
+"""The OCI runtime spec (``config.json``) of a kernel container.
+
+Pure logic: :func:`make_spec` turns plain parameters into the dict runc reads. No
+namespace, cgroup or pivot_root code lives here or anywhere else in the project;
+runc does that part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .limits import CPU_PERIOD, Limits
+
+#: Where the kernel's run folder (connection file, log) appears inside the container.
+RUN_DIR = "/run/sandbox"
+CONNECTION_FILE = f"{RUN_DIR}/connection.json"
+LOG_FILE = f"{RUN_DIR}/kernel.log"
+
+MASKED_PATHS = [
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+]  # fmt: skip
+READONLY_PATHS = [
+    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path bind-mounted at the same or another path inside the container."""
+
+    source: Path
+    target: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class SpecParams:
+    """Everything :func:`make_spec` needs; all paths are host paths unless named target."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    hostname: str
+    netns: Path
+    cgroups_path: str
+    limits: Limits
+    binds: list[Bind] = field(default_factory=list)
+    nofile: int = 4096
+    memory_swap: bool = True
+
+
+def wrap_argv(argv: list[str]) -> list[str]:
+    """The container's process: a shell that sends stdio to the log, then execs ``argv``.
+
+    The redirect happens inside the container, so no host file descriptor is left in
+    the kernel (CRIU cannot dump one), and the log outlives checkpoint and restore.
+    After ``exec`` the kernel itself is PID 1.
+    """
+    return ["/bin/sh", "-c", 'exec >>"$0" 2>&1 </dev/null; exec "$@"', LOG_FILE, *argv]
+
+
+def resources(limits: Limits, memory_swap: bool = True) -> dict[str, Any]:
+    """The ``linux.resources`` block for ``limits``.
+
+    ``memory_swap`` says whether the host can limit memory plus swap (cgroup v1 needs
+    swap accounting for that). Where it can, swap is capped at the memory limit, so
+    swap cannot be used to escape it.
+    """
+    res: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if limits.memory:
+        res["memory"] = {"limit": limits.memory}
+        if memory_swap:
+            res["memory"]["swap"] = limits.memory
+    if limits.cpus:
+        res["cpu"] = {"quota": int(limits.cpus * CPU_PERIOD), "period": CPU_PERIOD}
+    if limits.pids:
+        res["pids"] = {"limit": limits.pids}
+    return res
+
+
+def make_spec(p: SpecParams) -> dict[str, Any]:
+    """The OCI config for a kernel container with the parameters ``p``.
+
+    The container has its own pid, mount, uts, ipc and cgroup namespaces and joins
+    the network namespace ``p.netns`` that the runtime made (runc then treats it as
+    external, so it survives checkpoint and restore). The process runs as
+    ``p.uid``:``p.gid`` with no capabilities and no_new_privs.
+    """
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+    ]  # fmt: skip
+    for bind in sorted(p.binds, key=lambda b: len(Path(b.target).parts)):
+        options = ["rbind", "nosuid", "nodev", "rprivate"]
+        options.append("ro" if bind.readonly else "rw")
+        mounts.append(
+            {"destination": bind.target, "type": "bind", "source": str(bind.source),
+             "options": options}
+        )  # fmt: skip
+    no_caps: dict[str, list[str]] = {
+        k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+    }
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": p.uid, "gid": p.gid},
+            "args": wrap_argv(p.argv),
+            "env": [f"{k}={v}" for k, v in sorted(p.env.items())],
+            "cwd": p.cwd,
+            "capabilities": no_caps,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": p.nofile, "soft": p.nofile}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": p.hostname,
+        "mounts": mounts,
+        "linux": {
+            "resources": resources(p.limits, p.memory_swap),
+            "cgroupsPath": p.cgroups_path,
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": str(p.netns)},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "cgroup"},
+            ],
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+        },
+    }

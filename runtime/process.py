@@ -1,0 +1,65 @@
+"""Running outside programs from async code without blocking the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Sequence
+
+from sandbox_kernel.errors import CommandError
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    stdin: str | None = None,
+    timeout: float = 30.0,
+    check: bool = True,
+    hint: str = "",
+) -> tuple[int, str, str]:
+    """Run ``argv`` to completion under ``timeout`` seconds.
+
+    Returns ``(returncode, stdout, stderr)``. With ``check`` (the default) a non-zero
+    status raises; on timeout the process is killed and :class:`CommandError` raised
+    with returncode None either way.
+
+    Raises:
+        CommandError: the program failed (with ``check``) or timed out.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin is not None else None), timeout
+        )
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise CommandError(argv, None, "", hint) from None
+    code = proc.returncode
+    assert code is not None
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    if check and code != 0:
+        raise CommandError(argv, code, stderr or stdout, hint)
+    return code, stdout, stderr
+
+
+def run_sync(argv: Sequence[str], *, timeout: float = 30.0, check: bool = True) -> str:
+    """Blocking twin of :func:`run` for the CLI and other non-async callers.
+
+    Raises:
+        CommandError: the program failed or timed out.
+    """
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise CommandError(argv, None, "") from None
+    if check and done.returncode != 0:
+        raise CommandError(argv, done.returncode, done.stderr or done.stdout)
+    return done.stdout

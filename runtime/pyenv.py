@@ -1,0 +1,53 @@
+"""Which host folders a kernel's Python needs: the virtualenv and the base install."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sandbox_kernel.errors import ConfigError
+
+#: Host trees every container already sees through the /usr bind.
+SYSTEM_TREES = (Path("/usr"),)
+
+
+def python_prefixes(executable: str) -> list[Path]:
+    """The prefixes to bind read-only so ``executable`` runs inside the container.
+
+    For a virtualenv's python that is the virtualenv itself and the base install it
+    was made from (``home`` in ``pyvenv.cfg``, and wherever its symlinks lead).
+    Prefixes already under /usr are left out, and nested ones are merged.
+
+    Raises:
+        ConfigError: ``executable`` cannot be found.
+    """
+    found = executable if "/" in executable else shutil.which(executable)
+    if not found or not Path(found).exists():
+        raise ConfigError(
+            "kernel executable", executable, "does not exist; reinstall the kernelspec"
+        )
+    exe = Path(found).absolute()
+    candidates: list[Path] = []
+    cfg = exe.parent.parent / "pyvenv.cfg"
+    if cfg.is_file():
+        candidates.append(exe.parent.parent)
+        for line in cfg.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                candidates.append(Path(value.strip()).resolve().parent)
+    candidates.append(exe.resolve().parent.parent)
+    return merge_prefixes(candidates)
+
+
+def merge_prefixes(candidates: list[Path]) -> list[Path]:
+    """Drop duplicates, paths under /usr, and paths inside another candidate."""
+    kept: list[Path] = []
+    for path in sorted(set(candidates), key=lambda p: len(p.parts)):
+        if any(path == t or t in path.parents for t in SYSTEM_TREES):
+            continue
+        if path == Path("/"):
+            continue
+        if any(k == path or k in path.parents for k in kept):
+            continue
+        kept.append(path)
+    return kept

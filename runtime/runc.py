@@ -1,0 +1,79 @@
+"""The runc driver: every call the runtime makes to runc, async and under a timeout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sandbox_kernel.errors import CommandError
+
+from . import paths
+from .limits import CPU_PERIOD, Limits
+from .process import run
+
+
+async def run_detached(container_id: str, bundle: Path, pid_file: Path) -> int:
+    """Create and start ``container_id`` from ``bundle``; return its init's host pid.
+
+    runc's own log goes to ``bundle/runc.log``; its last error is in the raised
+    :class:`CommandError`.
+    """
+    await run(
+        [paths.runc_binary(), "--log", str(bundle / "runc.log"), "run", "--detach",
+         "--pid-file", str(pid_file), "--bundle", str(bundle), container_id],
+        timeout=60,
+    )  # fmt: skip
+    return int(pid_file.read_text().strip())
+
+
+async def state(container_id: str) -> dict[str, Any] | None:
+    """runc's state of ``container_id`` (status, pid, bundle), or None if runc has none."""
+    code, out, _ = await run([paths.runc_binary(), "state", container_id], check=False)
+    if code != 0:
+        return None
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def kill(container_id: str, signal: str = "KILL") -> None:
+    """Send ``signal`` to the container's init; a container that is gone is fine."""
+    await run([paths.runc_binary(), "kill", container_id, signal], check=False)
+
+
+async def delete(container_id: str) -> None:
+    """Delete ``container_id``, killing it first if it still runs; gone is fine.
+
+    Raises:
+        CommandError: runc could not delete a container that exists.
+    """
+    try:
+        await run([paths.runc_binary(), "delete", "--force", container_id], timeout=30)
+    except CommandError as err:
+        if "does not exist" not in err.stderr and "not exist" not in err.stderr:
+            raise
+
+
+async def update(container_id: str, limits: Limits, memory_swap: bool) -> None:
+    """Change the limits of a running container; only the limits ``limits`` sets.
+
+    Raises:
+        CommandError: runc refused (for example memory below current use on v2).
+    """
+    argv = [paths.runc_binary(), "update"]
+    if limits.memory:
+        argv += ["--memory", str(limits.memory)]
+        if memory_swap:
+            argv += ["--memory-swap", str(limits.memory)]
+    if limits.cpus:
+        argv += ["--cpu-period", str(CPU_PERIOD), "--cpu-quota", str(int(limits.cpus * CPU_PERIOD))]
+    if limits.pids:
+        argv += ["--pids-limit", str(limits.pids)]
+    await run([*argv, container_id])
+
+
+async def list_containers() -> list[dict[str, Any]]:
+    """Every container runc knows, as runc's JSON list."""
+    _, out, _ = await run([paths.runc_binary(), "list", "--format", "json"])
+    result: list[dict[str, Any]] = json.loads(out) or []
+    return result

@@ -1,0 +1,572 @@
+"""The runtime: puts kernel containers together, runs them with runc, takes them apart.
+
+The provisioner (in the Jupyter server) and the CLI (for operators) call it. Its
+public methods take and return plain data (ids, paths, dicts), because a later
+version serves the same API from a privileged daemon over a local socket.
+
+A kernel's folder ``kernels/<kernel_id>/`` holds:
+
+- ``record.json``: what the kernel is (image, layers, limits, network, user, owner);
+- ``layer/``: its writable layer (``root`` and ``cwd`` uppers, with overlay workdirs);
+- ``rootfs/`` and ``mnt/cwd/``: where the two overlays are mounted;
+- ``run/``: the connection file and the kernel's log, at /run/sandbox inside;
+- ``etc/``: its own passwd, group, hosts, hostname and resolv.conf;
+- ``config.json``: the OCI bundle runc runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox_kernel.errors import ConfigError, KernelNotFound
+
+from . import cgroups, layers, network, paths, runc
+from .bundle import RUN_DIR, Bind, SpecParams, make_spec
+from .fsutil import read_json, write_json
+from .limits import Limits, format_size
+from .mounts import mount_overlay, mounts_under, unmount
+from .pyenv import python_prefixes
+
+#: Working directories a kernel may not be started in: they would shadow the system.
+FORBIDDEN_CWDS = (Path("/"), Path("/usr"), Path("/etc"), Path("/proc"), Path("/sys"),
+                  Path("/dev"), Path("/run"), Path("/boot"))  # fmt: skip
+#: The kernel's ZMQ ports inside its own network namespace; no other process uses them.
+KERNEL_PORTS = {"shell_port": 50001, "iopub_port": 50002, "stdin_port": 50003,
+                "control_port": 50004, "hb_port": 50005}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How to build one kernel container. Set by the kernelspec through the provisioner.
+
+    Attributes:
+        image: image name, e.g. ``host``.
+        limits: memory, CPU, pids and disk limits.
+        network: ``none`` or ``egress``.
+        uid, gid: the unprivileged user the kernel runs as.
+        cwd: the notebook's working directory, visible at the same path inside.
+        executable: the kernel's Python; its environment is bound in read-only.
+    """
+
+    image: str
+    limits: Limits
+    network: str
+    uid: int
+    gid: int
+    cwd: str
+    executable: str
+    extra_binds: list[str] = field(default_factory=list)
+
+
+def default_uid(cwd: str, fallback: int = 65534) -> int:
+    """The user a kernel runs as when the kernelspec names none.
+
+    When the server is not root, that is the server's own user. When it is root,
+    the owner of the working directory, unless that is root too: then ``fallback``.
+    """
+    if os.geteuid() != 0:
+        return os.geteuid()
+    try:
+        owner = os.stat(cwd).st_uid
+    except OSError:
+        owner = 0
+    return owner if owner != 0 else fallback
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def owner_token() -> dict[str, int]:
+    """Identifies this process even after its pid is reused: pid and start time."""
+    pid = os.getpid()
+    return {"pid": pid, "start": _process_start(pid) or 0}
+
+
+def owner_alive(owner: dict[str, int]) -> bool:
+    """Whether the process that ``owner`` names still runs."""
+    return _process_start(owner.get("pid", 0)) == owner.get("start")
+
+
+def check_cwd(cwd: str) -> Path:
+    """Validate a kernel's working directory.
+
+    Raises:
+        ConfigError: it is relative, missing, or a system folder.
+    """
+    path = Path(cwd)
+    if not path.is_absolute() or not path.is_dir():
+        raise ConfigError("working directory", cwd, "is not an existing absolute folder")
+    real = path.resolve()
+    if real in FORBIDDEN_CWDS or any(real.is_relative_to(p) for p in FORBIDDEN_CWDS[1:]):
+        raise ConfigError("working directory", cwd, "is a system folder; start from your notebooks")
+    if real.is_relative_to(paths.state_dir()):
+        raise ConfigError("working directory", cwd, "is inside the runtime's state")
+    return path
+
+
+class Runtime:
+    """Runs kernel containers. One instance per process is enough; it keeps no state
+    in memory, everything is in the kernel folders, so any process can pick up a
+    kernel another one started (``adopt``).
+    """
+
+    # ---- lookups -----------------------------------------------------------------
+
+    @staticmethod
+    def kernel_dir(kernel_id: str) -> Path:
+        """The folder of kernel ``kernel_id``."""
+        if not kernel_id or "/" in kernel_id or kernel_id.startswith("."):
+            raise ConfigError("kernel id", kernel_id, "is not valid; use the id Jupyter gave")
+        return paths.kernels_dir() / kernel_id
+
+    def record(self, kernel_id: str) -> dict[str, Any]:
+        """The record of kernel ``kernel_id``.
+
+        Raises:
+            KernelNotFound: the runtime has no such kernel.
+        """
+        path = self.kernel_dir(kernel_id) / "record.json"
+        try:
+            data: dict[str, Any] = read_json(path)
+        except FileNotFoundError:
+            raise KernelNotFound(kernel_id) from None
+        return data
+
+    def records(self) -> list[dict[str, Any]]:
+        """Records of every kernel the runtime has, oldest first."""
+        found = []
+        if paths.kernels_dir().is_dir():
+            for entry in paths.kernels_dir().iterdir():
+                try:
+                    found.append(read_json(entry / "record.json"))
+                except (OSError, ValueError):
+                    continue
+        return sorted(found, key=lambda r: r.get("created", 0))
+
+    def log_path(self, kernel_id: str) -> Path:
+        """The kernel's log on the host (its stdout and stderr)."""
+        self.record(kernel_id)
+        return self.kernel_dir(kernel_id) / "run" / "kernel.log"
+
+    # ---- life cycle ----------------------------------------------------------------
+
+    def prepare(self, kernel_id: str, config: KernelConfig) -> dict[str, Any]:
+        """Make kernel ``kernel_id``'s folder, layers and addresses; return its record.
+
+        Called by the provisioner's ``pre_launch``. A kernel that already has a
+        folder (a restart) keeps its writable layer and addresses; its limits are
+        the ones it had last (changed live or not).
+
+        Raises:
+            ConfigError, ImageNotFound: the configuration cannot be used.
+        """
+        kdir = self.kernel_dir(kernel_id)
+        if (kdir / "record.json").exists():
+            record = self.record(kernel_id)
+            record["owner"] = owner_token()
+            write_json(kdir / "record.json", record)
+            return record
+        layers.check_image_name(config.image)
+        network.check_mode(config.network)
+        cwd = check_cwd(config.cwd)
+        prefixes = python_prefixes(config.executable)
+        image_layers = layers.image_layers(config.image)
+        points = layers.build_mountpoint_layer([*prefixes, cwd])
+        kdir.mkdir(parents=True)
+        try:
+            index = network.reserve_index(kernel_id)
+            addr = network.Addresses.of(index)
+            user = _user_name(config.uid)
+            record: dict[str, Any] = {
+                "kernel_id": kernel_id,
+                "container_id": f"{paths.PREFIX}{kernel_id}",
+                "netns": f"{paths.PREFIX}{kernel_id}",
+                "hostname": f"kernel-{kernel_id[:8]}",
+                "image": config.image,
+                "layers": [points, *image_layers],
+                "python_prefixes": [str(p) for p in prefixes],
+                "cwd": str(cwd),
+                "limits": config.limits.to_dict(),
+                "network": config.network,
+                "index": index,
+                "kernel_ip": addr.kernel_ip,
+                "uid": config.uid,
+                "gid": config.gid,
+                "user": user,
+                "home": f"/home/{user}",
+                "created": time.time(),
+                "owner": owner_token(),
+            }
+            write_json(kdir / "record.json", record)
+            self._make_layer(kdir, record)
+        except BaseException:
+            self._remove_folder(kdir)
+            raise
+        return record
+
+    async def start(
+        self, kernel_id: str, argv: list[str], env: dict[str, str], connection: dict[str, Any]
+    ) -> int:
+        """Start kernel ``kernel_id`` (prepared before) running ``argv``; return its host pid.
+
+        ``connection`` is the connection info the client uses; the kernel gets a
+        copy that binds every interface of its own network namespace.
+
+        Raises:
+            CommandError: runc, ip or nft failed; mounts made so far are undone.
+        """
+        kdir = self.kernel_dir(kernel_id)
+        record = self.record(kernel_id)
+        uid, gid = record["uid"], record["gid"]
+        inside = {k: v.decode() if isinstance(v, bytes) else v for k, v in connection.items()}
+        inside["ip"] = "0.0.0.0"
+        conn_path = kdir / "run" / "connection.json"
+        conn_path.unlink(missing_ok=True)
+        write_json(conn_path, inside, mode=0o400)
+        os.chown(conn_path, uid, gid)
+        _write_etc(kdir / "etc", record)
+        env = {
+            **env,
+            "HOME": record["home"],
+            "USER": record["user"],
+            "LOGNAME": record["user"],
+            "HOSTNAME": record["hostname"],
+            "PATH": _kernel_path(record, argv[0]),
+        }
+        spec = make_spec(
+            SpecParams(
+                argv=argv,
+                env=env,
+                cwd=record["cwd"],
+                uid=uid,
+                gid=gid,
+                hostname=record["hostname"],
+                netns=network.netns_path(record["netns"]),
+                cgroups_path=f"/{paths.cgroup_parent()}/{record['container_id']}",
+                limits=Limits.from_dict(record["limits"]),
+                binds=self._binds(kdir, record),
+                memory_swap=cgroups.swap_limit_supported(),
+            )
+        )
+        write_json(kdir / "config.json", spec)
+        self._mount(kdir, record)
+        try:
+            if not network.exists(record["netns"]):
+                await network.create(
+                    record["netns"],
+                    network.Addresses.of(record["index"]),
+                    egress=record["network"] == "egress",
+                )
+            pid_file = kdir / "container.pid"
+            pid_file.unlink(missing_ok=True)
+            return await runc.run_detached(record["container_id"], kdir, pid_file)
+        except BaseException:
+            await runc.delete(record["container_id"])
+            self._unmount(kdir)
+            raise
+
+    async def stop(self, kernel_id: str) -> None:
+        """Kill and delete the container and unmount its filesystems.
+
+        The writable layer and the network stay, for a restart. Called by the
+        provisioner's ``cleanup(restart=True)`` and by :meth:`remove`.
+        """
+        record = self.record(kernel_id)
+        await runc.delete(record["container_id"])
+        self._unmount(self.kernel_dir(kernel_id))
+
+    async def remove(self, kernel_id: str) -> None:
+        """Remove every trace of kernel ``kernel_id``: container, mounts, netns, veth,
+        cgroup, addresses and its writable layer. A kernel that is gone is fine.
+        """
+        try:
+            record = self.record(kernel_id)
+        except KernelNotFound:
+            return
+        await self.stop(kernel_id)
+        await network.destroy(
+            record["netns"],
+            network.Addresses.of(record["index"]),
+            egress=record["network"] == "egress",
+        )
+        network.release_index(record["index"])
+        self._remove_folder(self.kernel_dir(kernel_id))
+
+    async def container_pid(self, kernel_id: str) -> int | None:
+        """The host pid of the kernel's init if its container runs, else None."""
+        record = self.record(kernel_id)
+        state = await runc.state(record["container_id"])
+        if not state or state.get("status") not in ("running", "created", "paused"):
+            return None
+        pid = state.get("pid")
+        return int(pid) if pid else None
+
+    def adopt(self, kernel_id: str) -> dict[str, Any]:
+        """Make this process the owner of a kernel another process started.
+
+        Called by ``load_provisioner_info`` when a restarted server re-adopts its
+        kernels; ``gc`` leaves kernels with a live owner alone.
+        """
+        record = self.record(kernel_id)
+        record["owner"] = owner_token()
+        write_json(self.kernel_dir(kernel_id) / "record.json", record)
+        return record
+
+    # ---- limits and usage ----------------------------------------------------------
+
+    async def update_limits(self, kernel_id: str, limits: Limits) -> Limits:
+        """Change the limits of a running kernel; only the limits ``limits`` sets.
+
+        Returns the kernel's limits after the change, which also apply after a
+        restart. The disk size can only be set at start.
+
+        Raises:
+            ConfigError: a disk size was given, or memory below what the kernel uses.
+            CommandError: runc refused the change.
+        """
+        if limits.disk is not None:
+            raise ConfigError("disk size", format_size(limits.disk),
+                              "can only be set when the kernel starts; reinstall the kernelspec")  # fmt: skip
+        record = self.record(kernel_id)
+        use = self.usage(kernel_id)
+        if limits.memory and use and use.memory and limits.memory < use.memory:
+            raise ConfigError(
+                "memory limit", format_size(limits.memory),
+                f"is below what the kernel uses now ({format_size(use.memory)}); "
+                "free memory first or choose a larger limit",
+            )  # fmt: skip
+        await runc.update(record["container_id"], limits, cgroups.swap_limit_supported())
+        new = Limits.from_dict(record["limits"]).merged(limits)
+        record["limits"] = new.to_dict()
+        write_json(self.kernel_dir(kernel_id) / "record.json", record)
+        return new
+
+    def usage(self, kernel_id: str) -> cgroups.Usage | None:
+        """What the kernel uses now, against its limits; None if its container is gone."""
+        record = self.record(kernel_id)
+        return cgroups.usage(f"{paths.cgroup_parent()}/{record['container_id']}")
+
+    def oom_killed(self, kernel_id: str) -> bool:
+        """Whether the OOM killer has killed a process of this kernel's container."""
+        use = self.usage(kernel_id)
+        return bool(use and use.oom_kills)
+
+    def append_log(self, kernel_id: str, line: str) -> None:
+        """Append a line from the runtime to the kernel's log, marked as such."""
+        with open(self.log_path(kernel_id), "a") as log:
+            log.write(f"[sandbox-kernel {time.strftime('%H:%M:%S')}] {line}\n")
+
+    # ---- garbage collection --------------------------------------------------------
+
+    async def gc(self, dry_run: bool = False) -> list[str]:
+        """Remove what crashed servers and kernels left behind; return what was removed.
+
+        A kernel whose owning process is gone is removed whole. Then containers,
+        namespaces, veths, address reservations, mounts and cgroups that no kernel
+        record claims, and layers that no image or kernel references.
+        """
+        removed: list[str] = []
+        live: set[str] = set()
+        for record in self.records():
+            kid = record["kernel_id"]
+            if owner_alive(record.get("owner", {})):
+                live.add(kid)
+                continue
+            removed.append(f"kernel {kid} (its server, pid {record['owner']['pid']}, is gone)")
+            if not dry_run:
+                await self.remove(kid)
+        containers = {f"{paths.PREFIX}{k}" for k in live}
+        for info in await runc.list_containers():
+            cid = info.get("id", "")
+            if cid.startswith(paths.PREFIX) and cid not in containers:
+                removed.append(f"container {cid}")
+                if not dry_run:
+                    await runc.delete(cid)
+        for ns in network.leftover_namespaces():
+            if ns not in containers:
+                removed.append(f"network namespace {ns}")
+                if not dry_run:
+                    await network.delete_netns(ns)
+        held = network.reservations()
+        for index, kid in held.items():
+            if kid not in live:
+                removed.append(f"address reservation {index}")
+                if not dry_run:
+                    network.release_index(index)
+        for veth in network.leftover_veths():
+            index = veth.removeprefix(network.VETH_PREFIX)
+            if not index.isdigit() or held.get(int(index)) not in live:
+                removed.append(f"veth {veth}")
+                if not dry_run:
+                    await network.delete_veth(veth)
+        for point in mounts_under(paths.kernels_dir()):
+            kid = point.relative_to(paths.kernels_dir()).parts[0]
+            if kid not in live:
+                removed.append(f"mount {point}")
+                if not dry_run:
+                    unmount(point)
+        for group in cgroups.leftover_cgroups(paths.cgroup_parent()):
+            if group.name not in containers:
+                removed.append(f"cgroup {group}")
+                if not dry_run:
+                    try:
+                        cgroups.remove_cgroup(group)
+                    except OSError as err:
+                        removed[-1] += f" (not removed: {err.strerror})"
+        if paths.kernels_dir().is_dir():
+            for entry in paths.kernels_dir().iterdir():
+                if entry.name not in live and not (entry / "record.json").exists():
+                    removed.append(f"kernel folder {entry}")
+                    if not dry_run:
+                        self._remove_folder(entry)
+        removed += self._gc_layers(dry_run)
+        return removed
+
+    def _gc_layers(self, dry_run: bool) -> list[str]:
+        if not paths.layers_dir().is_dir():
+            return []
+        used: set[str] = set()
+        for image in paths.images_dir().glob("*.json"):
+            used.update(read_json(image).get("layers", []))
+        for record in self.records():
+            used.update(record.get("layers", []))
+        removed = []
+        for entry in paths.layers_dir().iterdir():
+            stale_build = entry.name.startswith(".building-") and (
+                time.time() - entry.stat().st_mtime > 600
+            )
+            if (entry.name.startswith("sha256-") and entry.name not in used) or stale_build:
+                removed.append(f"layer {entry.name}")
+                if not dry_run:
+                    shutil.rmtree(entry, ignore_errors=True)
+        return removed
+
+    # ---- helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _make_layer(kdir: Path, record: dict[str, Any]) -> None:
+        uid, gid = record["uid"], record["gid"]
+        for sub in ("layer/root", "layer/root.work", "layer/cwd", "layer/cwd.work",
+                    "rootfs", "mnt/cwd", "run", "etc"):  # fmt: skip
+            (kdir / sub).mkdir(parents=True, exist_ok=True)
+        # The merged working directory takes its owner from the upper layer's root,
+        # so the kernel's user can write there even when the host folder is root's.
+        os.chown(kdir / "layer/cwd", uid, gid)
+        home = kdir / "layer/root" / record["home"].lstrip("/")
+        home.mkdir(parents=True)
+        os.chmod(home.parent, 0o755)
+        os.chown(home, uid, gid)
+        log = kdir / "run" / "kernel.log"
+        log.touch(0o600)
+        os.chown(log, uid, gid)
+
+    @staticmethod
+    def _binds(kdir: Path, record: dict[str, Any]) -> list[Bind]:
+        binds = [Bind(Path("/usr"), "/usr")]
+        binds += [Bind(Path(p), p) for p in record["python_prefixes"]]
+        binds.append(Bind(kdir / "mnt/cwd", record["cwd"], readonly=False))
+        binds.append(Bind(kdir / "run", RUN_DIR, readonly=False))
+        binds += [Bind(kdir / "etc" / n, f"/etc/{n}") for n in layers.PER_KERNEL_ETC]
+        return binds
+
+    @staticmethod
+    def _mount(kdir: Path, record: dict[str, Any]) -> None:
+        lower = [layers.layer_path(d) for d in record["layers"]]
+        mount_overlay(kdir / "rootfs", lower, kdir / "layer/root", kdir / "layer/root.work")
+        try:
+            mount_overlay(
+                kdir / "mnt/cwd", [Path(record["cwd"])], kdir / "layer/cwd", kdir / "layer/cwd.work"
+            )
+        except BaseException:
+            unmount(kdir / "rootfs")
+            raise
+
+    @staticmethod
+    def _unmount(kdir: Path) -> None:
+        for point in mounts_under(kdir):
+            unmount(point)
+
+    @staticmethod
+    def _remove_folder(kdir: Path) -> None:
+        for point in mounts_under(kdir):
+            unmount(point)
+        shutil.rmtree(kdir, ignore_errors=True)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "kernel"
+    return name if name.isidentifier() else "kernel"
+
+
+def _kernel_path(record: dict[str, Any], executable: str) -> str:
+    bins = [str(Path(executable).parent)]
+    bins += [f"{p}/bin" for p in record["python_prefixes"] if f"{p}/bin" not in bins]
+    return ":".join([*bins, "/usr/local/bin", "/usr/bin", "/bin"])
+
+
+def _write_etc(etc: Path, record: dict[str, Any]) -> None:
+    user, uid, gid, home = record["user"], record["uid"], record["gid"], record["home"]
+    passwd = "root:x:0:0:root:/root:/bin/sh\n"
+    group = "root:x:0:\n"
+    if uid != 65534:
+        passwd += f"{user}:x:{uid}:{gid}::{home}:/bin/sh\n"
+        group += f"{user}:x:{gid}:\n"
+    passwd += f"nobody:x:65534:65534:nobody:{home if uid == 65534 else '/nonexistent'}:/usr/sbin/nologin\n"
+    group += "nogroup:x:65534:\n"
+    files = {
+        "passwd": passwd,
+        "group": group,
+        "hostname": f"{record['hostname']}\n",
+        "hosts": f"127.0.0.1\tlocalhost\n{record['kernel_ip']}\t{record['hostname']}\n",
+        "resolv.conf": _host_resolv() if record["network"] == "egress" else "",
+    }
+    for name, text in files.items():
+        (etc / name).write_text(text)
+
+
+def _host_resolv() -> str:
+    try:
+        return Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return ""
+
+
+async def wait_exit(pidfd: int) -> None:
+    """Wait, without polling, until the process behind ``pidfd`` has exited."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, ready)
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line about a kernel for logs: id, image, limits, network."""
+    return (
+        f"kernel {record['kernel_id']} (image {record['image']}, "
+        f"{Limits.from_dict(record['limits']).describe()}, network {record['network']})"
+    )
+

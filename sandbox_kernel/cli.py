@@ -1,0 +1,207 @@
+"""The ``sandbox-kernel`` command: install kernelspecs, check the machine, inspect and
+clean up kernel containers.
+
+Bad input prints one line that names the value and the fix, exits with status 2,
+and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .errors import ConfigError, ImageNotFound, KernelNotFound, SandboxError
+from .runtime import Limits, Runtime
+from .runtime.limits import format_size
+from .runtime.network import NETWORK_MODES
+
+
+class UsageError(SandboxError):
+    """Bad command-line input; exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sandbox-kernel", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("install", help="write a kernelspec that runs kernels in containers")
+    p.add_argument("--name", required=True, help="kernelspec name, e.g. python3-sandbox")
+    p.add_argument("--display-name", help="name shown in the notebook's kernel picker")
+    p.add_argument("--image", default="host", help="image of the root filesystem (default host)")
+    p.add_argument("--memory", default="2G", help="memory limit, e.g. 2G (default 2G)")
+    p.add_argument("--cpus", default="1", help="CPU quota in cores, e.g. 1.5 (default 1)")
+    p.add_argument("--pids", default="512", help="most processes and threads (default 512)")
+    p.add_argument("--disk", default="10G", help="size of the writable layer (default 10G)")
+    p.add_argument("--network", default="none", help="none (default) or egress")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for this user only")
+    where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
+
+    sub.add_parser("doctor", help="check every requirement and print how to fix what is missing")
+    sub.add_parser("install-criu", help="install CRIU >= 4.2 into a private prefix")
+    sub.add_parser("ps", help="list kernel containers with their use against their limits")
+
+    p = sub.add_parser("logs", help="show a kernel's log (its stdout and stderr)")
+    p.add_argument("kernel_id")
+    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+
+    p = sub.add_parser("limits", help="show or change a running kernel's limits")
+    p.add_argument("kernel_id")
+    p.add_argument("--memory", help="new memory limit, e.g. 4G")
+    p.add_argument("--cpus", help="new CPU quota in cores, e.g. 2")
+    p.add_argument("--pids", help="new limit on processes and threads")
+
+    p = sub.add_parser("gc", help="remove what crashed servers and kernels left behind")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sandbox-kernel``. Returns the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+        handler = _HANDLERS[args.command]
+        return handler(args)
+    except (UsageError, ConfigError, KernelNotFound, ImageNotFound) as err:
+        print(f"sandbox-kernel: {err}", file=sys.stderr)
+        return 2
+    except SandboxError as err:
+        print(f"sandbox-kernel: {err}", file=sys.stderr)
+        return 1
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _install(args: argparse.Namespace) -> int:
+    from .kernelspec import install, provisioner_config
+
+    if args.network not in NETWORK_MODES:
+        raise ConfigError("network mode", args.network, "is not known; use none or egress")
+    limits = Limits.parse(memory=args.memory, cpus=args.cpus, pids=args.pids, disk=args.disk)
+    config = provisioner_config(args.image, limits, args.network)
+    prefix = sys.prefix if args.sys_prefix else None
+    path = install(args.name, args.display_name, config, user=args.user, prefix=prefix)
+    print(f"Installed kernelspec {args.name} in {path}")
+    print(f"  image {args.image}, {limits.describe()}, network {args.network}")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_checks
+
+    rows = [["CHECK", "STATUS", "DETAIL"]]
+    failed = 0
+    for check in run_checks():
+        rows.append([check.name, "ok" if check.ok else "MISSING", check.detail])
+        if not check.ok:
+            failed += 1
+            rows.append(["", "", f"fix: {check.fix}"])
+    print(_table(rows))
+    return 1 if failed else 0
+
+
+def _install_criu(args: argparse.Namespace) -> int:
+    from .runtime.criu import install_criu
+
+    path = install_criu(progress=lambda line: print(line, flush=True))
+    print(f"CRIU ready: {path}")
+    return 0
+
+
+def _ps(args: argparse.Namespace) -> int:
+    runtime = Runtime()
+    records = runtime.records()
+    if not records:
+        print("no kernel containers")
+        return 0
+    first = {r["kernel_id"]: runtime.usage(r["kernel_id"]) for r in records}
+    start = time.monotonic()
+    time.sleep(0.25)
+    elapsed = time.monotonic() - start
+    rows = [["KERNEL ID", "STATUS", "IMAGE", "MEMORY", "CPU", "PIDS", "NETWORK", "AGE"]]
+    for record in records:
+        kid = record["kernel_id"]
+        use, before = runtime.usage(kid), first[kid]
+        limits = Limits.from_dict(record["limits"])
+        if use is None or before is None:
+            rows.append([kid, "stopped", record["image"], "-", "-", "-", record["network"],
+                         _age(record["created"])])  # fmt: skip
+            continue
+        cpu = "-"
+        if use.cpu_seconds is not None and before.cpu_seconds is not None:
+            cpu = f"{(use.cpu_seconds - before.cpu_seconds) / elapsed * 100:.0f}%"
+        cpu += f" / {limits.cpus or '-'}"
+        rows.append([
+            kid, "running", record["image"],
+            f"{format_size(use.memory)} / {format_size(use.memory_limit)}",
+            cpu, f"{use.pids} / {use.pids_limit or '-'}", record["network"],
+            _age(record["created"]),
+        ])  # fmt: skip
+    print(_table(rows))
+    return 0
+
+
+def _age(created: float) -> str:
+    seconds = int(time.time() - created)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _logs(args: argparse.Namespace) -> int:
+    text = Runtime().log_path(args.kernel_id).read_text(errors="replace")
+    lines = text.splitlines()
+    if args.tail is not None:
+        lines = lines[-args.tail :] if args.tail > 0 else []
+    print("\n".join(lines))
+    return 0
+
+
+def _limits(args: argparse.Namespace) -> int:
+    runtime = Runtime()
+    change = Limits.parse(memory=args.memory, cpus=args.cpus, pids=args.pids)
+    if change == Limits():
+        limits = Limits.from_dict(runtime.record(args.kernel_id)["limits"])
+    else:
+        limits = asyncio.run(runtime.update_limits(args.kernel_id, change))
+    print(f"kernel {args.kernel_id}: {limits.describe()}")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    removed = asyncio.run(Runtime().gc(dry_run=args.dry_run))
+    verb = "would remove" if args.dry_run else "removed"
+    for line in removed:
+        print(f"{verb} {line}")
+    if not removed:
+        print("nothing to remove")
+    return 0
+
+
+_HANDLERS: dict[str, Any] = {
+    "install": _install,
+    "doctor": _doctor,
+    "install-criu": _install_criu,
+    "ps": _ps,
+    "logs": _logs,
+    "limits": _limits,
+    "gc": _gc,
+}

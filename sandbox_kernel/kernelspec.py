@@ -1,0 +1,73 @@
+"""Writing kernelspecs that select the sandbox provisioner."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+
+from .errors import ConfigError
+from .runtime.layers import check_image_name
+from .runtime.limits import Limits, format_size
+from .runtime.network import check_mode
+
+PROVISIONER_NAME = "sandbox-provisioner"
+_NAME_RE = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
+
+
+def provisioner_config(
+    image: str, limits: Limits, network: str
+) -> dict[str, Any]:
+    """The ``metadata.kernel_provisioner.config`` for these settings (validated).
+
+    Raises:
+        ConfigError, ImageNotFound: a value cannot be used.
+    """
+    config: dict[str, Any] = {"image": check_image_name(image), "network": check_mode(network)}
+    config["memory"] = format_size(limits.memory) if limits.memory else ""
+    config["cpus"] = limits.cpus if limits.cpus else ""
+    config["pids"] = limits.pids if limits.pids else ""
+    config["disk"] = format_size(limits.disk) if limits.disk else ""
+    return config
+
+
+def install(
+    name: str,
+    display_name: str | None,
+    config: dict[str, Any],
+    user: bool = False,
+    prefix: str | None = None,
+) -> str:
+    """Install kernelspec ``name`` running this Python's ipykernel in a sandbox.
+
+    ``prefix`` installs under ``PREFIX/share/jupyter/kernels`` (``--sys-prefix``
+    passes ``sys.prefix``), ``user`` into the user's Jupyter data folder, neither
+    system-wide. Returns the folder written.
+
+    Raises:
+        ConfigError: the name is not a valid kernelspec name.
+    """
+    if not _NAME_RE.match(name):
+        raise ConfigError("kernel name", name, "is not valid; use letters, digits, '.', '-', '_'")
+    overrides = {
+        "display_name": display_name or f"Python {sys.version_info[0]} (sandbox)",
+        "metadata": {
+            "debugger": True,
+            "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
+        },
+    }
+    tmp = tempfile.mkdtemp(prefix="sandbox-kernelspec-")
+    try:
+        write_kernel_spec(tmp, overrides=overrides)
+        return str(
+            KernelSpecManager().install_kernel_spec(
+                tmp, kernel_name=name, user=user, prefix=prefix, replace=True
+            )
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
