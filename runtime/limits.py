@@ -11,14 +11,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from sandbox_kernel.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-T = TypeVar("T")
-V = TypeVar("V")
 _FACTORS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 #: The smallest memory limit accepted: an ipykernel needs about 60 MB to start.
@@ -44,9 +41,7 @@ def parse_size(value: str | int, what: str = "memory limit", minimum: int = 1) -
     else:
         match = _SIZE_RE.match(value)
         if not match:
-            raise ConfigError(
-                what, value, "is not a size; use a number with K, M or G, e.g. 2G"
-            )
+            raise ConfigError(what, value, "is not a size; use a number with K, M or G, e.g. 2G")
         size = int(float(match.group(1)) * _FACTORS[match.group(2).upper()])
     if size < minimum:
         raise ConfigError(
@@ -98,11 +93,6 @@ def format_size(size: int | None) -> str:
     return f"{size}B"
 
 
-def _unless_empty(value: V | None, parse: Callable[[V], T]) -> T | None:
-    """``parse(value)``, or None for a value that is None or empty text."""
-    return None if value is None or value == "" else parse(value)
-
-
 @dataclass(frozen=True)
 class Limits:
     """The limits of one kernel container. None means unlimited.
@@ -133,10 +123,12 @@ class Limits:
             ConfigError: naming the first bad value and its fix.
         """
         return cls(
-            memory=_unless_empty(memory, lambda v: parse_size(v, "memory limit", MIN_MEMORY)),
-            cpus=_unless_empty(cpus, parse_cpus),
-            pids=_unless_empty(pids, parse_pids),
-            disk=_unless_empty(disk, lambda v: parse_size(v, "disk size", MIN_DISK)),
+            memory=None
+            if memory is None or memory == ""
+            else parse_size(memory, "memory limit", MIN_MEMORY),
+            cpus=None if cpus is None or cpus == "" else parse_cpus(cpus),
+            pids=None if pids is None or pids == "" else parse_pids(pids),
+            disk=None if disk is None or disk == "" else parse_size(disk, "disk size", MIN_DISK),
         )
 
     def merged(self, other: Limits) -> Limits:

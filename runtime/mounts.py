@@ -16,7 +16,13 @@ from pathlib import Path
 from sandbox_kernel.errors import SandboxError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 MNT_DETACH = 2
@@ -28,7 +34,8 @@ class MountError(SandboxError, OSError):
     def __init__(self, action: str, target: Path, err: int, detail: str = "") -> None:
         self.target = target
         super().__init__(
-            err, f"{action} {target} failed: {os.strerror(err)}" + (f" ({detail})" if detail else "")
+            err,
+            f"{action} {target} failed: {os.strerror(err)}" + (f" ({detail})" if detail else ""),
         )
 
 
@@ -40,9 +47,7 @@ def mount_overlay(target: Path, lower: Sequence[Path], upper: Path, work: Path) 
     Raises:
         MountError: the kernel refused the mount (errno and options in the message).
     """
-    options = (
-        f"lowerdir={':'.join(str(p) for p in lower)},upperdir={upper},workdir={work}"
-    )
+    options = f"lowerdir={':'.join(str(p) for p in lower)},upperdir={upper},workdir={work}"
     if _libc.mount(b"overlay", bytes(target), b"overlay", 0, options.encode()) != 0:
         raise MountError("mount overlay on", target, ctypes.get_errno(), options)
 

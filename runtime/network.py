@@ -59,7 +59,7 @@ class Addresses:
             index=index,
             host_ip=str(ipaddress.IPv4Address(base + 1)),
             kernel_ip=str(ipaddress.IPv4Address(base + 2)),
-            mac="02:5b:%02x:%02x:%02x:%02x" % tuple((index).to_bytes(4, "big")),
+            mac="02:5b:" + ":".join(f"{b:02x}" for b in index.to_bytes(4, "big")),
             veth=f"{VETH_PREFIX}{index}",
         )
 
@@ -127,11 +127,7 @@ async def create(netns: str, addr: Addresses, egress: bool) -> None:
                 f"link set {addr.veth} up\n"
             ),
         )
-        inside = (
-            "link set lo up\n"
-            f"addr add {addr.kernel_ip}/30 dev eth0\n"
-            "link set eth0 up\n"
-        )
+        inside = f"link set lo up\naddr add {addr.kernel_ip}/30 dev eth0\nlink set eth0 up\n"
         if egress:
             inside += f"route add default via {addr.host_ip}\n"
         await run([ip, "-n", netns, "-batch", "-"], stdin=inside)

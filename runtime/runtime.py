@@ -175,10 +175,7 @@ class Runtime:
         """
         kdir = self.kernel_dir(kernel_id)
         if (kdir / "record.json").exists():
-            record = self.record(kernel_id)
-            record["owner"] = owner_token()
-            write_json(kdir / "record.json", record)
-            return record
+            return self.adopt(kernel_id)
         layers.check_image_name(config.image)
         network.check_mode(config.network)
         cwd = check_cwd(config.cwd)
@@ -338,8 +335,11 @@ class Runtime:
             CommandError: runc refused the change.
         """
         if limits.disk is not None:
-            raise ConfigError("disk size", format_size(limits.disk),
-                              "can only be set when the kernel starts; reinstall the kernelspec")  # fmt: skip
+            raise ConfigError(
+                "disk size",
+                format_size(limits.disk),
+                "can only be set when the kernel starts; reinstall the kernelspec",
+            )
         record = self.record(kernel_id)
         use = self.usage(kernel_id)
         if limits.memory and use and use.memory and limits.memory < use.memory:
@@ -407,8 +407,8 @@ class Runtime:
                 if not dry_run:
                     network.release_index(index)
         for veth in network.leftover_veths():
-            index = veth.removeprefix(network.VETH_PREFIX)
-            if not index.isdigit() or held.get(int(index)) not in live:
+            number = veth.removeprefix(network.VETH_PREFIX)
+            if not number.isdigit() or held.get(int(number)) not in live:
                 removed.append(f"veth {veth}")
                 if not dry_run:
                     await network.delete_veth(veth)
@@ -527,7 +527,8 @@ def _write_etc(etc: Path, record: dict[str, Any]) -> None:
     if uid != 65534:
         passwd += f"{user}:x:{uid}:{gid}::{home}:/bin/sh\n"
         group += f"{user}:x:{gid}:\n"
-    passwd += f"nobody:x:65534:65534:nobody:{home if uid == 65534 else '/nonexistent'}:/usr/sbin/nologin\n"
+    nobody_home = home if uid == 65534 else "/nonexistent"
+    passwd += f"nobody:x:65534:65534:nobody:{nobody_home}:/usr/sbin/nologin\n"
     group += "nogroup:x:65534:\n"
     files = {
         "passwd": passwd,
@@ -569,4 +570,3 @@ def describe(record: dict[str, Any]) -> str:
         f"kernel {record['kernel_id']} (image {record['image']}, "
         f"{Limits.from_dict(record['limits']).describe()}, network {record['network']})"
     )
-

@@ -71,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sandbox-kernel``. Returns the exit status."""
     try:
         args = _parser().parse_args(argv)
-        handler = _HANDLERS[args.command]
-        return handler(args)
+        return int(_HANDLERS[args.command](args))
     except (UsageError, ConfigError, KernelNotFound, ImageNotFound) as err:
         print(f"sandbox-kernel: {err}", file=sys.stderr)
         return 2

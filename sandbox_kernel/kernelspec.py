@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 import tempfile
 from typing import Any
@@ -20,9 +19,7 @@ PROVISIONER_NAME = "sandbox-provisioner"
 _NAME_RE = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
 
 
-def provisioner_config(
-    image: str, limits: Limits, network: str
-) -> dict[str, Any]:
+def provisioner_config(image: str, limits: Limits, network: str) -> dict[str, Any]:
     """The ``metadata.kernel_provisioner.config`` for these settings (validated).
 
     Raises:
@@ -61,13 +58,10 @@ def install(
             "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
         },
     }
-    tmp = tempfile.mkdtemp(prefix="sandbox-kernelspec-")
-    try:
-        write_kernel_spec(tmp, overrides=overrides)
+    with tempfile.TemporaryDirectory(prefix="sandbox-kernelspec-") as tmp:
+        spec_dir = write_kernel_spec(f"{tmp}/{name}", overrides=overrides)
         return str(
             KernelSpecManager().install_kernel_spec(
-                tmp, kernel_name=name, user=user, prefix=prefix, replace=True
+                spec_dir, kernel_name=name, user=user, prefix=prefix, replace=True
             )
         )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

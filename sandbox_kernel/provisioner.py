@@ -19,6 +19,7 @@ import asyncio
 import os
 import select
 import signal
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -39,7 +40,7 @@ DEFAULT_ENV_ALLOWLIST = ["LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "JPY_SESSION_
                          "PYTHONUNBUFFERED", "PYTHONHASHSEED", "MPLBACKEND"]  # fmt: skip
 
 
-class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class SandboxProvisioner(KernelProvisionerBase):
     """Runs each kernel in its own runc container with its own network namespace.
 
     The kernel binds its ZMQ ports on every interface of its namespace; the
@@ -97,7 +98,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.runtime = Runtime()
         self.pid: int | None = None
         self._pidfd: int | None = None
-        self._cwd: str = os.getcwd()
+        self._cwd: str = str(Path.cwd())
         self._signalled: int | None = None
         self._shutdown_requested = False
         self._exit_status: int | None = None
@@ -124,7 +125,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @validate("image")
     def _check_image(self, proposal: dict[str, Any]) -> str:
-        return check_image_name(proposal["value"])
+        return check_image_name(str(proposal["value"]))
 
     @default("kernel_uid")
     def _default_uid(self) -> int:
@@ -132,7 +133,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @default("kernel_gid")
     def _default_gid(self) -> int:
-        return self.kernel_uid
+        return int(self.kernel_uid)
 
     @property
     def limits(self) -> Limits:
@@ -153,7 +154,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kernelspec's env substitutions.
         """
         km = self.parent
-        self._cwd = str(kwargs.get("cwd") or os.getcwd())
+        self._cwd = str(kwargs.get("cwd") or str(Path.cwd()))
         config = KernelConfig(
             image=self.image,
             limits=self.limits,

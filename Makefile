@@ -1,0 +1,64 @@
+# sandbox-kernel: set-up, demo, tests. Every target installs what it needs itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SK := $(VENV)/bin/sandbox-kernel
+KERNEL := python3-sandbox
+TOUR := notebooks/tour.ipynb
+TOUR_OUT := notebooks/tour-executed.ipynb
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: setup system venv criu kernelspec demo test unit integration lint lab bench clean
+
+setup: system venv criu kernelspec
+
+# runc, iproute2 and nftables from the distribution; CRIU >= 4.2 comes from `criu`.
+system:
+	@if ! command -v runc >/dev/null || ! command -v ip >/dev/null || ! command -v nft >/dev/null; then \
+		echo "Installing runc, iproute2 and nftables"; \
+		apt-get update -q && apt-get install -y -q runc iproute2 nftables; \
+	fi
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+criu: venv
+	$(SK) install-criu
+
+kernelspec: venv
+	$(SK) install --name $(KERNEL) --display-name "Python 3 (sandbox)" --sys-prefix
+
+demo: setup
+	$(VENV)/bin/jupyter execute $(TOUR) --kernel_name=$(KERNEL) --output=tour-executed
+	@echo "The executed tour is at $(CURDIR)/$(TOUR_OUT)"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@# mypy cannot follow setuptools' package-dir mapping: give it the installed layout.
+	rm -rf build/typecheck && mkdir -p build/typecheck/sandbox_kernel
+	ln -s $(CURDIR)/sandbox_kernel/*.py $(CURDIR)/sandbox_kernel/py.typed build/typecheck/sandbox_kernel/
+	ln -s $(CURDIR)/runtime build/typecheck/sandbox_kernel/runtime
+	ln -s $(CURDIR)/magics build/typecheck/sandbox_kernel/magics
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p sandbox_kernel
+
+test: setup lint
+	$(PY) -m pytest tests
+
+unit: venv
+	$(PY) -m pytest tests/unit
+
+lab: setup
+	$(PY) -m pip install -q jupyterlab
+	$(VENV)/bin/jupyter lab --allow-root --notebook-dir=notebooks
+
+bench: setup
+	$(PY) bench/startup.py
+
+clean:
+	-$(SK) gc
+	rm -rf $(VENV) build $(TOUR_OUT)
