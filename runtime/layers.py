@@ -137,8 +137,9 @@ def build_mountpoint_layer(points: Iterable[Path]) -> str:
     """A layer of empty folders where the runtime bind-mounts host folders.
 
     Stacked above the image's layers, so runc never has to create mount points in
-    the kernel's writable layer. Parents get mode 0755 so the kernel's user can
-    reach what is mounted below them.
+    the kernel's writable layer. Each folder keeps its host mode (``/tmp`` stays
+    1777) plus read and search for everyone, so the kernel's user can reach what is
+    mounted below it.
     """
     tree = new_layer_tree()
     try:
@@ -146,11 +147,19 @@ def build_mountpoint_layer(points: Iterable[Path]) -> str:
             rel = point.relative_to("/")
             for parent in [*reversed(rel.parents[:-1]), rel]:
                 (tree / parent).mkdir(exist_ok=True)
-                os.chmod(tree / parent, 0o755)
+                os.chmod(tree / parent, _mountpoint_mode(Path("/") / parent))
         return commit_layer(tree)
     except BaseException:
         shutil.rmtree(tree, ignore_errors=True)
         raise
+
+
+def _mountpoint_mode(host_path: Path) -> int:
+    try:
+        mode = stat.S_IMODE(host_path.stat().st_mode)
+    except OSError:
+        mode = 0o755
+    return mode | 0o755
 
 
 def image_names() -> list[str]:

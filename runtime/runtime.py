@@ -354,9 +354,12 @@ class Runtime:
         write_json(self.kernel_dir(kernel_id) / "record.json", record)
         return new
 
-    def usage(self, kernel_id: str) -> cgroups.Usage | None:
-        """What the kernel uses now, against its limits; None if its container is gone."""
-        record = self.record(kernel_id)
+    def usage(self, kernel_id: str | dict[str, Any]) -> cgroups.Usage | None:
+        """What the kernel uses now, against its limits; None if its container is gone.
+
+        Takes a kernel id or a record from :meth:`records` (which saves a read).
+        """
+        record = self.record(kernel_id) if isinstance(kernel_id, str) else kernel_id
         return cgroups.usage(f"{paths.cgroup_parent()}/{record['container_id']}")
 
     def oom_killed(self, kernel_id: str) -> bool:

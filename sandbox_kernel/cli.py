@@ -130,14 +130,14 @@ def _ps(args: argparse.Namespace) -> int:
     if not records:
         print("no kernel containers")
         return 0
-    first = {r["kernel_id"]: runtime.usage(r["kernel_id"]) for r in records}
+    first = {r["kernel_id"]: runtime.usage(r) for r in records}
     start = time.monotonic()
     time.sleep(0.25)
     elapsed = time.monotonic() - start
     rows = [["KERNEL ID", "STATUS", "IMAGE", "MEMORY", "CPU", "PIDS", "NETWORK", "AGE"]]
     for record in records:
         kid = record["kernel_id"]
-        use, before = runtime.usage(kid), first[kid]
+        use, before = runtime.usage(record), first[kid]
         limits = Limits.from_dict(record["limits"])
         if use is None or before is None:
             rows.append([kid, "stopped", record["image"], "-", "-", "-", record["network"],
@@ -204,3 +204,7 @@ _HANDLERS: dict[str, Any] = {
     "limits": _limits,
     "gc": _gc,
 }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

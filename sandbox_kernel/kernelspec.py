@@ -62,6 +62,6 @@ def install(
         spec_dir = write_kernel_spec(f"{tmp}/{name}", overrides=overrides)
         return str(
             KernelSpecManager().install_kernel_spec(
-                spec_dir, kernel_name=name, user=user, prefix=prefix, replace=True
+                spec_dir, kernel_name=name, user=user, prefix=prefix
             )
         )

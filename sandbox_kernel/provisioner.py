@@ -333,6 +333,9 @@ class SandboxProvisioner(KernelProvisionerBase):
     async def get_provisioner_info(self) -> dict[str, Any]:
         """What a restarted server needs to re-adopt this kernel (plain JSON data)."""
         info: dict[str, Any] = await super().get_provisioner_info()
+        info["connection_info"] = {
+            k: v.decode() if isinstance(v, bytes) else v for k, v in info["connection_info"].items()
+        }
         info.update({"pid": self.pid, "cwd": self._cwd})
         return info
 

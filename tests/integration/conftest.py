@@ -1,0 +1,163 @@
+"""Fixtures for the integration tier: real runc containers, real kernels.
+
+Kernelspecs are installed by the product's own ``install`` into a temporary prefix,
+and kernels are started through jupyter_client's KernelManager with that spec.
+Every test is checked afterwards: it must leave no container, netns, veth, mount,
+cgroup or address reservation behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from sandbox_kernel.runtime import Limits
+
+from sandbox_kernel.kernelspec import install, provisioner_config
+
+from .leftovers import snapshot
+
+if os.geteuid() != 0:
+    raise RuntimeError("the integration tests need root: run them through `make test`")
+
+
+@pytest.fixture(scope="session")
+def spec_prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernelspecs")
+
+
+@pytest.fixture(scope="session")
+def ksm(spec_prefix: Path) -> KernelSpecManager:
+    return KernelSpecManager(kernel_dirs=[str(spec_prefix / "share/jupyter/kernels")])
+
+
+@pytest.fixture(scope="session")
+def make_spec(spec_prefix: Path) -> Callable[..., str]:
+    """Install a sandbox kernelspec with these limits; return its name."""
+    made: dict[tuple[Any, ...], str] = {}
+
+    def make(memory: str = "1G", cpus: str = "1", pids: str = "256", network: str = "none") -> str:
+        key = (memory, cpus, pids, network)
+        if key not in made:
+            name = f"sbx-{len(made)}"
+            limits = Limits.parse(memory=memory, cpus=cpus, pids=pids, disk="1G")
+            install(
+                name, name, provisioner_config("host", limits, network), prefix=str(spec_prefix)
+            )
+            made[key] = name
+        return made[key]
+
+    return make
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A notebook folder for the kernel, readable by the kernel's unprivileged user."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for part in [tmp_path, *tmp_path.parents]:
+        if part == Path("/"):
+            break
+        part.chmod(part.stat().st_mode | 0o005)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves a container, netns, veth, mount, cgroup or reservation."""
+    before = snapshot()
+    yield
+    after = snapshot()
+    new = {kind: sorted(after[kind] - before[kind]) for kind in after}
+    leaked = {kind: items for kind, items in new.items() if items}
+    assert not leaked, f"the test left these behind: {leaked}"
+
+
+class Kernels:
+    """Starts kernels for one test and shuts every one of them down at the end."""
+
+    def __init__(self, ksm: KernelSpecManager, cwd: Path) -> None:
+        self.ksm = ksm
+        self.cwd = cwd
+        self.managers: list[AsyncIOLoopKernelManager] = []
+        self.clients: list[Any] = []
+
+    async def start(self, spec: str, **kwargs: Any) -> tuple[AsyncIOLoopKernelManager, Any]:
+        km = AsyncIOLoopKernelManager(kernel_name=spec, kernel_spec_manager=self.ksm)
+        self.managers.append(km)
+        await km.start_kernel(cwd=str(kwargs.pop("cwd", self.cwd)), **kwargs)
+        kc = km.client()
+        self.clients.append(kc)
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        return km, kc
+
+    async def close(self) -> None:
+        for kc in self.clients:
+            kc.stop_channels()
+        for km in self.managers:
+            with contextlib.suppress(Exception):
+                if km.has_kernel:
+                    await km.shutdown_kernel(now=True)
+
+
+@pytest_asyncio.fixture
+async def kernels(ksm: KernelSpecManager, workdir: Path) -> AsyncIterator[Kernels]:
+    pool = Kernels(ksm, workdir)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@dataclass
+class Done:
+    """A finished command: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_cli(*args: str, timeout: float = 120) -> Done:
+    """Run ``sandbox-kernel ARGS`` as an operator would, without blocking the loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbox_kernel.cli", *args,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return Done(proc.returncode, out.decode(), err.decode())
+
+
+def unique(prefix: str = "sk-test") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    """Wait until ``predicate()`` is truthy (it may be async); fail after ``timeout`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,37 @@
+"""The operator's CLI against real kernels: ps, logs, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import Kernels, run_cli
+from .probe import run_cell
+
+pytestmark = pytest.mark.integration
+
+
+async def test_ps_lists_use_against_limits(kernels: Kernels, make_spec) -> None:
+    km, kc = await kernels.start(make_spec(memory="768M", pids="100"))
+    (await run_cell(kc, "x = 1")).check()
+    done = await run_cli("ps")
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.splitlines()
+    assert header.split()[:3] == ["KERNEL", "ID", "STATUS"]
+    row = next(r for r in rows if r.startswith(km.kernel_id))
+    assert "running" in row
+    assert "/ 768M" in row
+    assert "/ 100" in row
+
+
+async def test_logs_of_a_kernel(kernels: Kernels, make_spec) -> None:
+    km, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "import sys; print('to the log', file=sys.__stderr__, flush=True)")).check()
+    done = await run_cli("logs", km.kernel_id)
+    assert done.returncode == 0, done.stderr
+    assert "to the log" in done.stdout
+
+
+async def test_logs_of_an_unknown_kernel() -> None:
+    done = await run_cli("logs", "no-such-kernel")
+    assert done.returncode == 2
+    assert "no sandboxed kernel with id 'no-such-kernel'" in done.stderr

@@ -1,0 +1,115 @@
+"""Memory, pids and CPU limits hold, and can be changed on a running kernel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
+from sandbox_kernel.runtime import Runtime
+
+from .conftest import Kernels, run_cli, wait_until
+from .probe import run_cell
+
+pytestmark = pytest.mark.integration
+
+
+async def test_memory_bomb_is_oom_killed_and_the_kernel_comes_back(
+    kernels: Kernels, make_spec
+) -> None:
+    km, kc = await kernels.start(make_spec(memory="256M"))
+    assert isinstance(km, AsyncIOLoopKernelManager)
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")
+    kc.execute("hog = []\nwhile True:\n    hog.append(b'x' * (16 << 20))")
+    await asyncio.wait_for(restarted.wait(), 60)
+    await kc.wait_for_ready(timeout=60)
+    cell = await run_cell(kc, "print('back'); 'hog' in globals()")
+    assert cell.check().strip() == "back"
+    assert cell.outputs[-1]["content"]["data"]["text/plain"] == "False"
+    log = Runtime().log_path(km.kernel_id).read_text()
+    assert "ran out of memory" in log, f"the kernel's log does not say why it died:\n{log}"
+    assert "256M" in log
+
+
+async def test_fork_bomb_stops_at_the_pids_limit(kernels: Kernels, make_spec) -> None:
+    _, bomb = await kernels.start(make_spec(pids="64"))
+    _, other = await kernels.start(make_spec())
+    # Children live 15 s and are reaped automatically (SIGCHLD ignored), so the
+    # bomb's kernel recovers by itself.
+    out = (
+        await run_cell(
+            bomb,
+            "import os, errno, signal, time\n"
+            "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+            "children, error = 0, None\n"
+            "for _ in range(10_000):\n"
+            "    try:\n"
+            "        pid = os.fork()\n"
+            "    except OSError as err:\n"
+            "        error = err.errno\n"
+            "        break\n"
+            "    if pid == 0:\n"
+            "        time.sleep(15)\n"
+            "        os._exit(0)\n"
+            "    children += 1\n"
+            "print(children, errno.errorcode.get(error))",
+        )
+    ).check()
+    count, error = out.split()
+    assert error == "EAGAIN", f"the fork bomb was not stopped: {out}"
+    assert int(count) < 64
+    # While the bomb's children hold every pid, the other kernel still answers.
+    assert (await run_cell(other, "print(1 + 1)", timeout=30)).check().strip() == "2"
+
+    async def recovered() -> bool:
+        cell = await run_cell(bomb, "signal.signal(signal.SIGCHLD, signal.SIG_DFL)")
+        return cell.status == "ok"
+
+    await wait_until(recovered, 60, "the bomb's children to exit", interval=1)
+
+
+async def test_busy_loop_is_held_to_the_cpu_quota(kernels: Kernels, make_spec) -> None:
+    km, kc = await kernels.start(make_spec(cpus="0.5"))
+    out = (
+        await run_cell(
+            kc,
+            "import time\n"
+            "wall0, cpu0 = time.monotonic(), time.process_time()\n"
+            "while time.monotonic() - wall0 < 3:\n"
+            "    pass\n"
+            "print((time.process_time() - cpu0) / (time.monotonic() - wall0))",
+        )
+    ).check()
+    share = float(out)
+    assert share < 0.65, f"a busy loop got {share:.2f} of a core with a quota of 0.5"
+    assert share > 0.2, f"a busy loop got only {share:.2f} of a core"
+    use = Runtime().usage(km.kernel_id)
+    assert use is not None and use.cpu_limit == pytest.approx(0.5)
+
+
+async def test_limits_change_on_a_running_kernel(kernels: Kernels, make_spec) -> None:
+    km, kc = await kernels.start(make_spec(memory="512M", pids="128"))
+    done = await run_cli(
+        "limits", km.kernel_id, "--memory", "768M", "--pids", "200", "--cpus", "0.75"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "memory 768M" in done.stdout
+    out = (
+        await run_cell(
+            kc,
+            "print(open('/sys/fs/cgroup/memory/memory.limit_in_bytes').read().strip())\n"
+            "print(open('/sys/fs/cgroup/pids/pids.max').read().strip())",
+        )
+    ).check()
+    assert out.split() == [str(768 << 20), "200"]
+    use = Runtime().usage(km.kernel_id)
+    assert use is not None and use.cpu_limit == pytest.approx(0.75)
+    # Below what the kernel uses now: refused with a message, nothing changed.
+    (await run_cell(kc, "blob = b'x' * (200 << 20)")).check()
+    done = await run_cli("limits", km.kernel_id, "--memory", "100M")
+    assert done.returncode == 2
+    assert "memory limit '100M' is below what the kernel uses now" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    use = Runtime().usage(km.kernel_id)
+    assert use is not None and use.memory_limit == 768 << 20

@@ -1,0 +1,81 @@
+"""The OCI spec of a kernel container: isolation settings that must never regress."""
+
+from pathlib import Path
+
+from sandbox_kernel.runtime.bundle import Bind, SpecParams, make_spec, resources, wrap_argv
+from sandbox_kernel.runtime.limits import Limits
+
+
+def params(**changes: object) -> SpecParams:
+    base = dict(
+        argv=["/venv/bin/python", "-m", "ipykernel_launcher", "-f", "/run/sandbox/c.json"],
+        env={"HOME": "/home/kernel"},
+        cwd="/work/nb",
+        uid=1000,
+        gid=1000,
+        hostname="kernel-1234",
+        netns=Path("/var/run/netns/sk-1"),
+        cgroups_path="/sandbox-kernel/sk-1",
+        limits=Limits.parse(memory="1G", cpus="1.5", pids="100"),
+        binds=[Bind(Path("/usr"), "/usr"), Bind(Path("/x/mnt"), "/work/nb", readonly=False)],
+    )
+    base.update(changes)
+    return SpecParams(**base)  # type: ignore[arg-type]
+
+
+def test_namespaces_and_the_external_netns() -> None:
+    spec = make_spec(params())
+    kinds = {ns["type"]: ns for ns in spec["linux"]["namespaces"]}
+    assert set(kinds) == {"pid", "network", "ipc", "uts", "mount", "cgroup"}
+    assert kinds["network"]["path"] == "/var/run/netns/sk-1"
+    assert spec["hostname"] == "kernel-1234"
+
+
+def test_unprivileged_process() -> None:
+    process = make_spec(params())["process"]
+    assert process["user"] == {"uid": 1000, "gid": 1000}
+    assert process["noNewPrivileges"] is True
+    assert all(caps == [] for caps in process["capabilities"].values())
+    assert process["terminal"] is False
+
+
+def test_limits_with_swap_capped_at_memory() -> None:
+    res = resources(Limits.parse(memory="1G", cpus="1.5", pids="100"))
+    assert res["memory"] == {"limit": 1 << 30, "swap": 1 << 30}
+    assert res["cpu"] == {"quota": 150_000, "period": 100_000}
+    assert res["pids"] == {"limit": 100}
+    assert res["devices"] == [{"allow": False, "access": "rwm"}]
+
+
+def test_no_swap_setting_where_the_host_cannot_limit_it() -> None:
+    assert "swap" not in resources(Limits.parse(memory="1G"), memory_swap=False)["memory"]
+
+
+def test_unlimited_sets_nothing() -> None:
+    assert resources(Limits()) == {"devices": [{"allow": False, "access": "rwm"}]}
+
+
+def test_stdio_goes_to_the_log_inside_the_container() -> None:
+    argv = wrap_argv(["python", "-m", "ipykernel_launcher"])
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert argv[3] == "/run/sandbox/kernel.log"
+    assert argv[4:] == ["python", "-m", "ipykernel_launcher"]
+
+
+def test_binds_are_read_only_unless_asked_and_sorted_parents_first() -> None:
+    spec = make_spec(
+        params(binds=[Bind(Path("/a/b"), "/w/x/y"), Bind(Path("/c"), "/w", readonly=False)])
+    )
+    binds = [m for m in spec["mounts"] if m["type"] == "bind"]
+    assert [m["destination"] for m in binds] == ["/w", "/w/x/y"]
+    assert "rw" in binds[0]["options"]
+    assert "ro" in binds[1]["options"]
+
+
+def test_proc_is_masked_and_sys_read_only() -> None:
+    spec = make_spec(params())
+    assert "/proc/kcore" in spec["linux"]["maskedPaths"]
+    assert "/proc/sysrq-trigger" in spec["linux"]["readonlyPaths"]
+    sysfs = next(m for m in spec["mounts"] if m["destination"] == "/sys")
+    cgroup = next(m for m in spec["mounts"] if m["destination"] == "/sys/fs/cgroup")
+    assert "ro" in sysfs["options"] and "ro" in cgroup["options"]

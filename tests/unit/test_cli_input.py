@@ -1,0 +1,38 @@
+"""Bad input to the CLI: one line naming the value and the fix, status 2, no change."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox_kernel.cli", *args],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["install", "--name", "k", "--memory", "lots"],
+         "memory limit 'lots' is not a size; use a number with K, M or G, e.g. 2G"),
+        (["install", "--name", "k", "--cpus", "0"], "cpu limit '0' must be at least 0.01 cores"),
+        (["install", "--name", "k", "--pids", "x"], "pids limit 'x' is not a whole number"),
+        (["install", "--name", "k", "--disk", "1K"], "disk size '1K' is too small"),
+        (["install", "--name", "k", "--network", "wide"], "network mode 'wide' is not known"),
+        (["install", "--name", "k", "--image", "nope"], "image 'nope' does not exist"),
+        (["install", "--name", "bad name!"], "kernel name 'bad name!' is not valid"),
+        (["install", "--name", "k", "--bogus"], "unrecognized arguments: --bogus"),
+        (["install", "--name", "k", "--user", "--sys-prefix"], "not allowed with argument"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)  # fmt: skip
+def test_bad_input(args: list[str], message: str, tmp_path) -> None:
+    done = cli(*args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert message in lines[0]
