@@ -11,6 +11,7 @@ mounts of /usr and of the kernel's Python environment on top of its one layer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -131,6 +132,21 @@ def build_host_layer() -> str:
     except BaseException:
         shutil.rmtree(tree, ignore_errors=True)
         raise
+
+
+def mountpoint_layer(points: Iterable[Path]) -> str:
+    """:func:`build_mountpoint_layer`, remembered per process for the same points."""
+    key = tuple(sorted({str(p) for p in points}))
+    digest = _remembered_mountpoint_layer(key)
+    if not layer_path(digest).is_dir():  # removed by gc since
+        _remembered_mountpoint_layer.cache_clear()
+        digest = _remembered_mountpoint_layer(key)
+    return digest
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered_mountpoint_layer(points: tuple[str, ...]) -> str:
+    return build_mountpoint_layer(Path(p) for p in points)
 
 
 def build_mountpoint_layer(points: Iterable[Path]) -> str:

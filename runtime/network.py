@@ -109,33 +109,52 @@ def netns_path(name: str) -> Path:
     return NETNS_DIR / name
 
 
-async def create(netns: str, addr: Addresses, egress: bool) -> None:
-    """Make the namespace ``netns`` with loopback and ``eth0``, joined to the host by a veth.
+async def add_namespace(netns: str) -> None:
+    """Make the empty network namespace ``netns`` (runc joins it by path).
 
     Raises:
-        CommandError: ``ip`` failed; nothing is left half-made.
+        CommandError: ``ip`` failed.
+    """
+    await run([paths.ip_binary(), "netns", "add", netns])
+
+
+def configured(addr: Addresses) -> bool:
+    """Whether the host end of kernel ``addr.index``'s veth exists."""
+    return Path(f"/sys/class/net/{addr.veth}").exists()
+
+
+async def configure(netns: str, addr: Addresses, egress: bool) -> None:
+    """Give ``netns`` loopback and an ``eth0`` joined to the host by a veth pair.
+
+    Runs while runc starts the container: the kernel binds every address of its
+    namespace, so ``eth0`` only has to be up before the client connects. The veth
+    pair is made from inside the namespace, with the host end moved out, so the
+    two ``ip`` runs cover everything.
+
+    Raises:
+        CommandError: ``ip`` or ``nft`` failed; the veth is removed again.
     """
     ip = paths.ip_binary()
-    await ensure_firewall()
-    await run([ip, "netns", "add", netns])
+    inside = (
+        f"link add eth0 address {addr.mac} type veth peer name {addr.veth} netns 1\n"
+        "link set lo up\n"
+        f"addr add {addr.kernel_ip}/30 dev eth0\n"
+        "link set eth0 up\n"
+    )
+    if egress:
+        inside += f"route add default via {addr.host_ip}\n"
     try:
+        await ensure_firewall()
+        await run([ip, "-n", netns, "-batch", "-"], stdin=inside)
         await run(
             [ip, "-batch", "-"],
-            stdin=(
-                f"link add {addr.veth} type veth peer name eth0 address {addr.mac} netns {netns}\n"
-                f"addr add {addr.host_ip}/30 dev {addr.veth}\n"
-                f"link set {addr.veth} up\n"
-            ),
+            stdin=f"addr add {addr.host_ip}/30 dev {addr.veth}\nlink set {addr.veth} up\n",
         )
-        inside = f"link set lo up\naddr add {addr.kernel_ip}/30 dev eth0\nlink set eth0 up\n"
         if egress:
-            inside += f"route add default via {addr.host_ip}\n"
-        await run([ip, "-n", netns, "-batch", "-"], stdin=inside)
+            await allow_egress(addr.veth)
     except BaseException:
-        await destroy(netns, addr, egress=False)
+        await delete_veth(addr.veth)
         raise
-    if egress:
-        await allow_egress(addr.veth)
 
 
 async def destroy(netns: str, addr: Addresses, egress: bool) -> None:
@@ -212,16 +231,25 @@ table inet {TABLE} {{
 """
 
 
+#: Set once this process has seen the firewall table in place: the check costs an
+#: ``nft`` run, and the table, once made, stays until someone deletes it by hand.
+_firewall_seen = False
+
+
 async def ensure_firewall() -> None:
     """Install the table of :func:`firewall_rules` unless it is already there.
 
     Raises:
         CommandError: nft failed (no nf_tables support, or nft missing).
     """
+    global _firewall_seen
+    if _firewall_seen:
+        return
     nft = paths.nft_binary()
     code, _, _ = await run([nft, "list", "table", "inet", TABLE], check=False)
     if code != 0:
         await run([nft, "-f", "-"], stdin=firewall_rules(), hint="is nf_tables available?")
+    _firewall_seen = True
 
 
 async def allow_egress(veth: str) -> None:

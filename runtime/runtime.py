@@ -17,6 +17,7 @@ A kernel's folder ``kernels/<kernel_id>/`` holds:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox_kernel.errors import ConfigError, KernelNotFound
+from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
 
 from . import cgroups, layers, network, paths, runc
 from .bundle import RUN_DIR, Bind, SpecParams, make_spec
@@ -181,8 +182,9 @@ class Runtime:
         cwd = check_cwd(config.cwd)
         prefixes = python_prefixes(config.executable)
         image_layers = layers.image_layers(config.image)
-        points = layers.build_mountpoint_layer([*prefixes, cwd])
+        points = layers.mountpoint_layer([*prefixes, cwd])
         kdir.mkdir(parents=True)
+        index = None
         try:
             index = network.reserve_index(kernel_id)
             addr = network.Addresses.of(index)
@@ -211,6 +213,8 @@ class Runtime:
             self._make_layer(kdir, record)
         except BaseException:
             self._remove_folder(kdir)
+            if index is not None:
+                network.release_index(index)
             raise
         return record
 
@@ -259,19 +263,29 @@ class Runtime:
             )
         )
         write_json(kdir / "config.json", spec)
+        addr = network.Addresses.of(record["index"])
         self._mount(kdir, record)
         try:
             if not network.exists(record["netns"]):
-                await network.create(
-                    record["netns"],
-                    network.Addresses.of(record["index"]),
-                    egress=record["network"] == "egress",
+                await network.add_namespace(record["netns"])
+            # runc and the network set-up run side by side (see network.configure).
+            launch = asyncio.ensure_future(
+                runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
+            )
+            steps: list[asyncio.Future[Any]] = [launch]
+            if not network.configured(addr):
+                egress = record["network"] == "egress"
+                steps.append(
+                    asyncio.ensure_future(network.configure(record["netns"], addr, egress))
                 )
-            pid_file = kdir / "container.pid"
-            pid_file.unlink(missing_ok=True)
-            return await runc.run_detached(record["container_id"], kdir, pid_file)
+            for result in await asyncio.gather(*steps, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+            return launch.result()
         except BaseException:
-            await runc.delete(record["container_id"])
+            # Undo what was done; the error that stopped the start is the one raised.
+            with contextlib.suppress(SandboxError):
+                await runc.delete(record["container_id"])
             self._unmount(kdir)
             raise
 
@@ -282,8 +296,10 @@ class Runtime:
         provisioner's ``cleanup(restart=True)`` and by :meth:`remove`.
         """
         record = self.record(kernel_id)
-        await runc.delete(record["container_id"])
-        self._unmount(self.kernel_dir(kernel_id))
+        try:
+            await runc.delete(record["container_id"])
+        finally:
+            self._unmount(self.kernel_dir(kernel_id))
 
     async def remove(self, kernel_id: str) -> None:
         """Remove every trace of kernel ``kernel_id``: container, mounts, netns, veth,
@@ -293,14 +309,25 @@ class Runtime:
             record = self.record(kernel_id)
         except KernelNotFound:
             return
-        await self.stop(kernel_id)
-        await network.destroy(
-            record["netns"],
-            network.Addresses.of(record["index"]),
-            egress=record["network"] == "egress",
-        )
+        # Every step runs even if one before it failed; the first error is raised last.
+        errors: list[BaseException] = []
+        try:
+            await self.stop(kernel_id)
+        except SandboxError as err:
+            errors.append(err)
+        try:
+            await network.destroy(
+                record["netns"],
+                network.Addresses.of(record["index"]),
+                egress=record["network"] == "egress",
+            )
+        except SandboxError as err:
+            errors.append(err)
         network.release_index(record["index"])
-        self._remove_folder(self.kernel_dir(kernel_id))
+        # The writable layer can hold gigabytes: delete it off the event loop.
+        await asyncio.to_thread(self._remove_folder, self.kernel_dir(kernel_id))
+        if errors:
+            raise errors[0]
 
     async def container_pid(self, kernel_id: str) -> int | None:
         """The host pid of the kernel's init if its container runs, else None."""
@@ -389,7 +416,9 @@ class Runtime:
                 live.add(kid)
                 continue
             removed.append(f"kernel {kid} (its server, pid {record['owner']['pid']}, is gone)")
-            if not dry_run:
+            if dry_run:
+                live.add(kid)  # what removing it would take is not listed again below
+            else:
                 await self.remove(kid)
         containers = {f"{paths.PREFIX}{k}" for k in live}
         for info in await runc.list_containers():

@@ -23,9 +23,9 @@ import pytest
 import pytest_asyncio
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
-from sandbox_kernel.runtime import Limits
 
 from sandbox_kernel.kernelspec import install, provisioner_config
+from sandbox_kernel.runtime import Limits
 
 from .leftovers import snapshot
 

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from sandbox_kernel.runtime import Runtime, paths
 
 from .conftest import Kernels, unique, wait_until

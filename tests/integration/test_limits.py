@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
+
 from sandbox_kernel.runtime import Runtime
 
 from .conftest import Kernels, run_cli, wait_until

@@ -18,7 +18,12 @@ async def test_tour_runs_in_a_sandboxed_kernel(ksm, make_spec, workdir: Path) ->
     nb = nbformat.read(TOUR, as_version=4)
     km = AsyncKernelManager(kernel_name=make_spec(), kernel_spec_manager=ksm)
     client = NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(workdir)}})
-    await client.async_execute()
+    try:
+        await client.async_execute()
+    finally:
+        # nbclient shuts down only the kernels it made itself.
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
     text = "".join(
         out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
     )

@@ -1,9 +1,9 @@
 """Parsing and formatting of limits: the messages a user sees for bad values."""
 
 import pytest
-from sandbox_kernel.runtime.limits import Limits, format_size, parse_cpus, parse_pids, parse_size
 
 from sandbox_kernel.errors import ConfigError
+from sandbox_kernel.runtime.limits import Limits, format_size, parse_cpus, parse_pids, parse_size
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ import os
 from pathlib import Path
 
 import pytest
-from sandbox_kernel.runtime import layers, network
-from sandbox_kernel.runtime.pyenv import merge_prefixes, python_prefixes
 
 from sandbox_kernel.errors import ConfigError
+from sandbox_kernel.runtime import layers, network
+from sandbox_kernel.runtime.pyenv import merge_prefixes, python_prefixes
 
 
 def test_addresses_are_a_30_per_kernel() -> None:

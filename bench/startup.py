@@ -1,0 +1,137 @@
+"""Kernel start-up time: the sandboxed kernel against the stock local python3 kernel.
+
+For each start this measures the wall time from ``await km.start_kernel()`` being
+called to the first ``kernel_info`` reply arriving on the shell channel, with
+jupyter_client's AsyncKernelManager. The sandboxed kernel (SandboxProvisioner) and
+the local one (LocalProvisioner, same Python and ipykernel) start alternately, after
+one untimed warm-up start of each; every kernel is shut down fully, untimed, before
+the next start. Both kernelspecs live in a temporary folder, so nothing global is
+touched. Needs root (runc, network namespaces, overlay mounts)::
+
+    .venv/bin/python bench/startup.py [--rounds 10] [--json out.json] [--strict]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from sandbox_kernel.kernelspec import install, provisioner_config
+from sandbox_kernel.runtime import Limits
+
+SANDBOX, LOCAL = "bench-sandbox", "bench-local"
+TARGET = 1.15  # the sandboxed median may be at most this many times the local one
+READY_TIMEOUT = 60.0
+
+
+def make_kernelspecs(tmp: Path) -> KernelSpecManager:
+    """Write both kernelspecs under ``tmp/share/jupyter/kernels``; a manager that sees them."""
+    limits = Limits.parse(memory="2G", cpus="1", pids="512", disk="10G")
+    install(SANDBOX, "bench", provisioner_config("host", limits, "none"), prefix=str(tmp))
+    kernels = tmp / "share" / "jupyter" / "kernels"
+    write_kernel_spec(kernels / LOCAL)
+    return KernelSpecManager(kernel_dirs=[str(kernels)])
+
+
+async def time_start(name: str, ksm: KernelSpecManager, cwd: Path) -> float:
+    """Start kernel ``name``, return the seconds until its kernel_info reply; shut it down."""
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    kc = None
+    started = time.perf_counter()
+    try:
+        # The local kernel's output would go to this terminal; the sandbox's goes to its log.
+        await km.start_kernel(cwd=str(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kc = km.client()
+        kc.start_channels()
+        deadline = started + READY_TIMEOUT
+        while True:  # like kc.wait_for_ready, without its 0.2 s iopub flush at the end
+            kc.kernel_info()
+            try:
+                reply: dict[str, Any] = await kc.get_shell_msg(timeout=1)
+            except Empty:
+                if not await km.is_alive():
+                    raise RuntimeError(f"{name} died before replying to kernel_info") from None
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(
+                        f"{name}: no kernel_info reply in {READY_TIMEOUT} s"
+                    ) from None
+                continue
+            if reply["msg_type"] == "kernel_info_reply":
+                return time.perf_counter() - started
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+
+
+async def measure(rounds: int, ksm: KernelSpecManager, cwd: Path) -> dict[str, list[float]]:
+    """One untimed warm-up start of each kernel, then ``rounds`` timed starts, alternating."""
+    for name in (SANDBOX, LOCAL):
+        await time_start(name, ksm, cwd)
+    times: dict[str, list[float]] = {SANDBOX: [], LOCAL: []}
+    for i in range(rounds):
+        for name in (SANDBOX, LOCAL):
+            times[name].append(await time_start(name, ksm, cwd))
+            print(f"  round {i + 1}/{rounds} {name}: {times[name][-1]:.3f} s", file=sys.stderr)
+    return times
+
+
+def report(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Print the table and verdict; return the same figures as plain data."""
+    stats: dict[str, dict[str, Any]] = {
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t), "times": t}
+        for name, t in times.items()
+    }
+    ours, peer = statistics.median(times[SANDBOX]), statistics.median(times[LOCAL])
+    ratio = ours / peer
+    passed = ratio <= TARGET
+    print(f"{'kernel':<16}{'median s':>10}{'min s':>10}{'max s':>10}")
+    for name, s in stats.items():
+        print(f"{name:<16}{s['median']:>10.3f}{s['min']:>10.3f}{s['max']:>10.3f}")
+    print(f"\nsandbox median {ours:.3f} s, local median {peer:.3f} s, ratio {ratio:.2f} "
+          f"(sandbox/local), target <= {TARGET}: {'PASS' if passed else 'FAIL'}")  # fmt: skip
+    return {"rounds": len(times[SANDBOX]), "kernels": stats, "ratio": ratio,
+            "target": TARGET, "pass": passed}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="timed starts of each kernel (default: 10)")  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", type=Path,
+                        help="also write the figures as JSON to PATH")  # fmt: skip
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when the ratio misses the target")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-startup-", dir="/tmp"))
+    try:
+        ksm = make_kernelspecs(tmp)
+        cwd = tmp / "cwd"
+        cwd.mkdir()
+        result = report(asyncio.run(measure(args.rounds, ksm, cwd)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if args.strict and not result["pass"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
