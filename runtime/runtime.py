@@ -33,7 +33,7 @@ from .bundle import RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
 from .limits import Limits, format_size
 from .mounts import mount_overlay, mounts_under, unmount
-from .pyenv import python_prefixes
+from .pyenv import home_template, python_prefixes
 
 #: Working directories a kernel may not be started in: they would shadow the system.
 FORBIDDEN_CWDS = (Path("/"), Path("/usr"), Path("/etc"), Path("/proc"), Path("/sys"),
@@ -197,6 +197,7 @@ class Runtime:
                 "image": config.image,
                 "layers": [points, *image_layers],
                 "python_prefixes": [str(p) for p in prefixes],
+                "executable": config.executable,
                 "cwd": str(cwd),
                 "limits": config.limits.to_dict(),
                 "network": config.network,
@@ -498,9 +499,15 @@ class Runtime:
         # so the kernel's user can write there even when the host folder is root's.
         os.chown(kdir / "layer/cwd", uid, gid)
         home = kdir / "layer/root" / record["home"].lstrip("/")
-        home.mkdir(parents=True)
+        home.parent.mkdir(parents=True)
         os.chmod(home.parent, 0o755)
-        os.chown(home, uid, gid)
+        template = home_template(record["executable"], paths.state_dir() / "homes")
+        if template is None:
+            home.mkdir()
+        else:
+            shutil.copytree(template, home, symlinks=True)
+        for path in [home, *home.rglob("*")]:
+            os.lchown(path, uid, gid)
         log = kdir / "run" / "kernel.log"
         log.touch(0o600)
         os.chown(log, uid, gid)
