@@ -45,7 +45,7 @@ def python_prefixes(executable: str) -> list[Path]:
 def merge_prefixes(candidates: list[Path]) -> list[Path]:
     """Drop duplicates, paths under /usr, and paths inside another candidate."""
     kept: list[Path] = []
-    for path in sorted(set(candidates), key=lambda p: len(p.parts)):
+    for path in sorted(set(candidates), key=lambda p: (len(p.parts), str(p))):
         if any(path == t or t in path.parents for t in SYSTEM_TREES):
             continue
         if path == Path("/"):

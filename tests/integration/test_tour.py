@@ -21,7 +21,9 @@ async def test_tour_runs_in_a_sandboxed_kernel(ksm, make_spec, workdir: Path) ->
     try:
         await client.async_execute()
     finally:
-        # nbclient shuts down only the kernels it made itself.
+        # nbclient closes and shuts down only the client and kernel it made itself.
+        if client.kc is not None:
+            client.kc.stop_channels()
         if km.has_kernel:
             await km.shutdown_kernel(now=True)
     text = "".join(
