@@ -164,16 +164,35 @@ class Runtime:
 
     # ---- life cycle ----------------------------------------------------------------
 
-    def prepare(self, kernel_id: str, config: KernelConfig) -> dict[str, Any]:
-        """Make kernel ``kernel_id``'s folder, layers and addresses; return its record.
+    async def prepare(self, kernel_id: str, config: KernelConfig) -> dict[str, Any]:
+        """Make kernel ``kernel_id``'s folder, layers, addresses and network namespace;
+        return its record.
 
         Called by the provisioner's ``pre_launch``. A kernel that already has a
         folder (a restart) keeps its writable layer and addresses; its limits are
-        the ones it had last (changed live or not).
+        the ones it had last (changed live or not). The namespace is made while the
+        files are written, off the event loop.
 
         Raises:
-            ConfigError, ImageNotFound: the configuration cannot be used.
+            ConfigError, ImageNotFound: the configuration cannot be used; nothing is made.
+            CommandError: the namespace could not be made.
         """
+        netns = f"{paths.PREFIX}{kernel_id}"
+        making = None if network.exists(netns) else network.add_namespace(netns)
+        files = asyncio.to_thread(self._prepare_files, kernel_id, config)
+        if making is None:
+            return await files
+        results = await asyncio.gather(files, making, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await network.delete_netns(netns)
+            if not isinstance(results[0], BaseException):
+                await self.remove(kernel_id)
+            raise errors[0]
+        record: dict[str, Any] = results[0]
+        return record
+
+    def _prepare_files(self, kernel_id: str, config: KernelConfig) -> dict[str, Any]:
         kdir = self.kernel_dir(kernel_id)
         if (kdir / "record.json").exists():
             return self.adopt(kernel_id)
@@ -192,7 +211,7 @@ class Runtime:
             record: dict[str, Any] = {
                 "kernel_id": kernel_id,
                 "container_id": f"{paths.PREFIX}{kernel_id}",
-                "netns": f"{paths.PREFIX}{kernel_id}",
+                "netns": f"{paths.PREFIX}{kernel_id}",  # made by prepare()
                 "hostname": f"kernel-{kernel_id[:8]}",
                 "image": config.image,
                 "layers": [points, *image_layers],

@@ -164,7 +164,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             cwd=self._cwd,
             executable=self.kernel_spec.argv[0],
         )
-        record = await asyncio.to_thread(self.runtime.prepare, self.kernel_id, config)
+        record = await self.runtime.prepare(self.kernel_id, config)
         extra_arguments = kwargs.pop("extra_arguments", [])
         if km is None:
             raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
