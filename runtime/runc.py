@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,23 @@ async def run_detached(container_id: str, bundle: Path, pid_file: Path) -> int:
     runc's own log goes to ``bundle/runc.log``; its last error is in the raised
     :class:`CommandError`.
     """
-    await run(
-        [paths.runc_binary(), "--log", str(bundle / "runc.log"), "run", "--detach",
-         "--pid-file", str(pid_file), "--bundle", str(bundle), container_id],
-        timeout=60,
-    )  # fmt: skip
+    argv = [paths.runc_binary(), "--log", str(bundle / "runc.log"), "run", "--detach",
+            "--pid-file", str(pid_file), "--bundle", str(bundle), container_id]  # fmt: skip
+    # runc hands its stdio to the container, whose shell replaces them at once. Pipes
+    # would make us wait for that too; a file and /dev/null do not.
+    errors = bundle / "runc.stderr"
+    with open(errors, "wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+        try:
+            code = await asyncio.wait_for(proc.wait(), 60)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise CommandError(argv, None, errors.read_text(errors="replace")) from None
+    if code != 0:
+        raise CommandError(argv, code, errors.read_text(errors="replace"))
     return int(pid_file.read_text().strip())
 
 
