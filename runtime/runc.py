@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ async def run_detached(container_id: str, bundle: Path, pid_file: Path) -> int:
     # runc hands its stdio to the container, whose shell replaces them at once. Pipes
     # would make us wait for that too; a file and /dev/null do not.
     errors = bundle / "runc.stderr"
-    with open(errors, "wb") as err:
+    err = os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
         )
@@ -36,6 +38,8 @@ async def run_detached(container_id: str, bundle: Path, pid_file: Path) -> int:
             proc.kill()
             await proc.wait()
             raise CommandError(argv, None, errors.read_text(errors="replace")) from None
+    finally:
+        os.close(err)
     if code != 0:
         raise CommandError(argv, code, errors.read_text(errors="replace"))
     return int(pid_file.read_text().strip())
