@@ -53,6 +53,7 @@ class SpecParams:
     binds: list[Bind] = field(default_factory=list)
     nofile: int = 4096
     memory_swap: bool = True
+    criu_config: Path | None = None
 
 
 def wrap_argv(argv: list[str]) -> list[str]:
@@ -117,7 +118,7 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
     no_caps: dict[str, list[str]] = {
         k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
     }
-    return {
+    spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
@@ -147,3 +148,8 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
             "readonlyPaths": READONLY_PATHS,
         },
     }
+    if p.criu_config is not None:
+        # runc passes this file to CRIU on checkpoint and restore; it must be in the
+        # spec the container was created with.
+        spec["annotations"] = {"org.criu.config": str(p.criu_config)}
+    return spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Sequence
 
@@ -16,12 +17,13 @@ async def run(
     timeout: float = 30.0,
     check: bool = True,
     hint: str = "",
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str, str]:
     """Run ``argv`` to completion under ``timeout`` seconds.
 
     Returns ``(returncode, stdout, stderr)``. With ``check`` (the default) a non-zero
     status raises; on timeout the process is killed and :class:`CommandError` raised
-    with returncode None either way.
+    with returncode None either way. ``env`` is added to this process's environment.
 
     Raises:
         CommandError: the program failed (with ``check``) or timed out.
@@ -31,6 +33,7 @@ async def run(
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, **env} if env else None,
     )
     try:
         out, err = await asyncio.wait_for(

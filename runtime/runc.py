@@ -95,3 +95,63 @@ async def list_containers() -> list[dict[str, Any]]:
     _, out, _ = await run([paths.runc_binary(), "list", "--format", "json"])
     result: list[dict[str, Any]] = json.loads(out) or []
     return result
+
+
+async def pause(container_id: str) -> None:
+    """Freeze every process of the container (cgroup freezer).
+
+    Raises:
+        CommandError: runc could not freeze it.
+    """
+    await run([paths.runc_binary(), "pause", container_id])
+
+
+async def resume(container_id: str) -> None:
+    """Thaw a container frozen by :func:`pause`.
+
+    Raises:
+        CommandError: runc could not thaw it.
+    """
+    await run([paths.runc_binary(), "resume", container_id])
+
+
+async def checkpoint(
+    container_id: str, criu: str, images: Path, work: Path, env: dict[str, str]
+) -> None:
+    """Dump the container's processes into ``images`` with CRIU, leaving them running.
+
+    ``env`` is added to runc's environment, which runc passes on to CRIU.
+
+    Raises:
+        CommandError: the dump failed; the last lines of CRIU's log are in it.
+    """
+    argv = [paths.runc_binary(), "--criu", criu, "checkpoint", "--leave-running",
+            "--image-path", str(images), "--work-path", str(work), container_id]  # fmt: skip
+    await _with_criu_log(argv, work / "dump.log", env)
+
+
+async def restore(
+    container_id: str, criu: str, bundle: Path, images: Path, work: Path, pid_file: Path
+) -> int:
+    """Restore ``container_id`` from the CRIU images in ``images``, detached; return
+    the host pid of its init.
+
+    Raises:
+        CommandError: the restore failed; the last lines of CRIU's log are in it.
+    """
+    argv = [paths.runc_binary(), "--criu", criu, "restore", "--detach",
+            "--image-path", str(images), "--work-path", str(work),
+            "--bundle", str(bundle), "--pid-file", str(pid_file), container_id]  # fmt: skip
+    await _with_criu_log(argv, work / "restore.log", {})
+    return int(pid_file.read_text().strip())
+
+
+async def _with_criu_log(argv: list[str], log: Path, env: dict[str, str]) -> None:
+    try:
+        await run(argv, timeout=300, env=env)
+    except CommandError as err:
+        tail = ""
+        if log.exists():
+            lines = log.read_text(errors="replace").splitlines()
+            tail = "\n".join(line for line in lines if "Error" in line)[-1500:]
+        raise CommandError(err.argv, err.returncode, f"{err.stderr}\n{tail}".strip()) from err

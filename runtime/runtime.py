@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
+from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissing, SandboxError
 
-from . import cgroups, layers, network, paths, runc
+from . import cgroups, checkpoint, layers, network, paths, runc, snapshots
 from .bundle import RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
 from .limits import Limits, format_size
 from .mounts import mount_overlay, mounts_under, unmount
+from .process import run
 from .pyenv import home_template, python_prefixes
 
 #: Working directories a kernel may not be started in: they would shadow the system.
@@ -215,6 +218,9 @@ class Runtime:
                 "hostname": f"kernel-{kernel_id[:8]}",
                 "image": config.image,
                 "layers": [points, *image_layers],
+                "root_layers": [],  # snapshot layers over the image, topmost first
+                "cwd_layers": [],  # snapshot layers over the host's working directory
+                "snapshot": None,  # the snapshot the files came from: the next one's parent
                 "python_prefixes": [str(p) for p in prefixes],
                 "executable": config.executable,
                 "cwd": str(cwd),
@@ -280,8 +286,10 @@ class Runtime:
                 limits=Limits.from_dict(record["limits"]),
                 binds=self._binds(kdir, record),
                 memory_swap=cgroups.swap_limit_supported(),
+                criu_config=kdir / "criu.conf",
             )
         )
+        (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
         write_json(kdir / "config.json", spec)
         addr = network.Addresses.of(record["index"])
         self._mount(kdir, record)
@@ -350,8 +358,13 @@ class Runtime:
             raise errors[0]
 
     async def container_pid(self, kernel_id: str) -> int | None:
-        """The host pid of the kernel's init if its container runs, else None."""
+        """The host pid of the kernel's init if its container runs, else None.
+
+        Waits for a snapshot or restore of the kernel in progress to finish first.
+        """
         record = self.record(kernel_id)
+        async with self._exclusive(kernel_id):
+            pass
         state = await runc.state(record["container_id"])
         if not state or state.get("status") not in ("running", "created", "paused"):
             return None
@@ -368,6 +381,161 @@ class Runtime:
         record["owner"] = owner_token()
         write_json(self.kernel_dir(kernel_id) / "record.json", record)
         return record
+
+    # ---- snapshots -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, kernel_id: str) -> AsyncIterator[None]:
+        """Serialize snapshots and restores of one kernel, across processes."""
+        fd = os.open(self.kernel_dir(kernel_id) / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    async def snapshot(
+        self, kernel_id: str, name: str, message: str = "", live: bool = True
+    ) -> dict[str, Any]:
+        """Snapshot kernel ``kernel_id``'s files and live memory as ``name``; return its meta.
+
+        The container is frozen while its writable layer is copied and CRIU dumps
+        its processes (leaving them running), so files and memory come from the same
+        moment; then it is thawed. Where CRIU is missing or fails, or ``live`` is
+        False, the snapshot keeps the files only (mode ``files``, with the reason).
+
+        Raises:
+            ConfigError: the name is invalid or taken.
+            KernelNotFound: no such kernel.
+            CommandError: the container could not be frozen or thawed.
+        """
+        record = self.record(kernel_id)
+        kdir = self.kernel_dir(kernel_id)
+        cid = record["container_id"]
+        started = time.monotonic()
+        async with self._exclusive(kernel_id):
+            record = self.record(kernel_id)
+            draft = snapshots.Draft(str(record["uid"]), name)
+            trees = [layers.new_layer_tree(), layers.new_layer_tree()]
+            try:
+                mode, reason = "files", "" if live else "asked for files only"
+                dump: tuple[str, dict[str, str], str] | None = None
+                if live:
+                    try:
+                        dump = checkpoint.dump_command(record["uid"], record["gid"])
+                    except RequirementMissing as err:
+                        reason = str(err)
+                work = kdir / "criu-work"
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir()
+                await runc.pause(cid)
+                frozen = time.monotonic()
+                try:
+                    await _copy_tree(kdir / "layer/root", trees[0])
+                    await _copy_tree(kdir / "layer/cwd", trees[1])
+                    if dump is not None:
+                        criu, env, config = dump
+                        (kdir / "criu.conf").write_text(config)
+                        try:
+                            await runc.checkpoint(cid, criu, draft.criu_dir, work, env)
+                            mode = "live"
+                        except SandboxError as err:
+                            reason = f"CRIU could not dump this kernel: {err}"
+                            shutil.rmtree(draft.criu_dir, ignore_errors=True)
+                finally:
+                    (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
+                    await runc.resume(cid)
+                paused = time.monotonic() - frozen
+                root_digest = await asyncio.to_thread(layers.commit_layer, trees[0])
+                cwd_digest = await asyncio.to_thread(layers.commit_layer, trees[1])
+                meta = {
+                    "created": time.time(),
+                    "message": message,
+                    "parent": record.get("snapshot"),
+                    "mode": mode,
+                    "reason": reason,
+                    "image": record["image"],
+                    "layers": record["layers"],
+                    "root_layers": [root_digest, *record["root_layers"]],
+                    "cwd_layers": [cwd_digest, *record["cwd_layers"]],
+                    "kernel_id": kernel_id,
+                    "file_bytes": _tree_bytes(layers.layer_path(root_digest))
+                    + _tree_bytes(layers.layer_path(cwd_digest)),
+                    "paused_seconds": round(paused, 4),
+                    "seconds": 0.0,
+                }
+                meta["seconds"] = round(time.monotonic() - started, 4)
+                meta = await asyncio.to_thread(draft.commit, meta)
+            except BaseException:
+                draft.discard()
+                for tree in trees:
+                    if tree.name.startswith(".building-"):
+                        shutil.rmtree(tree, ignore_errors=True)
+                raise
+            record["snapshot"] = name
+            write_json(kdir / "record.json", record)
+            return meta
+
+    async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+        """Bring kernel ``kernel_id`` back to snapshot ``name``, in place.
+
+        The kernel keeps its id, address and connection info. A ``live`` snapshot
+        is restored with CRIU: the processes continue from the snapshot's moment and
+        clients reconnect by themselves. A ``files`` snapshot (or a live one CRIU
+        cannot restore) brings the files back and starts the kernel afresh. Returns
+        ``{"pid", "mode", "reason", "name"}``; the provisioner picks up the new pid.
+
+        Raises:
+            SnapshotNotFound, SnapshotCorrupt, ConfigError: refused before anything
+                was touched; the kernel runs on as it was.
+            CommandError: the container could not be stopped or started.
+        """
+        async with self._exclusive(kernel_id):
+            record = self.record(kernel_id)
+            kdir = self.kernel_dir(kernel_id)
+            owner = str(record["uid"])
+            meta = await asyncio.to_thread(snapshots.verify, owner, name)
+            if meta["layers"] != record["layers"]:
+                raise ConfigError(
+                    "snapshot", name,
+                    f"was taken from another image or folder (image {meta['image']}); "
+                    "restore it in a kernel started from the same kernelspec and folder",
+                )  # fmt: skip
+            mode, reason = meta["mode"], meta.get("reason", "")
+            criu = None
+            if mode == "live":
+                try:
+                    criu = checkpoint.criu_binary()
+                except RequirementMissing as err:
+                    mode, reason = "files", str(err)
+            await runc.delete(record["container_id"])
+            self._unmount(kdir)
+            await asyncio.to_thread(self._empty_layer, kdir, record)
+            record.update(root_layers=meta["root_layers"], cwd_layers=meta["cwd_layers"])
+            record["snapshot"] = name
+            write_json(kdir / "record.json", record)
+            self._mount(kdir, record)
+            pid_file = kdir / "container.pid"
+            try:
+                if criu is not None:
+                    work = kdir / "criu-work"
+                    shutil.rmtree(work, ignore_errors=True)
+                    work.mkdir()
+                    (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
+                    images = snapshots.snapshot_dir(owner, name) / "criu"
+                    try:
+                        pid = await runc.restore(
+                            record["container_id"], criu, kdir, images, work, pid_file
+                        )
+                        return {"pid": pid, "mode": "live", "reason": "", "name": name}
+                    except SandboxError as err:
+                        await runc.delete(record["container_id"])
+                        mode, reason = "files", f"CRIU could not restore the memory: {err}"
+                pid = await runc.run_detached(record["container_id"], kdir, pid_file)
+                return {"pid": pid, "mode": mode, "reason": reason, "name": name}
+            except BaseException:
+                self._unmount(kdir)
+                raise
 
     # ---- limits and usage ----------------------------------------------------------
 
@@ -495,7 +663,14 @@ class Runtime:
             used.update(read_json(image).get("layers", []))
         for record in self.records():
             used.update(record.get("layers", []))
+            used.update(record.get("root_layers", []))
+            used.update(record.get("cwd_layers", []))
+        used |= snapshots.all_layers()
         removed = []
+        for leftover in snapshots.leftovers():
+            removed.append(f"unfinished snapshot {leftover}")
+            if not dry_run:
+                shutil.rmtree(leftover, ignore_errors=True)
         for entry in paths.layers_dir().iterdir():
             stale_build = entry.name.startswith(".building-") and (
                 time.time() - entry.stat().st_mtime > 600
@@ -511,12 +686,9 @@ class Runtime:
     @staticmethod
     def _make_layer(kdir: Path, record: dict[str, Any]) -> None:
         uid, gid = record["uid"], record["gid"]
-        for sub in ("layer/root", "layer/root.work", "layer/cwd", "layer/cwd.work",
-                    "rootfs", "mnt/cwd", "run", "etc"):  # fmt: skip
+        for sub in ("rootfs", "mnt/cwd", "run", "etc"):
             (kdir / sub).mkdir(parents=True, exist_ok=True)
-        # The merged working directory takes its owner from the upper layer's root,
-        # so the kernel's user can write there even when the host folder is root's.
-        os.chown(kdir / "layer/cwd", uid, gid)
+        Runtime._empty_layer(kdir, record)
         home = kdir / "layer/root" / record["home"].lstrip("/")
         home.parent.mkdir(parents=True)
         os.chmod(home.parent, 0o755)
@@ -532,6 +704,16 @@ class Runtime:
         os.chown(log, uid, gid)
 
     @staticmethod
+    def _empty_layer(kdir: Path, record: dict[str, Any]) -> None:
+        """(Re)make the kernel's writable layer empty."""
+        for sub in ("layer/root", "layer/root.work", "layer/cwd", "layer/cwd.work"):
+            shutil.rmtree(kdir / sub, ignore_errors=True)
+            (kdir / sub).mkdir(parents=True)
+        # The merged working directory takes its owner from the upper layer's root,
+        # so the kernel's user can write there even when the host folder is root's.
+        os.chown(kdir / "layer/cwd", record["uid"], record["gid"])
+
+    @staticmethod
     def _binds(kdir: Path, record: dict[str, Any]) -> list[Bind]:
         binds = [Bind(Path("/usr"), "/usr")]
         binds += [Bind(Path(p), p) for p in record["python_prefixes"]]
@@ -542,12 +724,11 @@ class Runtime:
 
     @staticmethod
     def _mount(kdir: Path, record: dict[str, Any]) -> None:
-        lower = [layers.layer_path(d) for d in record["layers"]]
+        lower = [layers.layer_path(d) for d in [*record["root_layers"], *record["layers"]]]
         mount_overlay(kdir / "rootfs", lower, kdir / "layer/root", kdir / "layer/root.work")
         try:
-            mount_overlay(
-                kdir / "mnt/cwd", [Path(record["cwd"])], kdir / "layer/cwd", kdir / "layer/cwd.work"
-            )
+            cwd_lower = [*(layers.layer_path(d) for d in record["cwd_layers"]), Path(record["cwd"])]
+            mount_overlay(kdir / "mnt/cwd", cwd_lower, kdir / "layer/cwd", kdir / "layer/cwd.work")
         except BaseException:
             unmount(kdir / "rootfs")
             raise
@@ -562,6 +743,15 @@ class Runtime:
         for point in mounts_under(kdir):
             unmount(point)
         shutil.rmtree(kdir, ignore_errors=True)
+
+
+async def _copy_tree(source: Path, target: Path) -> None:
+    """Copy a writable layer exactly: owners, modes, xattrs, overlay whiteouts."""
+    await run(["cp", "-a", "--", f"{source}/.", f"{target}/"], timeout=3600)
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _user_name(uid: int) -> str:

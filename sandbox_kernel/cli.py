@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", help="new CPU quota in cores, e.g. 2")
     p.add_argument("--pids", help="new limit on processes and threads")
 
+    p = sub.add_parser("snapshot", help="snapshot a kernel's files and live memory")
+    p.add_argument("kernel_id")
+    p.add_argument("name", help="snapshot name, e.g. before-training")
+    p.add_argument("-m", "--message", default="", help="a note kept with the snapshot")
+    p.add_argument("--files-only", action="store_true", help="keep the files, not the memory")
+
+    p = sub.add_parser("restore", help="bring a kernel back to a snapshot, in place")
+    p.add_argument("kernel_id")
+    p.add_argument("name")
+
+    p = sub.add_parser("snapshots", help="list snapshots (of one kernel's owner), or delete one")
+    p.add_argument("kernel_id", nargs="?")
+    p.add_argument("--delete", metavar="NAME", help="delete this snapshot (needs KERNEL_ID)")
+
     p = sub.add_parser("gc", help="remove what crashed servers and kernels left behind")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
@@ -72,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return int(_HANDLERS[args.command](args))
-    except (UsageError, ConfigError, KernelNotFound, ImageNotFound) as err:
+    except (UsageError, ConfigError, KernelNotFound, ImageNotFound, LookupError) as err:
         print(f"sandbox-kernel: {err}", file=sys.stderr)
         return 2
     except SandboxError as err:
@@ -195,7 +209,64 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot(args: argparse.Namespace) -> int:
+    meta = asyncio.run(
+        Runtime().snapshot(args.kernel_id, args.name, args.message, live=not args.files_only)
+    )
+    memory, files = format_size(meta["memory_bytes"]), format_size(meta["file_bytes"])
+    print(
+        f"Snapshot {meta['name']} of kernel {args.kernel_id}: mode {meta['mode']}, "
+        f"{meta['seconds']:.2f} s (frozen {meta['paused_seconds']:.2f} s), "
+        f"memory {memory}, files {files}"
+    )
+    if meta["reason"]:
+        print(f"  files only: {meta['reason']}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    done = asyncio.run(Runtime().restore(args.kernel_id, args.name))
+    print(f"Kernel {args.kernel_id} restored to {args.name} ({done['mode']}) "
+          f"in {time.monotonic() - started:.2f} s")  # fmt: skip
+    if done["reason"]:
+        print(f"  the kernel was restarted on the snapshot's files: {done['reason']}")
+    return 0
+
+
+def _snapshots(args: argparse.Namespace) -> int:
+    from .runtime import snapshots
+
+    runtime = Runtime()
+    if args.delete:
+        if not args.kernel_id:
+            raise UsageError("--delete needs the KERNEL_ID whose owner has the snapshot")
+        owner = str(runtime.record(args.kernel_id)["uid"])
+        snapshots.delete(owner, args.delete)
+        print(f"Deleted snapshot {args.delete}")
+        return 0
+    owners = (
+        [str(runtime.record(args.kernel_id)["uid"])]
+        if args.kernel_id
+        else sorted({str(r["uid"]) for r in runtime.records()} | set(snapshots.owners()))
+    )
+    rows = [["OWNER", "NAME", "CREATED", "MODE", "MEMORY", "FILES", "PARENT", "MESSAGE"]]
+    for owner in owners:
+        for meta in snapshots.listing(owner):
+            rows.append([
+                owner, meta["name"],
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"])),
+                meta["mode"], format_size(meta["memory_bytes"]), format_size(meta["file_bytes"]),
+                meta["parent"] or "-", meta["message"],
+            ])  # fmt: skip
+    print(_table(rows) if len(rows) > 1 else "no snapshots")
+    return 0
+
+
 _HANDLERS: dict[str, Any] = {
+    "snapshot": _snapshot,
+    "restore": _restore,
+    "snapshots": _snapshots,
     "install": _install,
     "doctor": _doctor,
     "install-criu": _install_criu,

@@ -245,9 +245,20 @@ class SandboxProvisioner(KernelProvisionerBase):
         """
         if self.pid is None:
             return 0
-        if not self._exited():
+        if not self._exited() or await self._follow_restore():
             return None
         return self._status()
+
+    async def _follow_restore(self) -> bool:
+        """After a restore (by the CLI or a magic) the container's init is a new
+        process: track it and report the kernel alive. False if the kernel is gone.
+        """
+        pid = await self.runtime.container_pid(self.kernel_id)
+        if pid is None or pid == self.pid:
+            return False
+        self._track(pid)
+        self.log.info("Kernel %s was restored from a snapshot (pid %s)", self.kernel_id, pid)
+        return True
 
     def _status(self) -> int:
         if self._exit_status is not None:
@@ -279,8 +290,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         """
         if self.pid is None:
             return 0
-        if self._pidfd is not None:
+        while self._pidfd is not None:
             await wait_exit(self._pidfd)
+            if not await self._follow_restore():
+                break
         status = self._status()
         self._close_pidfd()
         self.pid = None

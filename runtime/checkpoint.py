@@ -1,0 +1,88 @@
+"""How CRIU is run for a kernel's checkpoint and restore.
+
+CRIU reads the rlimits of the processes it dumps. For processes of another user that
+needs CAP_SYS_RESOURCE, which some machines withhold even from root (this project's
+build machines do). There the dump runs CRIU as the kernel's own user, keeping every
+other capability, with CRIU's ``unprivileged`` option; the restore runs as root.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sandbox_kernel.errors import RequirementMissing
+
+from . import paths
+from .criu import find_criu
+from .fsutil import atomic_write
+
+#: Capability numbers and names, as setpriv spells them (linux/capability.h).
+CAPABILITIES = (
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid",
+    "setuid", "setpcap", "linux_immutable", "net_bind_service", "net_broadcast",
+    "net_admin", "net_raw", "ipc_lock", "ipc_owner", "sys_module", "sys_rawio",
+    "sys_chroot", "sys_ptrace", "sys_pacct", "sys_admin", "sys_boot", "sys_nice",
+    "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease", "audit_write",
+    "audit_control", "setfcap", "mac_override", "mac_admin", "syslog", "wake_alarm",
+    "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
+)  # fmt: skip
+SYS_RESOURCE = CAPABILITIES.index("sys_resource")
+#: Options for every checkpoint and restore: the client's TCP connections are dumped
+#: and closed on restore (the client reconnects); the netns is the runtime's own.
+BASE_CONFIG = "tcp-established\ntcp-close\nnetwork-lock skip\n"
+
+
+def _capabilities(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def dump_needs_owner() -> bool:
+    """Whether CRIU must dump as the kernel's user (no CAP_SYS_RESOURCE here)."""
+    return not _capabilities("CapEff") >> SYS_RESOURCE & 1
+
+
+def criu_binary() -> str:
+    """The CRIU to restore with.
+
+    Raises:
+        RequirementMissing: no CRIU >= 4.2 is installed.
+    """
+    criu = find_criu()
+    if criu is None:
+        raise RequirementMissing("CRIU >= 4.2", "sandbox-kernel install-criu")
+    return criu
+
+
+def dump_command(uid: int, gid: int) -> tuple[str, dict[str, str], str]:
+    """CRIU for dumping a kernel of ``uid``:``gid``: (binary, environment, config).
+
+    The config is what the kernel's ``criu.conf`` must hold during the dump.
+
+    Raises:
+        RequirementMissing: no CRIU >= 4.2, or no setpriv where one is needed.
+    """
+    criu = criu_binary()
+    if not dump_needs_owner():
+        return criu, {}, BASE_CONFIG
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise RequirementMissing("setpriv", "apt-get install -y util-linux")
+    bounding = _capabilities("CapBnd")
+    caps = ",".join(f"+{name}" for bit, name in enumerate(CAPABILITIES) if bounding >> bit & 1)
+    wrapper = paths.state_dir() / "bin" / "criu-as-owner"
+    script = (
+        "#!/bin/sh\n"
+        "# Written by sandbox-kernel: CRIU as the kernel's own user (see checkpoint.py).\n"
+        f'exec {setpriv} --reuid="$SANDBOX_KERNEL_UID" --regid="$SANDBOX_KERNEL_GID" '
+        f"--clear-groups --inh-caps=-all,{caps} --ambient-caps=-all,{caps} "
+        f'{criu} "$@"\n'
+    )
+    if not wrapper.exists() or wrapper.read_text() != script:
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(wrapper, script.encode(), mode=0o755)
+    env = {"SANDBOX_KERNEL_UID": str(uid), "SANDBOX_KERNEL_GID": str(gid)}
+    return str(wrapper), env, BASE_CONFIG + "unprivileged\n"

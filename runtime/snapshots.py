@@ -1,0 +1,240 @@
+"""The snapshot store: named snapshots per owner, written atomically, checked on read.
+
+A snapshot is a folder ``snapshots/<owner>/<name>/`` holding
+
+- ``meta.json``: name, time, parent, mode (``live`` or ``files``), message, the image
+  and environment it belongs to, and its file layers (content-addressed, in the
+  shared layer store);
+- ``criu/``: the CRIU images of the kernel's processes (``live`` mode only);
+- ``manifest.json``: the sha256 and size of every file under ``criu/``.
+
+It is built in a hidden folder beside it and renamed into place after every file
+and folder is fsynced, so a crash leaves no partial snapshot listed; ``gc`` removes
+the hidden leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sandbox_kernel.errors import ConfigError, SandboxError
+
+from . import paths
+from .fsutil import fsync_dir, read_json, write_json
+from .layers import layer_path
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODES = ("live", "files")
+
+
+class SnapshotNotFound(SandboxError, LookupError):
+    """No snapshot of that name for this owner."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        hint = f"; there are: {', '.join(known)}" if known else "; there are none yet"
+        super().__init__(f"no snapshot named {name!r}{hint}")
+
+
+class SnapshotCorrupt(SandboxError):
+    """A snapshot's files do not match its checksums; it is refused."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(
+            f"snapshot {name!r} is damaged ({problem}); it was not restored and the "
+            "kernel is untouched. Delete it with `sandbox-kernel snapshots --delete`"
+        )
+
+
+def check_name(name: str) -> str:
+    """Validate a snapshot name.
+
+    Raises:
+        ConfigError: not 1-64 letters, digits, ``.``, ``-`` or ``_`` starting with a
+            letter or digit.
+    """
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            "snapshot name", name,
+            "is not valid; use 1-64 letters, digits, '.', '-' or '_', e.g. before-training",
+        )  # fmt: skip
+    return name
+
+
+def owners() -> list[str]:
+    """Every owner that has a snapshot folder."""
+    base = paths.state_dir() / "snapshots"
+    return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+
+def owner_dir(owner: str) -> Path:
+    """The folder of one owner's snapshots."""
+    return paths.state_dir() / "snapshots" / owner
+
+
+def snapshot_dir(owner: str, name: str) -> Path:
+    """The folder of one snapshot (it may not exist)."""
+    return owner_dir(owner) / check_name(name)
+
+
+def names(owner: str) -> list[str]:
+    """The owner's snapshots, oldest first; hidden (unfinished) ones are not listed."""
+    base = owner_dir(owner)
+    if not base.is_dir():
+        return []
+    found = [p for p in base.iterdir() if not p.name.startswith(".") and (p / "meta.json").exists()]
+    return [p.name for p in sorted(found, key=lambda p: (p / "meta.json").stat().st_mtime)]
+
+
+def load(owner: str, name: str) -> dict[str, Any]:
+    """The meta of snapshot ``name``.
+
+    Raises:
+        SnapshotNotFound: there is no such snapshot.
+    """
+    try:
+        meta: dict[str, Any] = read_json(snapshot_dir(owner, name) / "meta.json")
+    except FileNotFoundError:
+        raise SnapshotNotFound(name, names(owner)) from None
+    return meta
+
+
+def listing(owner: str) -> list[dict[str, Any]]:
+    """Every snapshot's meta, oldest first."""
+    return [load(owner, name) for name in names(owner)]
+
+
+class Draft:
+    """A snapshot being written. ``commit`` makes it visible; ``discard`` drops it.
+
+    Used by the runtime: it dumps CRIU images into :attr:`criu_dir`, then commits
+    with the meta.
+    """
+
+    def __init__(self, owner: str, name: str) -> None:
+        self.owner = owner
+        self.name = check_name(name)
+        base = owner_dir(owner)
+        base.mkdir(parents=True, exist_ok=True)
+        if (base / name).exists():
+            raise ConfigError(
+                "snapshot name", name, "is taken; choose another name or delete that snapshot"
+            )
+        self.path = Path(tempfile.mkdtemp(dir=base, prefix=f".{name}."))
+        self.criu_dir = self.path / "criu"
+
+    def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Checksum, fsync and rename the draft into place; return the final meta.
+
+        Raises:
+            ConfigError: another snapshot of that name appeared meanwhile.
+        """
+        manifest: dict[str, dict[str, Any]] = {}
+        size = 0
+        if self.criu_dir.is_dir():
+            for file in sorted(self.criu_dir.rglob("*")):
+                if file.is_file():
+                    manifest[file.relative_to(self.criu_dir).as_posix()] = {
+                        "sha256": _sha256(file),
+                        "size": file.stat().st_size,
+                    }
+                    size += file.stat().st_size
+                    _fsync(file)
+            fsync_dir(self.criu_dir)
+        meta = {**meta, "name": self.name, "owner": self.owner, "memory_bytes": size}
+        write_json(self.path / "manifest.json", manifest)
+        write_json(self.path / "meta.json", meta)
+        target = owner_dir(self.owner) / self.name
+        try:
+            os.rename(self.path, target)  # fails if the name was taken meanwhile
+        except OSError:
+            self.discard()
+            raise ConfigError("snapshot name", self.name, "is taken; choose another name") from None
+        fsync_dir(target.parent)
+        return meta
+
+    def discard(self) -> None:
+        """Remove the draft; nothing is listed."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def verify(owner: str, name: str) -> dict[str, Any]:
+    """Check a snapshot before it is restored; return its meta.
+
+    Raises:
+        SnapshotNotFound: there is no such snapshot.
+        SnapshotCorrupt: a CRIU image or a file layer is missing or changed.
+    """
+    meta = load(owner, name)
+    folder = snapshot_dir(owner, name)
+    try:
+        manifest: dict[str, dict[str, Any]] = read_json(folder / "manifest.json")
+    except (OSError, ValueError) as err:
+        raise SnapshotCorrupt(name, f"its manifest is unreadable: {err}") from None
+    for rel, want in manifest.items():
+        file = folder / "criu" / rel
+        if not file.is_file():
+            raise SnapshotCorrupt(name, f"{rel} is missing")
+        if file.stat().st_size != want["size"] or _sha256(file) != want["sha256"]:
+            raise SnapshotCorrupt(name, f"{rel} does not match its checksum")
+    if meta["mode"] == "live" and not manifest:
+        raise SnapshotCorrupt(name, "its memory images are missing")
+    for digest in [*meta["root_layers"], *meta["cwd_layers"]]:
+        if not layer_path(digest).is_dir():
+            raise SnapshotCorrupt(name, f"its file layer {digest[:19]} is missing")
+    return meta
+
+
+def delete(owner: str, name: str) -> None:
+    """Delete a snapshot; its layers go at the next ``gc`` if nothing else uses them.
+
+    Raises:
+        SnapshotNotFound: there is no such snapshot.
+    """
+    folder = snapshot_dir(owner, name)
+    if not (folder / "meta.json").exists():
+        raise SnapshotNotFound(name, names(owner))
+    doomed = folder.with_name(f".deleting.{name}.{time.monotonic_ns()}")
+    os.rename(folder, doomed)  # unlisted at once, even if the removal is cut short
+    fsync_dir(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def all_layers() -> set[str]:
+    """Every layer digest some snapshot uses (``gc`` keeps them)."""
+    used: set[str] = set()
+    base = paths.state_dir() / "snapshots"
+    if base.is_dir():
+        for meta in base.glob("*/*/meta.json"):
+            data = read_json(meta)
+            used.update(data.get("root_layers", []))
+            used.update(data.get("cwd_layers", []))
+    return used
+
+
+def leftovers() -> list[Path]:
+    """Hidden drafts and half-deleted snapshots that a crash left."""
+    base = paths.state_dir() / "snapshots"
+    return sorted(base.glob("*/.*")) if base.is_dir() else []
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
