@@ -12,11 +12,11 @@ export DEBIAN_FRONTEND := noninteractive
 
 setup: system venv criu kernelspec
 
-# runc, iproute2 and nftables from the distribution; CRIU >= 4.2 comes from `criu`.
+# runc, iproute2, nftables and btrfs-progs from the distribution; CRIU >= 4.2 comes from `criu`.
 system:
-	@if ! command -v runc >/dev/null || ! command -v ip >/dev/null || ! command -v nft >/dev/null; then \
-		echo "Installing runc, iproute2 and nftables"; \
-		apt-get update -q && apt-get install -y -q runc iproute2 nftables; \
+	@if ! command -v runc >/dev/null || ! command -v ip >/dev/null || ! command -v nft >/dev/null || ! command -v mkfs.btrfs >/dev/null; then \
+		echo "Installing runc, iproute2, nftables and btrfs-progs"; \
+		apt-get update -q && apt-get install -y -q runc iproute2 nftables btrfs-progs; \
 	fi
 
 venv: $(VENV)/.installed

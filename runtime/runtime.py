@@ -7,11 +7,13 @@ version serves the same API from a privileged daemon over a local socket.
 A kernel's folder ``kernels/<kernel_id>/`` holds:
 
 - ``record.json``: what the kernel is (image, layers, limits, network, user, owner);
-- ``layer/``: its writable layer (``root`` and ``cwd`` uppers, with overlay workdirs);
 - ``rootfs/`` and ``mnt/cwd/``: where the two overlays are mounted;
 - ``run/``: the connection file and the kernel's log, at /run/sandbox inside;
 - ``etc/``: its own passwd, group, hosts, hostname and resolv.conf;
 - ``config.json``: the OCI bundle runc runs.
+
+Its writable layer (the ``root`` and ``cwd`` overlay uppers, with their work
+folders) is the btrfs subvolume ``volume/kernels/<kernel_id>``: see ``volume.py``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ from typing import Any
 
 from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissing, SandboxError
 
-from . import cgroups, checkpoint, layers, network, paths, runc, snapshots
+from . import cgroups, checkpoint, layers, network, paths, runc, snapshots, volume
 from .bundle import RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
 from .limits import Limits, format_size
 from .mounts import mount_overlay, mounts_under, unmount
-from .process import run
 from .pyenv import home_template, python_prefixes
 
 #: Working directories a kernel may not be started in: they would shadow the system.
@@ -102,6 +103,11 @@ def owner_token() -> dict[str, int]:
 def owner_alive(owner: dict[str, int]) -> bool:
     """Whether the process that ``owner`` names still runs."""
     return _process_start(owner.get("pid", 0)) == owner.get("start")
+
+
+def layer_dir(kernel_id: str) -> Path:
+    """Kernel ``kernel_id``'s writable layer: a subvolume of the runtime's btrfs volume."""
+    return volume.volume_dir() / "kernels" / kernel_id
 
 
 def check_cwd(cwd: str) -> Path:
@@ -218,8 +224,6 @@ class Runtime:
                 "hostname": f"kernel-{kernel_id[:8]}",
                 "image": config.image,
                 "layers": [points, *image_layers],
-                "root_layers": [],  # snapshot layers over the image, topmost first
-                "cwd_layers": [],  # snapshot layers over the host's working directory
                 "snapshot": None,  # the snapshot the files came from: the next one's parent
                 "python_prefixes": [str(p) for p in prefixes],
                 "executable": config.executable,
@@ -236,6 +240,7 @@ class Runtime:
                 "owner": owner_token(),
             }
             write_json(kdir / "record.json", record)
+            volume.ensure_volume()
             self._make_layer(kdir, record)
         except BaseException:
             self._remove_folder(kdir)
@@ -416,7 +421,6 @@ class Runtime:
         async with self._exclusive(kernel_id):
             record = self.record(kernel_id)
             draft = snapshots.Draft(str(record["uid"]), name)
-            trees = [layers.new_layer_tree(), layers.new_layer_tree()]
             try:
                 mode, reason = "files", "" if live else "asked for files only"
                 dump: tuple[str, dict[str, str], str] | None = None
@@ -431,8 +435,7 @@ class Runtime:
                 await runc.pause(cid)
                 frozen = time.monotonic()
                 try:
-                    await _copy_tree(kdir / "layer/root", trees[0])
-                    await _copy_tree(kdir / "layer/cwd", trees[1])
+                    volume.snapshot_subvolume(layer_dir(kernel_id), draft.files, readonly=True)
                     if dump is not None:
                         criu, env, config = dump
                         (kdir / "criu.conf").write_text(config)
@@ -446,8 +449,6 @@ class Runtime:
                     (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
                     await runc.resume(cid)
                 paused = time.monotonic() - frozen
-                root_digest = await asyncio.to_thread(layers.commit_layer, trees[0])
-                cwd_digest = await asyncio.to_thread(layers.commit_layer, trees[1])
                 meta = {
                     "created": time.time(),
                     "message": message,
@@ -456,11 +457,8 @@ class Runtime:
                     "reason": reason,
                     "image": record["image"],
                     "layers": record["layers"],
-                    "root_layers": [root_digest, *record["root_layers"]],
-                    "cwd_layers": [cwd_digest, *record["cwd_layers"]],
                     "kernel_id": kernel_id,
-                    "file_bytes": _tree_bytes(layers.layer_path(root_digest))
-                    + _tree_bytes(layers.layer_path(cwd_digest)),
+                    "file_bytes": await asyncio.to_thread(_tree_bytes, draft.files),
                     "paused_seconds": round(paused, 4),
                     "seconds": 0.0,
                 }
@@ -468,9 +466,6 @@ class Runtime:
                 meta = await asyncio.to_thread(draft.commit, meta)
             except BaseException:
                 draft.discard()
-                for tree in trees:
-                    if tree.name.startswith(".building-"):
-                        shutil.rmtree(tree, ignore_errors=True)
                 raise
             record["snapshot"] = name
             write_json(kdir / "record.json", record)
@@ -510,8 +505,9 @@ class Runtime:
                     mode, reason = "files", str(err)
             await runc.delete(record["container_id"])
             self._unmount(kdir)
-            await asyncio.to_thread(self._empty_layer, kdir, record)
-            record.update(root_layers=meta["root_layers"], cwd_layers=meta["cwd_layers"])
+            volume.delete_subvolume(layer_dir(kernel_id))
+            files = snapshots.snapshot_dir(owner, name) / "files"
+            volume.snapshot_subvolume(files, layer_dir(kernel_id), readonly=False)
             record["snapshot"] = name
             write_json(kdir / "record.json", record)
             self._mount(kdir, record)
@@ -652,6 +648,13 @@ class Runtime:
                     removed.append(f"kernel folder {entry}")
                     if not dry_run:
                         self._remove_folder(entry)
+        layers_root = volume.volume_dir() / "kernels"
+        if layers_root.is_dir():
+            for entry in layers_root.iterdir():
+                if entry.name not in live and not (paths.kernels_dir() / entry.name).exists():
+                    removed.append(f"writable layer {entry}")
+                    if not dry_run:
+                        volume.delete_subvolume(entry)
         removed += self._gc_layers(dry_run)
         return removed
 
@@ -663,14 +666,11 @@ class Runtime:
             used.update(read_json(image).get("layers", []))
         for record in self.records():
             used.update(record.get("layers", []))
-            used.update(record.get("root_layers", []))
-            used.update(record.get("cwd_layers", []))
-        used |= snapshots.all_layers()
         removed = []
         for leftover in snapshots.leftovers():
             removed.append(f"unfinished snapshot {leftover}")
             if not dry_run:
-                shutil.rmtree(leftover, ignore_errors=True)
+                snapshots.purge(leftover)
         for entry in paths.layers_dir().iterdir():
             stale_build = entry.name.startswith(".building-") and (
                 time.time() - entry.stat().st_mtime > 600
@@ -688,8 +688,8 @@ class Runtime:
         uid, gid = record["uid"], record["gid"]
         for sub in ("rootfs", "mnt/cwd", "run", "etc"):
             (kdir / sub).mkdir(parents=True, exist_ok=True)
-        Runtime._empty_layer(kdir, record)
-        home = kdir / "layer/root" / record["home"].lstrip("/")
+        Runtime._empty_layer(record)
+        home = layer_dir(record["kernel_id"]) / "root" / record["home"].lstrip("/")
         home.parent.mkdir(parents=True)
         os.chmod(home.parent, 0o755)
         template = home_template(record["executable"], paths.state_dir() / "homes")
@@ -704,14 +704,16 @@ class Runtime:
         os.chown(log, uid, gid)
 
     @staticmethod
-    def _empty_layer(kdir: Path, record: dict[str, Any]) -> None:
-        """(Re)make the kernel's writable layer empty."""
-        for sub in ("layer/root", "layer/root.work", "layer/cwd", "layer/cwd.work"):
-            shutil.rmtree(kdir / sub, ignore_errors=True)
-            (kdir / sub).mkdir(parents=True)
+    def _empty_layer(record: dict[str, Any]) -> None:
+        """Make the kernel's writable layer: a new, empty subvolume."""
+        layer = layer_dir(record["kernel_id"])
+        volume.delete_subvolume(layer)
+        volume.create_subvolume(layer)
+        for sub in ("root", "root.work", "cwd", "cwd.work"):
+            (layer / sub).mkdir()
         # The merged working directory takes its owner from the upper layer's root,
         # so the kernel's user can write there even when the host folder is root's.
-        os.chown(kdir / "layer/cwd", record["uid"], record["gid"])
+        os.chown(layer / "cwd", record["uid"], record["gid"])
 
     @staticmethod
     def _binds(kdir: Path, record: dict[str, Any]) -> list[Bind]:
@@ -724,11 +726,13 @@ class Runtime:
 
     @staticmethod
     def _mount(kdir: Path, record: dict[str, Any]) -> None:
-        lower = [layers.layer_path(d) for d in [*record["root_layers"], *record["layers"]]]
-        mount_overlay(kdir / "rootfs", lower, kdir / "layer/root", kdir / "layer/root.work")
+        lower = [layers.layer_path(d) for d in record["layers"]]
+        layer = layer_dir(record["kernel_id"])
+        mount_overlay(kdir / "rootfs", lower, layer / "root", layer / "root.work")
         try:
-            cwd_lower = [*(layers.layer_path(d) for d in record["cwd_layers"]), Path(record["cwd"])]
-            mount_overlay(kdir / "mnt/cwd", cwd_lower, kdir / "layer/cwd", kdir / "layer/cwd.work")
+            mount_overlay(
+                kdir / "mnt/cwd", [Path(record["cwd"])], layer / "cwd", layer / "cwd.work"
+            )
         except BaseException:
             unmount(kdir / "rootfs")
             raise
@@ -742,12 +746,8 @@ class Runtime:
     def _remove_folder(kdir: Path) -> None:
         for point in mounts_under(kdir):
             unmount(point)
+        volume.delete_subvolume(layer_dir(kdir.name))
         shutil.rmtree(kdir, ignore_errors=True)
-
-
-async def _copy_tree(source: Path, target: Path) -> None:
-    """Copy a writable layer exactly: owners, modes, xattrs, overlay whiteouts."""
-    await run(["cp", "-a", "--", f"{source}/.", f"{target}/"], timeout=3600)
 
 
 def _tree_bytes(root: Path) -> int:

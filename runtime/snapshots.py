@@ -1,10 +1,11 @@
 """The snapshot store: named snapshots per owner, written atomically, checked on read.
 
-A snapshot is a folder ``snapshots/<owner>/<name>/`` holding
+A snapshot is a folder ``snapshots/<owner>/<name>/`` of the runtime's btrfs volume
+(see ``volume.py``), holding
 
-- ``meta.json``: name, time, parent, mode (``live`` or ``files``), message, the image
-  and environment it belongs to, and its file layers (content-addressed, in the
-  shared layer store);
+- ``files``: a read-only btrfs snapshot of the kernel's writable layer;
+- ``meta.json``: name, time, parent, mode (``live`` or ``files``), message, and the
+  image and environment it belongs to;
 - ``criu/``: the CRIU images of the kernel's processes (``live`` mode only);
 - ``manifest.json``: the sha256 and size of every file under ``criu/``.
 
@@ -26,9 +27,8 @@ from typing import Any
 
 from sandbox_kernel.errors import ConfigError, SandboxError
 
-from . import paths
 from .fsutil import fsync_dir, read_json, write_json
-from .layers import layer_path
+from .volume import delete_subvolume, ensure_volume, is_subvolume
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODES = ("live", "files")
@@ -70,15 +70,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def store_dir() -> Path:
+    """The root of the store, on the mounted volume."""
+    return ensure_volume() / "snapshots"
+
+
 def owners() -> list[str]:
     """Every owner that has a snapshot folder."""
-    base = paths.state_dir() / "snapshots"
+    base = store_dir()
     return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
 def owner_dir(owner: str) -> Path:
     """The folder of one owner's snapshots."""
-    return paths.state_dir() / "snapshots" / owner
+    return store_dir() / owner
 
 
 def snapshot_dir(owner: str, name: str) -> Path:
@@ -131,6 +136,7 @@ class Draft:
             )
         self.path = Path(tempfile.mkdtemp(dir=base, prefix=f".{name}."))
         self.criu_dir = self.path / "criu"
+        self.files = self.path / "files"
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Checksum, fsync and rename the draft into place; return the final meta.
@@ -164,7 +170,7 @@ class Draft:
 
     def discard(self) -> None:
         """Remove the draft; nothing is listed."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        purge(self.path)
 
 
 def verify(owner: str, name: str) -> dict[str, Any]:
@@ -188,9 +194,8 @@ def verify(owner: str, name: str) -> dict[str, Any]:
             raise SnapshotCorrupt(name, f"{rel} does not match its checksum")
     if meta["mode"] == "live" and not manifest:
         raise SnapshotCorrupt(name, "its memory images are missing")
-    for digest in [*meta["root_layers"], *meta["cwd_layers"]]:
-        if not layer_path(digest).is_dir():
-            raise SnapshotCorrupt(name, f"its file layer {digest[:19]} is missing")
+    if not is_subvolume(folder / "files"):
+        raise SnapshotCorrupt(name, "its files are missing")
     return meta
 
 
@@ -206,25 +211,18 @@ def delete(owner: str, name: str) -> None:
     doomed = folder.with_name(f".deleting.{name}.{time.monotonic_ns()}")
     os.rename(folder, doomed)  # unlisted at once, even if the removal is cut short
     fsync_dir(folder.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    purge(doomed)
 
 
-def all_layers() -> set[str]:
-    """Every layer digest some snapshot uses (``gc`` keeps them)."""
-    used: set[str] = set()
-    base = paths.state_dir() / "snapshots"
-    if base.is_dir():
-        for meta in base.glob("*/*/meta.json"):
-            data = read_json(meta)
-            used.update(data.get("root_layers", []))
-            used.update(data.get("cwd_layers", []))
-    return used
+def purge(folder: Path) -> None:
+    """Remove a snapshot folder, its files subvolume included."""
+    delete_subvolume(folder / "files")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def leftovers() -> list[Path]:
     """Hidden drafts and half-deleted snapshots that a crash left."""
-    base = paths.state_dir() / "snapshots"
-    return sorted(base.glob("*/.*")) if base.is_dir() else []
+    return sorted(store_dir().glob("*/.*"))
 
 
 def _sha256(file: Path) -> str:

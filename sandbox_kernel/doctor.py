@@ -42,6 +42,17 @@ def run_checks() -> Iterator[Check]:
     yield Check("overlayfs", overlay, "supported" if overlay else "not in /proc/filesystems",
                 "modprobe overlay")  # fmt: skip
 
+    btrfs = "btrfs" in Path("/proc/filesystems").read_text()
+    mkfs = shutil.which("mkfs.btrfs") or shutil.which("mkfs.btrfs", path="/usr/sbin:/sbin")
+    yield Check(
+        "btrfs (writable layers, snapshots)",
+        btrfs and bool(mkfs),
+        "supported, btrfs-progs installed"
+        if btrfs and mkfs
+        else ("btrfs-progs missing" if btrfs else "no btrfs in /proc/filesystems"),
+        "apt-get install -y btrfs-progs" if btrfs else "modprobe btrfs",
+    )
+
     want = {"memory", "cpu", "pids"}
     if cgroups.version() == 2:
         have = set((cgroups.ROOT / "cgroup.controllers").read_text().split())

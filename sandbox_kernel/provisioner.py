@@ -305,6 +305,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         Interrupt (SIGINT) raises KeyboardInterrupt in the running cell. The signal
         goes through a pidfd, so it can never reach a process that reused the pid.
         """
+        if self._exited() and not await self._follow_restore():
+            return
         if self._pidfd is None:
             return
         try:

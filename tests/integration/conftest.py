@@ -131,11 +131,12 @@ class Done:
     stderr: str
 
 
-async def run_cli(*args: str, timeout: float = 120) -> Done:
+async def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Done:
     """Run ``sandbox-kernel ARGS`` as an operator would, without blocking the loop."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sandbox_kernel.cli", *args,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, **env} if env else None,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None

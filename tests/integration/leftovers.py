@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from sandbox_kernel.runtime import cgroups, network, paths
+from sandbox_kernel.runtime import cgroups, network, paths, snapshots, volume
 from sandbox_kernel.runtime.mounts import mounts_under
 
 
@@ -25,6 +25,8 @@ def snapshot() -> dict[str, set[str]]:
         "cgroups": {str(p) for p in cgroups.leftover_cgroups(paths.cgroup_parent())},
         "reservations": {str(i) for i in network.reservations()},
         "kernel folders": {p.name for p in kernels.iterdir()} if kernels.is_dir() else set(),
+        "unfinished snapshots": {str(p) for p in snapshots.leftovers()},
+        "writable layers": {p.name for p in (volume.ensure_volume() / "kernels").iterdir()},
     }
 
 

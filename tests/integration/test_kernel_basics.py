@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel.runtime import Runtime, paths
+from sandbox_kernel.runtime.runtime import layer_dir
 
 from .conftest import Kernels, unique, wait_until
 from .leftovers import kernel_objects
@@ -64,7 +65,7 @@ async def test_writes_stay_in_the_kernels_layer(kernels: Kernels, make_spec, wor
     assert not Path(f"/tmp/{name}").exists(), "a write to /tmp reached the host"
     assert not Path(f"/var/tmp/{name}").exists(), "a write to /var/tmp reached the host"
     assert not (workdir / f"{name}.csv").exists(), "a write to the working dir reached the host"
-    layer = paths.kernels_dir() / km.kernel_id / "layer"
+    layer = layer_dir(km.kernel_id)
     assert (layer / "root/tmp" / name).exists(), "the write did not land in the kernel's layer"
     assert (layer / "cwd" / f"{name}.csv").exists()
     assert out.splitlines()[1] == "['nobody']", "the host's home folders are visible"

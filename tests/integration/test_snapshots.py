@@ -1,0 +1,193 @@
+"""Snapshots of files and live memory, restored in place through the operator CLI.
+
+The client is a stock jupyter_client client that stays connected across the restore;
+after a restore the test waits for the kernel to answer before it runs the next cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox_kernel.runtime import snapshots
+
+from .conftest import Kernels, run_cli
+from .probe import run_cell
+
+pytestmark = pytest.mark.integration
+
+OWNER = "65534"  # the kernels' user in these tests
+
+
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    """Unique snapshot names for one test; every one is deleted afterwards."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        if name in snapshots.names(OWNER):
+            snapshots.delete(OWNER, name)
+
+
+def fresh(names: list[str]) -> str:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    return name
+
+
+async def snapshot(kernel_id: str, name: str, *extra: str) -> str:
+    done = await run_cli("snapshot", kernel_id, name, *extra)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def restore(kc, kernel_id: str, name: str, env: dict[str, str] | None = None) -> str:
+    done = await run_cli("restore", kernel_id, name, env=env)
+    assert done.returncode == 0, done.stderr
+    await kc.wait_for_ready(timeout=60)
+    return done.stdout
+
+
+async def test_live_state_survives(kernels: Kernels, make_spec, names) -> None:
+    km, kc = await kernels.start(make_spec())
+    (
+        await run_cell(
+            kc,
+            "import numpy as np, threading, time\n"
+            "arr = np.arange(1_000_000, dtype=np.float64)\n"
+            "gen = (i * i for i in range(100)); next(gen); next(gen)\n"
+            "fh = open('/etc/services'); fh.readline(); fh.readline(); pos = fh.tell()\n"
+            "ticks = [0]\n"
+            "def tick():\n"
+            "    while True:\n"
+            "        ticks[0] += 1; time.sleep(0.01)\n"
+            "threading.Thread(target=tick, daemon=True).start()\n"
+            "def make_adder(n):\n"
+            "    return lambda x: x + n\n"
+            "add5 = make_adder(5)\n"
+            "class Point:\n"
+            "    def __init__(self, x): self.x = x\n"
+            "    def double(self): return Point(self.x * 2)\n"
+            "p = Point(21)\n"
+            "import sqlite3\n"
+            "db = sqlite3.connect('notes.db')\n"
+            "db.execute('create table t (n)'); db.execute('insert into t values (1)'); db.commit()",
+        )
+    ).check()
+    name = fresh(names)
+    out = await snapshot(km.kernel_id, name)
+    assert "mode live" in out
+    (
+        await run_cell(
+            kc,
+            "arr[:] = -1; next(gen); fh.readline(); p = None; add5 = None\n"
+            "db.execute('insert into t values (99)'); db.commit()",
+        )
+    ).check()
+    await restore(kc, km.kernel_id, name)
+    out = (
+        await run_cell(
+            kc,
+            "print(float(arr.sum()))\n"
+            "print(next(gen))\n"
+            "print(fh.tell() == pos)\n"
+            "before = ticks[0]; time.sleep(0.3); print(ticks[0] > before)\n"
+            "print(add5(37), p.double().x)\n"
+            "db.execute('insert into t values (2)'); db.commit()\n"
+            "print(db.execute('select n from t').fetchall())",
+        )
+    ).check()
+    assert out.splitlines() == [
+        str(float(sum(range(1_000_000)))),
+        "4",
+        "True",
+        "True",
+        "42 42",
+        "[(1,), (2,)]",
+    ]
+
+
+async def test_files_rewind(kernels: Kernels, make_spec, names) -> None:
+    km, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "open('keep.txt', 'w').write('kept'); open('/tmp/gone', 'w')")).check()
+    name = fresh(names)
+    await snapshot(km.kernel_id, name)
+    (await run_cell(kc, "import os; os.remove('keep.txt'); open('later.txt', 'w')")).check()
+    await restore(kc, km.kernel_id, name)
+    out = (
+        await run_cell(kc, "import os; print(sorted(os.listdir('.')), os.path.exists('/tmp/gone'))")
+    ).check()
+    assert out.strip() == "['keep.txt'] True"
+
+
+async def test_refused_restores_leave_the_kernel_alone(
+    kernels: Kernels, make_spec, names, ksm, tmp_path: Path
+) -> None:
+    km, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "marker = 'untouched'")).check()
+    name = fresh(names)
+    await snapshot(km.kernel_id, name)
+    (await run_cell(kc, "marker = 'after the snapshot'")).check()
+
+    missing = await run_cli("restore", km.kernel_id, "no-such-snapshot")
+    assert missing.returncode == 2
+    assert "no snapshot named 'no-such-snapshot'" in missing.stderr
+
+    image = next((snapshots.snapshot_dir(OWNER, name) / "criu").glob("pages-*.img"))
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))
+    corrupt = await run_cli("restore", km.kernel_id, name)
+    assert corrupt.returncode == 1
+    assert "is damaged" in corrupt.stderr and "does not match its checksum" in corrupt.stderr
+
+    other_dir = tmp_path / "elsewhere"
+    other_dir.mkdir()
+    other_dir.chmod(0o755)
+    km2, _ = await kernels.start(make_spec(), cwd=other_dir)
+    other = fresh(names)
+    await snapshot(km2.kernel_id, other)
+    foreign = await run_cli("restore", km.kernel_id, other)
+    assert foreign.returncode == 2
+    assert "was taken from another image or folder" in foreign.stderr
+
+    out = (await run_cell(kc, "print(marker)")).check()
+    assert out.strip() == "after the snapshot", "a refused restore changed the kernel"
+
+
+async def test_files_only_when_criu_is_unavailable(kernels: Kernels, make_spec, names) -> None:
+    km, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "x = 1; open('data.txt', 'w').write('v1')")).check()
+    name = fresh(names)
+    no_criu = {"SANDBOX_KERNEL_CRIU_PREFIX": "/nonexistent", "SANDBOX_KERNEL_CRIU": ""}
+    done = await run_cli("snapshot", km.kernel_id, name, env=no_criu)
+    assert done.returncode == 0, done.stderr
+    assert "mode files" in done.stdout and "CRIU" in done.stdout
+    (await run_cell(kc, "open('data.txt', 'w').write('v2')")).check()
+    out = await restore(kc, km.kernel_id, name, env=no_criu)
+    assert "(files)" in out
+    cell = await run_cell(kc, "print(open('data.txt').read()); x")
+    assert cell.stdout.strip() == "v1"
+    assert cell.ename == "NameError", "a files-only restore kept the kernel's memory"
+
+
+async def test_two_snapshots_at_once_are_serialized(kernels: Kernels, make_spec, names) -> None:
+    km, kc = await kernels.start(make_spec())
+    first, second = fresh(names), fresh(names)
+    results = await asyncio.gather(
+        run_cli("snapshot", km.kernel_id, first), run_cli("snapshot", km.kernel_id, second)
+    )
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    listed = snapshots.names(OWNER)
+    assert first in listed and second in listed
+    metas = {m["name"]: m for m in snapshots.listing(OWNER)}
+    assert {metas[first]["parent"], metas[second]["parent"]} & {first, second}, (
+        "the second snapshot does not name the first as its parent"
+    )
+    assert (await run_cell(kc, "print('running')")).check().strip() == "running"
+    assert os.path.exists(snapshots.snapshot_dir(OWNER, first) / "meta.json")
