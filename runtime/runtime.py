@@ -533,6 +533,32 @@ class Runtime:
                 self._unmount(kdir)
                 raise
 
+    async def reset(self, kernel_id: str) -> dict[str, Any]:
+        """Give kernel ``kernel_id`` a fresh start on the image's pristine files.
+
+        The teaching case: everything the kernel wrote is gone and a new kernel
+        process starts, with the same id, address and connection info. Snapshots
+        stay. Returns ``{"pid"}``; the provisioner picks up the new pid.
+
+        Raises:
+            CommandError: the container could not be stopped or started.
+        """
+        async with self._exclusive(kernel_id):
+            record = self.record(kernel_id)
+            kdir = self.kernel_dir(kernel_id)
+            await runc.delete(record["container_id"])
+            self._unmount(kdir)
+            await asyncio.to_thread(self._make_layer, kdir, record)
+            record["snapshot"] = None
+            write_json(kdir / "record.json", record)
+            self._mount(kdir, record)
+            try:
+                pid = await runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
+            except BaseException:
+                self._unmount(kdir)
+                raise
+            return {"pid": pid}
+
     # ---- limits and usage ----------------------------------------------------------
 
     async def update_limits(self, kernel_id: str, limits: Limits) -> Limits:

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("kernel_id")
     p.add_argument("name")
 
+    p = sub.add_parser("reset", help="restart a kernel on the image's pristine files")
+    p.add_argument("kernel_id")
+
     p = sub.add_parser("snapshots", help="list snapshots (of one kernel's owner), or delete one")
     p.add_argument("kernel_id", nargs="?")
     p.add_argument("--delete", metavar="NAME", help="delete this snapshot (needs KERNEL_ID)")
@@ -234,6 +237,12 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reset(args: argparse.Namespace) -> int:
+    asyncio.run(Runtime().reset(args.kernel_id))
+    print(f"Kernel {args.kernel_id} restarted on the image's pristine files")
+    return 0
+
+
 def _snapshots(args: argparse.Namespace) -> int:
     from .runtime import snapshots
 
@@ -267,6 +276,7 @@ _HANDLERS: dict[str, Any] = {
     "snapshot": _snapshot,
     "restore": _restore,
     "snapshots": _snapshots,
+    "reset": _reset,
     "install": _install,
     "doctor": _doctor,
     "install-criu": _install_criu,

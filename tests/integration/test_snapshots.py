@@ -191,3 +191,31 @@ async def test_two_snapshots_at_once_are_serialized(kernels: Kernels, make_spec,
     )
     assert (await run_cell(kc, "print('running')")).check().strip() == "running"
     assert os.path.exists(snapshots.snapshot_dir(OWNER, first) / "meta.json")
+
+
+async def test_reset_gives_pristine_files_and_keeps_snapshots(
+    kernels: Kernels, make_spec, names, workdir: Path
+) -> None:
+    (workdir / "handout.txt").write_text("from the teacher")
+    km, kc = await kernels.start(make_spec())
+    (
+        await run_cell(
+            kc,
+            "import os; x = 1; os.remove('handout.txt'); open('mine.txt', 'w'); open('/tmp/t', 'w')",
+        )
+    ).check()
+    name = fresh(names)
+    await snapshot(km.kernel_id, name)
+    done = await run_cli("reset", km.kernel_id)
+    assert done.returncode == 0, done.stderr
+    await kc.wait_for_ready(timeout=60)
+    cell = await run_cell(
+        kc,
+        "import os\n"
+        "print(open('handout.txt').read(), sorted(os.listdir('.')), os.path.exists('/tmp/t'))\n"
+        "x",
+    )
+    assert cell.stdout.strip() == "from the teacher ['handout.txt'] False"
+    assert cell.ename == "NameError"
+    assert name in snapshots.names(OWNER)
+    assert await km.is_alive()
