@@ -201,7 +201,8 @@ async def test_reset_gives_pristine_files_and_keeps_snapshots(
     (
         await run_cell(
             kc,
-            "import os; x = 1; os.remove('handout.txt'); open('mine.txt', 'w'); open('/tmp/t', 'w')",
+            "import os; x = 1; os.remove('handout.txt')\n"
+            "open('mine.txt', 'w'); open('/tmp/t', 'w')",
         )
     ).check()
     name = fresh(names)
