@@ -1,1 +1,23 @@
-"""IPython magics for sandboxed kernels (``%container``): they arrive with snapshots."""
+"""IPython extension for sandboxed kernels: the ``%container`` magic.
+
+Loaded automatically in sandboxed kernels; ``%load_ext sandbox_kernel.magics`` also
+works, and outside a sandboxed kernel the magic says so and does nothing.
+"""
+
+from typing import Any
+
+from .container import ContainerMagics
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register ``%container``. Called by IPython's ``%load_ext`` and ``--ext``."""
+    ipython.register_magics(ContainerMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Remove ``%container``. Called by IPython's ``%unload_ext``."""
+    ipython.magics_manager.magics["line"].pop("container", None)
+    ipython.magics_manager.registry.pop("ContainerMagics", None)
+
+
+__all__ = ["ContainerMagics", "load_ipython_extension", "unload_ipython_extension"]

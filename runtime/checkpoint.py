@@ -29,8 +29,9 @@ CAPABILITIES = (
 )  # fmt: skip
 SYS_RESOURCE = CAPABILITIES.index("sys_resource")
 #: Options for every checkpoint and restore: the client's TCP connections are dumped
-#: and closed on restore (the client reconnects); the netns is the runtime's own.
-BASE_CONFIG = "tcp-established\ntcp-close\nnetwork-lock skip\n"
+#: and closed on restore (the client reconnects); the netns is the runtime's own;
+#: POSIX file locks (SQLite holds them, IPython's history among others) are kept.
+BASE_CONFIG = "tcp-established\ntcp-close\nnetwork-lock skip\nfile-locks\n"
 
 
 def _capabilities(field: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from .process import run
 NETWORK_MODES = ("none", "egress")
 NETNS_DIR = Path("/var/run/netns")
 TABLE = "sandbox_kernel"
+#: Marks the table's rules; a table with another mark is replaced.
+FIREWALL_VERSION = "sandbox-kernel firewall 2"
+#: The port of each kernel's control server, on the host end of its veth.
+CONTROL_PORT = 50100
 VETH_PREFIX = "skv"
 
 
@@ -197,8 +202,9 @@ def leftover_veths() -> list[str]:
 def firewall_rules() -> str:
     """The nftables table that keeps kernels apart. Pure text; see :func:`ensure_firewall`.
 
-    - input: a kernel may only answer connections the host opened (the ZMQ ports);
-      it reaches no host service.
+    - input: a kernel may only answer connections the host opened (the ZMQ ports)
+      and open connections to its own control server (the control port on its own
+      veth's host address); it reaches no other host service.
     - forward: no kernel reaches another kernel, nothing outside opens a connection
       into a kernel, no kernel reaches link-local metadata services, and only the
       veths in the ``egress`` set may go out.
@@ -208,10 +214,12 @@ def firewall_rules() -> str:
     v = f'"{VETH_PREFIX}*"'
     return f"""
 table inet {TABLE} {{
+  comment "{FIREWALL_VERSION}"
   set egress {{ type ifname; }}
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname {v} ct state established,related accept
+    iifname {v} tcp dport {CONTROL_PORT} fib daddr . iif type local accept
     iifname {v} drop
   }}
   chain forward {{
@@ -246,9 +254,14 @@ async def ensure_firewall() -> None:
     if _firewall_seen:
         return
     nft = paths.nft_binary()
-    code, _, _ = await run([nft, "list", "table", "inet", TABLE], check=False)
-    if code != 0:
-        await run([nft, "-f", "-"], stdin=firewall_rules(), hint="is nf_tables available?")
+    code, listed, _ = await run([nft, "list", "table", "inet", TABLE], check=False)
+    if code != 0 or FIREWALL_VERSION not in listed:
+        rules = firewall_rules()
+        if code == 0:  # an older version: replace it, keeping the egress set
+            rules = f"delete table inet {TABLE}\n{rules}"
+            for veth in re.findall(rf"\b{VETH_PREFIX}\d+\b", listed.split("elements", 1)[-1]):
+                rules += f"add element inet {TABLE} egress {{ {veth} }}\n"
+        await run([nft, "-f", "-"], stdin=rules, hint="is nf_tables available?")
     _firewall_seen = True
 
 

@@ -42,6 +42,20 @@ def python_prefixes(executable: str) -> list[Path]:
     return merge_prefixes(candidates)
 
 
+def package_dirs() -> list[Path]:
+    """Where this package's code lives, so kernels can import ``sandbox_kernel.magics``.
+
+    For a regular install that is inside the environment (merged away with it);
+    for an editable one, the source folders.
+    """
+    import sandbox_kernel
+    import sandbox_kernel.magics
+    import sandbox_kernel.runtime
+
+    modules = (sandbox_kernel, sandbox_kernel.magics, sandbox_kernel.runtime)
+    return [Path(m.__file__).resolve().parent for m in modules if m.__file__]
+
+
 def merge_prefixes(candidates: list[Path]) -> list[Path]:
     """Drop duplicates, paths under /usr, and paths inside another candidate."""
     kept: list[Path] = []

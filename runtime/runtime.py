@@ -24,6 +24,7 @@ import fcntl
 import os
 import pwd
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from .bundle import RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
 from .limits import Limits, format_size
 from .mounts import mount_overlay, mounts_under, unmount
-from .pyenv import home_template, python_prefixes
+from .pyenv import home_template, merge_prefixes, package_dirs, python_prefixes
 
 #: Working directories a kernel may not be started in: they would shadow the system.
 FORBIDDEN_CWDS = (Path("/"), Path("/usr"), Path("/etc"), Path("/proc"), Path("/sys"),
@@ -208,7 +209,7 @@ class Runtime:
         layers.check_image_name(config.image)
         network.check_mode(config.network)
         cwd = check_cwd(config.cwd)
-        prefixes = python_prefixes(config.executable)
+        prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
         image_layers = layers.image_layers(config.image)
         points = layers.mountpoint_layer([*prefixes, cwd])
         kdir.mkdir(parents=True)
@@ -559,6 +560,45 @@ class Runtime:
                 raise
             return {"pid": pid}
 
+    def diff(self, kernel_id: str, name: str | None = None) -> dict[str, Any]:
+        """Files added, changed and deleted since snapshot ``name`` (default: the
+        snapshot the kernel's files came from, else the kernel's start), like
+        ``docker diff``. Paths are as the kernel sees them.
+
+        Raises:
+            SnapshotNotFound: no such snapshot.
+        """
+        record = self.record(kernel_id)
+        since = name or record.get("snapshot")
+        current = layer_dir(kernel_id)
+        base = snapshots.snapshot_dir(str(record["uid"]), since) / "files" if since else None
+        if since:
+            snapshots.load(str(record["uid"]), since)
+        changes: dict[str, Any] = {"since": since, "added": [], "changed": [], "deleted": []}
+        for part, mount in (("root", "/"), ("cwd", record["cwd"])):
+            now = _entries(current / part)
+            then = _entries(base / part) if base else {}
+            for rel, entry in sorted(now.items()):
+                path = str(Path(mount) / rel)
+                if entry == "whiteout":
+                    if base is None or then.get(rel, "whiteout") != "whiteout":
+                        changes["deleted"].append(path)
+                elif rel not in then or then[rel] == "whiteout":
+                    existed = base is None and self._in_lower(record, part, rel)
+                    changes["changed" if existed else "added"].append(path)
+                elif then[rel] != entry:
+                    changes["changed"].append(path)
+            for rel, entry in sorted(then.items()):
+                if rel not in now and entry != "whiteout":
+                    changes["deleted"].append(str(Path(mount) / rel))
+        return changes
+
+    @staticmethod
+    def _in_lower(record: dict[str, Any], part: str, rel: str) -> bool:
+        if part == "cwd":
+            return (Path(record["cwd"]) / rel).exists()
+        return any((layers.layer_path(d) / rel).exists() for d in record["layers"])
+
     # ---- limits and usage ----------------------------------------------------------
 
     async def update_limits(self, kernel_id: str, limits: Limits) -> Limits:
@@ -774,6 +814,23 @@ class Runtime:
             unmount(point)
         volume.delete_subvolume(layer_dir(kdir.name))
         shutil.rmtree(kdir, ignore_errors=True)
+
+
+def _entries(root: Path) -> dict[str, Any]:
+    """Every entry below ``root``: a whiteout marker, or (type, size, mtime) to compare."""
+    found: dict[str, Any] = {}
+    if not root.is_dir():
+        return found
+    for path in root.rglob("*"):
+        st = path.lstat()
+        rel = path.relative_to(root).as_posix()
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            found[rel] = "whiteout"
+        elif stat.S_ISDIR(st.st_mode):
+            continue  # a folder is listed through what changed inside it
+        else:
+            found[rel] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
+    return found
 
 
 def _tree_bytes(root: Path) -> int:

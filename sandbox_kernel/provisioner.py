@@ -29,11 +29,14 @@ from traitlets import Enum, Float, Int, List, Unicode, Union, default, validate
 from .errors import KernelStateError
 from .runtime import KernelConfig, Limits, Runtime
 from .runtime.bundle import CONNECTION_FILE
+from .runtime.control import ControlServer, write_credentials
 from .runtime.layers import check_image_name
 from .runtime.limits import format_size
-from .runtime.network import NETWORK_MODES
+from .runtime.network import NETWORK_MODES, Addresses
 from .runtime.runtime import KERNEL_PORTS, default_uid, describe, wait_exit
 
+#: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
+MAGICS = "sandbox_kernel.magics"
 #: Variables of the server's environment a kernel gets by default. Everything else
 #: (tokens, cloud keys, other users' settings) stays out.
 DEFAULT_ENV_ALLOWLIST = ["LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "JPY_SESSION_NAME",
@@ -103,6 +106,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         self._shutdown_requested = False
         self._exit_status: int | None = None
         self._launched = False
+        self.control: ControlServer | None = None
 
     # ---- traits ------------------------------------------------------------------
 
@@ -165,6 +169,13 @@ class SandboxProvisioner(KernelProvisionerBase):
             executable=self.kernel_spec.argv[0],
         )
         record = await self.runtime.prepare(self.kernel_id, config)
+        if self.control is None:
+            host = Addresses.of(record["index"]).host_ip
+            run_dir = self.runtime.kernel_dir(self.kernel_id) / "run"
+            token = write_credentials(run_dir, host, self.kernel_id, record["uid"], record["gid"])
+            self.control = ControlServer(
+                self.runtime, self.kernel_id, host, record["kernel_ip"], token, self._adopt
+            )
         extra_arguments = kwargs.pop("extra_arguments", [])
         if km is None:
             raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
@@ -190,6 +201,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         km = self.parent
         host_file = km.connection_file if km is not None else ""
         argv = [CONNECTION_FILE if arg == host_file else arg for arg in cmd]
+        argv.append(f"--ext={MAGICS}")
         env = self._kernel_env(kwargs.get("env", {}))
         try:
             pid = await self.runtime.start(self.kernel_id, argv, env, dict(self.connection_info))
@@ -201,6 +213,8 @@ class SandboxProvisioner(KernelProvisionerBase):
             raise
         self._launched = True
         self._track(pid)
+        if self.control is not None and self.control._server is None:
+            await self.control.start()
         self.log.info("Started sandboxed %s", describe(self.runtime.record(self.kernel_id)))
         return self.connection_info
 
@@ -213,6 +227,10 @@ class SandboxProvisioner(KernelProvisionerBase):
             for k, v in env.items()
             if k in spec_env or k in exact or (prefixes and k.startswith(prefixes))
         }
+
+    async def _adopt(self, pid: int) -> None:
+        """Follow the kernel's new process after a restore or reset by its magic."""
+        self._track(pid)
 
     def _track(self, pid: int | None) -> None:
         self._close_pidfd()
@@ -340,8 +358,11 @@ class SandboxProvisioner(KernelProvisionerBase):
         self.pid = None
         if restart:
             await self.runtime.stop(self.kernel_id)
-        else:
-            await self.runtime.remove(self.kernel_id)
+            return
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
+        await self.runtime.remove(self.kernel_id)
 
     # ---- persistence -------------------------------------------------------------
 

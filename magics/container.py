@@ -1,0 +1,291 @@
+"""``%container``: snapshots, restores and limits of the kernel's own container.
+
+The magic parses and prints; the runtime, on the host, does the work through the
+control channel. Loaded automatically in sandboxed kernels; elsewhere it says so
+and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from .channel import Channel, ChannelError, Interrupted, available
+
+CONNECTION_FILE = Path("/run/sandbox/connection.json")
+COMMANDS = ("snapshot", "restore", "list", "delete", "reset", "diff", "limits", "status")
+#: How long a restored kernel waits for the frontend to reconnect before it speaks.
+RECONNECT_WAIT = 10.0
+
+
+def _parse(spec: Any, line: str) -> Any:
+    """Parse a command's arguments, with shell quoting ("-m 'a note'")."""
+    try:
+        words = shlex.split(line)
+    except ValueError as err:
+        raise UsageError(f"%container: {err}") from None
+    return spec.parser.parse_args(words)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.1f}{unit}"
+    return f"{n}B"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+@magic_arguments()
+@argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
+@argument("-m", "--message", default="", help="a note kept with the snapshot")
+def _snapshot_args(line: str) -> None:
+    """%container snapshot [NAME] [-m MESSAGE]"""
+
+
+@magic_arguments()
+@argument("name", help="the snapshot to go back to")
+def _name_args(line: str) -> None:
+    """%container restore|delete NAME"""
+
+
+@magic_arguments()
+@argument(
+    "name", nargs="?", help="compare with this snapshot (default: the one restored or taken last)"
+)
+def _diff_args(line: str) -> None:
+    """%container diff [NAME]"""
+
+
+@magic_arguments()
+@argument("--memory", help="memory limit, e.g. 2G")
+@argument("--cpus", help="CPU quota in cores, e.g. 1.5")
+@argument("--pids", help="most processes and threads, e.g. 512")
+def _limits_args(line: str) -> None:
+    """%container limits [--memory M] [--cpus C] [--pids P]"""
+
+
+@magics_class
+class ContainerMagics(Magics):
+    """The ``%container`` line magic."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.channel = Channel() if available() else None
+        self._subscribed = threading.Event()
+        self._watch_subscriptions()
+
+    @line_magic
+    @magic_arguments()
+    @argument("command", choices=COMMANDS, help="what to do")
+    @argument("args", nargs="*", help="the command's own arguments (see below)")
+    def container(self, line: str) -> None:
+        """Snapshot, restore and limit this kernel's container.
+
+        %container snapshot [NAME] [-m MESSAGE]  save files and live memory
+        %container restore NAME                  go back to a snapshot, in place
+        %container list                          the snapshots, with time, size, parent, mode
+        %container delete NAME                   delete a snapshot
+        %container reset                         restart on the image's pristine files
+        %container diff [NAME]                   files added, changed, deleted since a snapshot
+        %container limits [--memory M] [--cpus C] [--pids P]   show or change the limits
+        %container status                        use against the limits, and snapshots
+        """
+        command, _, rest = line.strip().partition(" ")
+        if command not in COMMANDS:
+            raise UsageError(
+                f"%container: unknown command {command!r}; use one of {', '.join(COMMANDS)}"
+            )
+        if self.channel is None:
+            print("%container works in sandboxed kernels only; this kernel is not one.")
+            return
+        getattr(self, f"_{command}")(rest)
+
+    # ---- commands --------------------------------------------------------------
+
+    def _snapshot(self, line: str) -> None:
+        args = _parse(_snapshot_args, line)
+        name = args.name or time.strftime("snap-%Y%m%d-%H%M%S")
+        print(f"Taking snapshot {name} ...", flush=True)
+        self._subscribed.clear()
+        try:
+            meta = self._call("snapshot", name=name, message=args.message)
+        except Interrupted:
+            # Either the runtime died mid-snapshot, or this process is a restore of
+            # the snapshot it was taking: ask which.
+            info = self._call("resume")
+            if not info:
+                raise UsageError(
+                    "%container: the runtime went away during the snapshot; "
+                    "`%container list` shows whether it was taken"
+                ) from None
+            self._finish_restore(info)
+            return
+        mode = meta["mode"]
+        print(
+            f"Snapshot {name}: {mode} ({'files and memory' if mode == 'live' else 'files only'}), "
+            f"{meta['seconds']:.2f} s, kernel paused {meta['paused_seconds']:.2f} s, "
+            f"memory {_size(meta['memory_bytes'])}, files {_size(meta['file_bytes'])}"
+        )
+        if meta["reason"]:
+            print(f"Files only because {meta['reason']}")
+
+    def _restore(self, line: str) -> None:
+        args = _parse(_name_args, line)
+        kernel = self._kernel()
+        parent = kernel.get_parent("shell")
+        ident = kernel._parent_ident["shell"]
+        idents = ident if isinstance(ident, list) else [ident]
+        print(f"Restoring {args.name} ...", flush=True)
+        self._call("restore", name=args.name, parent=parent, ident=[i.hex() for i in idents])
+        # A live restore replaces this process; reaching this line means the runtime
+        # restarted the kernel on the snapshot's files instead.
+        print(f"Restored the files of {args.name}; the kernel restarts.")
+
+    def _list(self, line: str) -> None:
+        metas = self._call("list")
+        if not metas:
+            print("No snapshots yet: `%container snapshot NAME` takes one.")
+            return
+        rows = [["NAME", "TIME", "MODE", "MEMORY", "FILES", "PARENT", "MESSAGE"]]
+        for m in metas:
+            rows.append([
+                m["name"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"])),
+                m["mode"], _size(m["memory_bytes"]), _size(m["file_bytes"]),
+                m["parent"] or "-", m["message"],
+            ])  # fmt: skip
+        print(_table(rows))
+
+    def _delete(self, line: str) -> None:
+        args = _parse(_name_args, line)
+        self._call("delete", name=args.name)
+        print(f"Deleted snapshot {args.name}")
+
+    def _reset(self, line: str) -> None:
+        print("Resetting: the kernel restarts on the image's pristine files.", flush=True)
+        self._call("reset")
+
+    def _diff(self, line: str) -> None:
+        args = _parse(_diff_args, line)
+        changes = self._call("diff", name=args.name)
+        base = changes["since"] or "the kernel's start"
+        if not any(changes[k] for k in ("added", "changed", "deleted")):
+            print(f"No changes since {base}.")
+            return
+        print(f"Changes since {base}:")
+        for mark, key in (("A", "added"), ("C", "changed"), ("D", "deleted")):
+            for path in changes[key]:
+                print(f"{mark} {path}")
+
+    def _limits(self, line: str) -> None:
+        args = _parse(_limits_args, line)
+        limits = self._call("limits", memory=args.memory, cpus=args.cpus, pids=args.pids)
+        print(
+            f"memory {_size(limits['memory']) if limits['memory'] else 'unlimited'}, "
+            f"cpus {limits['cpus'] or 'unlimited'}, pids {limits['pids'] or 'unlimited'}"
+        )
+
+    def _status(self, line: str) -> None:
+        status = self._call("status")
+        use, limits = status["usage"] or {}, status["limits"]
+        rows = [["", "USE", "LIMIT"]]
+        rows.append(["memory", _size(use.get("memory")), _size(limits["memory"])])
+        cpu = use.get("cpu_seconds")
+        rows.append(["cpu", f"{cpu:.1f} s" if cpu is not None else "-", str(limits["cpus"] or "-")])
+        rows.append(["pids", str(use.get("pids", "-")), str(limits["pids"] or "-")])
+        print(_table(rows))
+        print(
+            f"{status['snapshots']} snapshots, {_size(status['snapshot_bytes'])}; "
+            f"files from {status['current'] or 'the image'}"
+        )
+
+    # ---- plumbing ----------------------------------------------------------------
+
+    def _kernel(self) -> Any:
+        """The ipykernel kernel object this shell belongs to (None in a terminal)."""
+        return getattr(self.shell, "kernel", None)
+
+    def _call(self, op: str, **args: Any) -> Any:
+        assert self.channel is not None
+        try:
+            return self.channel.request(op, **args)
+        except Interrupted:
+            raise
+        except ChannelError as err:
+            raise UsageError(f"%container {op}: {err}") from None
+
+    def _watch_subscriptions(self) -> None:
+        """Note each new iopub subscription (a frontend (re)connecting)."""
+        thread: Any = getattr(self._kernel(), "iopub_thread", None)
+        stream = getattr(thread, "_xpub_stream", None)
+        if thread is None or stream is None:
+            return
+        original = thread._handle_subscription
+
+        def handle(frames: list[bytes]) -> None:
+            if any(frame[:1] == b"\x01" for frame in frames):
+                self._subscribed.set()
+            original(frames)
+
+        thread.io_loop.add_callback(stream.on_recv, handle)
+
+    def _frontend_back(self) -> bool:
+        """Whether the frontend's shell connection is up again (seen in /proc/net/tcp)."""
+        try:
+            connection = json.loads(CONNECTION_FILE.read_text())
+            lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        except (OSError, ValueError):
+            return True
+        port = f"{connection['shell_port']:04X}"
+        return any(
+            line.split()[1].endswith(f":{port}") and line.split()[3] == "01" for line in lines
+        )
+
+    def _finish_restore(self, info: dict[str, Any]) -> None:
+        """In a process restored from a snapshot: complete the cell that asked for it.
+
+        This process was inside the snapshot's cell; the frontend waits for the
+        reply to the restore cell. Wait (bounded) until the frontend has reconnected,
+        then send this cell's output and reply to the restore cell instead.
+        """
+        kernel = self._kernel()
+        deadline = time.monotonic() + RECONNECT_WAIT
+        while time.monotonic() < deadline and not (
+            self._subscribed.is_set() and self._frontend_back()
+        ):
+            self._subscribed.wait(0.02)
+        old_id = kernel.get_parent("shell")["header"]["msg_id"]
+        new_parent = info["parent"]
+        new_ident = [bytes.fromhex(i) for i in info["ident"]]
+        session = kernel.session
+        send = session.send
+
+        def send_once(
+            stream: Any, msg_type: Any, content: Any = None, parent: Any = None,
+            ident: Any = None, **kwargs: Any,
+        ) -> Any:  # fmt: skip
+            if (
+                msg_type == "execute_reply"
+                and (parent or {}).get("header", {}).get("msg_id") == old_id
+            ):
+                session.send = send
+                parent, ident = new_parent, new_ident
+            return send(stream, msg_type, content, parent, ident, **kwargs)
+
+        session.send = send_once
+        kernel.set_parent(new_ident, new_parent, "shell")
+        mode = info.get("mode", "live")
+        print(f"Restored to snapshot {info['name']} ({mode}): files and memory are as they were.")
