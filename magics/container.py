@@ -24,6 +24,9 @@ CONNECTION_FILE = Path("/run/sandbox/connection.json")
 COMMANDS = ("snapshot", "restore", "list", "delete", "reset", "diff", "limits", "status")
 #: How long a restored kernel waits for the frontend to reconnect before it speaks.
 RECONNECT_WAIT = 10.0
+#: How long a reconnected TCP connection must be up before it is trusted to carry
+#: messages: ZeroMQ's handshake on a veth takes well under a millisecond.
+HANDSHAKE_GRACE = 0.05
 
 
 def _parse(spec: Any, line: str) -> Any:
@@ -242,31 +245,52 @@ class ContainerMagics(Magics):
 
         thread.io_loop.add_callback(stream.on_recv, handle)
 
-    def _frontend_back(self) -> bool:
-        """Whether the frontend's shell connection is up again (seen in /proc/net/tcp)."""
+    def _established(self) -> set[str]:
+        """Which of the kernel's shell and iopub ports have a live TCP connection."""
         try:
             connection = json.loads(CONNECTION_FILE.read_text())
             lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
         except (OSError, ValueError):
-            return True
-        port = f"{connection['shell_port']:04X}"
-        return any(
-            line.split()[1].endswith(f":{port}") and line.split()[3] == "01" for line in lines
-        )
+            return {"shell", "iopub"}
+        ports = {f"{connection[f'{c}_port']:04X}": c for c in ("shell", "iopub")}
+        found = set()
+        for line in lines:
+            fields = line.split()
+            port = fields[1].rsplit(":", 1)[1]
+            if fields[3] == "01" and port in ports:  # 01: ESTABLISHED
+                found.add(ports[port])
+        return found
+
+    def _wait_for_frontend(self) -> None:
+        """Wait (bounded) until the frontend has reconnected its shell and iopub.
+
+        After a restore every TCP connection is closed and the frontend reconnects
+        by itself. A message sent before its sockets are back is lost: iopub drops
+        it, and shell cannot route a reply to a peer it does not know yet. So wait
+        until both connections have been up for :data:`HANDSHAKE_GRACE` seconds
+        (ZeroMQ's handshake and the iopub subscription ride on them), or until the
+        iopub subscription itself is seen and shell has been up that long.
+        """
+        deadline = time.monotonic() + RECONNECT_WAIT
+        first_seen: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            for channel in self._established():
+                first_seen.setdefault(channel, now)
+            settled = {c for c, t in first_seen.items() if now - t >= HANDSHAKE_GRACE}
+            if "shell" in settled and ("iopub" in settled or self._subscribed.is_set()):
+                return
+            self._subscribed.wait(0.01)
 
     def _finish_restore(self, info: dict[str, Any]) -> None:
         """In a process restored from a snapshot: complete the cell that asked for it.
 
         This process was inside the snapshot's cell; the frontend waits for the
-        reply to the restore cell. Wait (bounded) until the frontend has reconnected,
-        then send this cell's output and reply to the restore cell instead.
+        reply to the restore cell. Once the frontend has reconnected, this cell's
+        output and reply go to the restore cell instead.
         """
         kernel = self._kernel()
-        deadline = time.monotonic() + RECONNECT_WAIT
-        while time.monotonic() < deadline and not (
-            self._subscribed.is_set() and self._frontend_back()
-        ):
-            self._subscribed.wait(0.02)
+        self._wait_for_frontend()
         old_id = kernel.get_parent("shell")["header"]["msg_id"]
         new_parent = info["parent"]
         new_ident = [bytes.fromhex(i) for i in info["ident"]]
@@ -287,5 +311,4 @@ class ContainerMagics(Magics):
 
         session.send = send_once
         kernel.set_parent(new_ident, new_parent, "shell")
-        mode = info.get("mode", "live")
-        print(f"Restored to snapshot {info['name']} ({mode}): files and memory are as they were.")
+        print(f"Restored to snapshot {info['name']} (live): files and memory are as they were.")

@@ -150,13 +150,15 @@ class ControlServer:
         if op == "snapshot":
             return await runtime.snapshot(kid, args["name"], args.get("message", ""))
         if op == "restore":
-            self.pending = {"kind": "restore", **args}
+            # Set before the restore: the restored process asks for it at once.
+            info = {"kind": "restore", **args}
+            self.pending = info
             try:
                 done = await runtime.restore(kid, args["name"])
             except BaseException:
-                self.pending = None
+                if self.pending is info:
+                    self.pending = None
                 raise
-            self.pending.update(mode=done["mode"], reason=done["reason"])
             await self.on_new_process(done["pid"])
             return done
         if op == "reset":

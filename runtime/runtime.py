@@ -528,6 +528,7 @@ class Runtime:
                     except SandboxError as err:
                         await runc.delete(record["container_id"])
                         mode, reason = "files", f"CRIU could not restore the memory: {err}"
+                        self.append_log(kernel_id, f"restore of {name}: {reason}")
                 pid = await runc.run_detached(record["container_id"], kdir, pid_file)
                 return {"pid": pid, "mode": mode, "reason": reason, "name": name}
             except BaseException:

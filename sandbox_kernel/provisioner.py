@@ -272,10 +272,11 @@ class SandboxProvisioner(KernelProvisionerBase):
         process: track it and report the kernel alive. False if the kernel is gone.
         """
         pid = await self.runtime.container_pid(self.kernel_id)
-        if pid is None or pid == self.pid:
+        if pid is None:
             return False
-        self._track(pid)
-        self.log.info("Kernel %s was restored from a snapshot (pid %s)", self.kernel_id, pid)
+        if pid != self.pid:  # else the control server already followed it
+            self._track(pid)
+            self.log.info("Kernel %s was restored from a snapshot (pid %s)", self.kernel_id, pid)
         return True
 
     def _status(self) -> int:

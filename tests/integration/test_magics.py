@@ -1,0 +1,118 @@
+"""``%container`` from the notebook: stock clients see the restore cell complete and
+every later output, with no special handling on their side."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from sandbox_kernel.runtime import snapshots
+
+from .conftest import Kernels
+from .probe import run_cell
+
+pytestmark = pytest.mark.integration
+
+OWNER = "65534"
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    made = f"m-{uuid.uuid4().hex[:10]}"
+    yield made
+    if made in snapshots.names(OWNER):
+        snapshots.delete(OWNER, made)
+
+
+async def test_restore_cell_completes_for_an_unchanged_client_20_times(
+    kernels: Kernels, make_spec, name: str
+) -> None:
+    _, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "x = 'at the snapshot'")).check()
+    out = (await run_cell(kc, f"%container snapshot {name}")).check()
+    assert "live (files and memory)" in out, out
+    for i in range(20):
+        (await run_cell(kc, f"x = 'changed {i}'; open('f{i}.txt', 'w')")).check()
+        cell = await run_cell(kc, f"%container restore {name}", timeout=60)
+        assert cell.status == "ok", f"round {i}: {cell.ename} {cell.evalue}"
+        assert f"Restored to snapshot {name} (live)" in cell.stdout, f"round {i}: {cell.stdout}"
+        after = (await run_cell(kc, "import os; print(x, sorted(os.listdir('.')))")).check()
+        assert after.strip() == "at the snapshot []", f"round {i}: {after}"
+
+
+async def test_nbclient_runs_a_notebook_that_restores(
+    ksm, make_spec, workdir: Path, name: str
+) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell(f"%container snapshot {name} -m 'x is 1'"),
+        nbformat.v4.new_code_cell("x = 2"),
+        nbformat.v4.new_code_cell(f"%container restore {name}"),
+        nbformat.v4.new_code_cell("print('x is', x)"),
+        nbformat.v4.new_code_cell("%container list"),
+    ]
+    km = AsyncKernelManager(kernel_name=make_spec(), kernel_spec_manager=ksm)
+    client = NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(workdir)}})
+    try:
+        await client.async_execute()
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+    texts = ["".join(o.get("text", "") for o in cell.outputs) for cell in nb.cells]
+    assert f"Restored to snapshot {name}" in texts[3]
+    assert texts[4].strip() == "x is 1"
+    assert "x is 1" in texts[5] and name in texts[5]
+
+
+async def test_bad_input_raises_usage_errors(kernels: Kernels, make_spec) -> None:
+    _, kc = await kernels.start(make_spec())
+    cell = await run_cell(kc, "%container frobnicate")
+    assert cell.ename == "UsageError" and "unknown command 'frobnicate'" in cell.evalue
+    cell = await run_cell(kc, "%container restore no-such-snapshot")
+    assert cell.ename == "UsageError" and "no snapshot named 'no-such-snapshot'" in cell.evalue
+    cell = await run_cell(kc, "%container snapshot 'bad name!'")
+    assert cell.ename == "UsageError" and "snapshot name 'bad name!' is not valid" in cell.evalue
+    cell = await run_cell(kc, "%container limits --memory lots")
+    assert cell.ename == "UsageError" and "memory limit 'lots' is not a size" in cell.evalue
+    help_text = await run_cell(kc, "print(get_ipython().find_line_magic('container').__doc__)")
+    assert "%container snapshot [NAME] [-m MESSAGE]" in help_text.check()
+
+
+async def test_limits_and_status_from_the_notebook(kernels: Kernels, make_spec) -> None:
+    _, kc = await kernels.start(make_spec(memory="512M"))
+    out = (await run_cell(kc, "%container limits --memory 600M --pids 300")).check()
+    assert out.strip() == "memory 600.0M, cpus 1.0, pids 300"
+    out = (
+        await run_cell(kc, "print(open('/sys/fs/cgroup/memory/memory.limit_in_bytes').read())")
+    ).check()
+    assert out.strip() == str(600 << 20)
+    status = (await run_cell(kc, "%container status")).check()
+    assert "memory" in status and "600.0M" in status
+
+
+async def test_outside_a_sandbox_the_magic_says_so(tmp_path: Path) -> None:
+    kernels_dir = tmp_path / "kernels"
+    write_kernel_spec(kernels_dir / "plain")
+    ksm = KernelSpecManager(kernel_dirs=[str(kernels_dir)])
+    km = AsyncKernelManager(kernel_name="plain", kernel_spec_manager=ksm)
+    await km.start_kernel(cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out = (await run_cell(kc, "%load_ext sandbox_kernel.magics\n%container list")).check()
+        assert "works in sandboxed kernels only" in out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
