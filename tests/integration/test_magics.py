@@ -116,3 +116,36 @@ async def test_outside_a_sandbox_the_magic_says_so(tmp_path: Path) -> None:
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+async def test_another_kernel_cannot_use_the_control_channel(kernels: Kernels, make_spec) -> None:
+    km_a, _ = await kernels.start(make_spec(network="egress"))
+    _, kc_b = await kernels.start(make_spec(network="egress"))
+    # B learns A's control address (the host end of A's veth) and tries it.
+    host_a = km_a.ip.rsplit(".", 1)[0] + "." + str(int(km_a.ip.rsplit(".", 1)[1]) - 1)
+    out = (
+        await run_cell(
+            kc_b,
+            "import socket\n"
+            "s = socket.socket(); s.settimeout(2)\n"
+            "try:\n"
+            f"    s.connect(({host_a!r}, 50100)); print('reached')\n"
+            "except OSError as err:\n"
+            "    print('blocked', err.strerror or 'timed out')\n",
+        )
+    ).check()
+    assert out.startswith("blocked"), f"kernel B reached kernel A's control server: {out}"
+    # A request signed with a made-up token is refused by B's own server.
+    out = (
+        await run_cell(
+            kc_b,
+            "import json\n"
+            "from sandbox_kernel.magics.channel import Channel, ChannelError\n"
+            "ch = Channel(); ch.creds = {**ch.creds, 'token': '00' * 32}\n"
+            "try:\n"
+            "    ch.request('list'); print('accepted')\n"
+            "except ChannelError as err:\n"
+            "    print(err)\n",
+        )
+    ).check()
+    assert "refused: the request's signature is wrong" in out
