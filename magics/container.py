@@ -90,6 +90,10 @@ class ContainerMagics(Magics):
         self.channel = Channel() if available() else None
         self._subscribed = threading.Event()
         self._watch_subscriptions()
+        if self.channel is not None:
+            # A new kernel process: was it started by a reset, or by a restore that
+            # could only bring the files back? Then a cell waits for its reply.
+            threading.Thread(target=self._answer_pending, daemon=True).start()
 
     @line_magic
     @magic_arguments()
@@ -178,8 +182,11 @@ class ContainerMagics(Magics):
         print(f"Deleted snapshot {args.name}")
 
     def _reset(self, line: str) -> None:
+        kernel = self._kernel()
+        ident = kernel._parent_ident["shell"]
+        idents = ident if isinstance(ident, list) else [ident]
         print("Resetting: the kernel restarts on the image's pristine files.", flush=True)
-        self._call("reset")
+        self._call("reset", parent=kernel.get_parent("shell"), ident=[i.hex() for i in idents])
 
     def _diff(self, line: str) -> None:
         args = _parse(_diff_args, line)
@@ -281,6 +288,50 @@ class ContainerMagics(Magics):
             if "shell" in settled and ("iopub" in settled or self._subscribed.is_set()):
                 return
             self._subscribed.wait(0.01)
+
+    def _answer_pending(self) -> None:
+        """Reply to the cell that reset this kernel or restored its files (in the
+        new process, which has no such cell of its own)."""
+        try:
+            info = self._call("resume")
+        except (ChannelError, UsageError):
+            return
+        if not info:
+            return
+        self._wait_for_frontend()
+        kernel = self._kernel()
+        deadline = time.monotonic() + RECONNECT_WAIT
+        while getattr(kernel, "io_loop", None) is None and time.monotonic() < deadline:
+            self._subscribed.wait(0.01)
+        if info["kind"] == "reset":
+            text = "The kernel was reset: a fresh kernel on the image's pristine files.\n"
+        else:
+            text = (
+                f"Restored the files of snapshot {info['name']}; the kernel restarted "
+                "(its memory could not be restored).\n"
+            )
+        parent = info["parent"]
+        ident = [bytes.fromhex(i) for i in info["ident"]]
+        kernel.io_loop.add_callback(self._send_reply, parent, ident, text)
+
+    def _send_reply(self, parent: dict[str, Any], ident: list[bytes], text: str) -> None:
+        kernel = self._kernel()
+        session = kernel.session
+        # As ipykernel's own dispatch_shell picks the socket for the main shell.
+        if getattr(kernel, "_supports_kernel_subshells", False):
+            stream = kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
+        else:
+            stream = kernel.shell_stream
+        session.send(
+            kernel.iopub_socket, "stream", {"name": "stdout", "text": text},
+            parent=parent, ident=kernel._topic("stream"),
+        )  # fmt: skip
+        content = {
+            "status": "ok", "execution_count": kernel.execution_count,
+            "user_expressions": {}, "payload": [],
+        }  # fmt: skip
+        session.send(stream, "execute_reply", content, parent=parent, ident=ident)
+        kernel._publish_status("idle", "shell", parent=parent)
 
     def _finish_restore(self, info: dict[str, Any]) -> None:
         """In a process restored from a snapshot: complete the cell that asked for it.

@@ -149,3 +149,13 @@ async def test_another_kernel_cannot_use_the_control_channel(kernels: Kernels, m
         )
     ).check()
     assert "refused: the request's signature is wrong" in out
+
+
+async def test_reset_from_a_cell_completes_the_cell(kernels: Kernels, make_spec) -> None:
+    _, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "x = 1; open('/tmp/mine', 'w')")).check()
+    cell = await run_cell(kc, "%container reset", timeout=60)
+    assert cell.status == "ok", f"{cell.ename}: {cell.evalue}"
+    assert "The kernel was reset" in cell.stdout
+    after = await run_cell(kc, "import os; print(os.path.exists('/tmp/mine')); x")
+    assert after.stdout.strip() == "False" and after.ename == "NameError"
