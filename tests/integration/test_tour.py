@@ -33,3 +33,6 @@ async def test_tour_runs_in_a_sandboxed_kernel(ksm, make_spec, workdir: Path) ->
     assert "effective capabilities: 0000000000000000" in text
     assert "default route: False" in text
     assert "Read-only file system" in text
+    assert "Restored to snapshot tour-" in text
+    assert "{'step': 0} 1" in text
+    assert "C " in text and "progress.txt" in text  # the diff
