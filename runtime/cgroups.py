@@ -108,6 +108,14 @@ def usage(rel: str) -> Usage | None:
     )
 
 
+def frozen(rel: str) -> bool:
+    """Whether the cgroup at ``rel`` is frozen (runc pause, or a snapshot in progress)."""
+    rel = rel.strip("/")
+    if version() == 2:
+        return _read(ROOT / rel / "cgroup.freeze") == "1"
+    return _read(ROOT / "freezer" / rel / "freezer.state") in ("FROZEN", "FREEZING")
+
+
 def leftover_cgroups(parent: str) -> list[Path]:
     """Every cgroup folder below ``parent`` in any hierarchy: what ``gc`` inspects."""
     roots = [ROOT] if version() == 2 else [p for p in ROOT.iterdir() if p.is_dir()]

@@ -400,6 +400,28 @@ class Runtime:
         finally:
             os.close(fd)  # releases the lock
 
+    async def thaw_if_stale(self, kernel_id: str) -> bool:
+        """Thaw a kernel left frozen by a snapshot whose runtime died; True if it was.
+
+        A frozen container whose lock nobody holds was frozen by a process that is
+        gone (the lock goes with its holder). Cheap when the kernel is not frozen:
+        one small cgroup file is read. Called by the provisioner's ``poll``.
+        """
+        record = self.record(kernel_id)
+        if not cgroups.frozen(f"{paths.cgroup_parent()}/{record['container_id']}"):
+            return False
+        fd = os.open(self.kernel_dir(kernel_id) / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a snapshot is in progress
+            await runc.resume(record["container_id"])
+            self.append_log(kernel_id, "thawed: the snapshot that froze the kernel was cut short")
+            return True
+        finally:
+            os.close(fd)
+
     async def snapshot(
         self, kernel_id: str, name: str, message: str = "", live: bool = True
     ) -> dict[str, Any]:
@@ -678,6 +700,18 @@ class Runtime:
                 removed.append(f"container {cid}")
                 if not dry_run:
                     await runc.delete(cid)
+        # runc's own state of a container whose checkpoint or restore was cut short
+        # (a CRIU mount left inside it) makes runc list fail to load it.
+        runc_root = Path("/run/runc")
+        listed = {info.get("id", "") for info in await runc.list_containers()}
+        if runc_root.is_dir():
+            for entry in runc_root.iterdir():
+                if entry.name.startswith(paths.PREFIX) and entry.name not in listed:
+                    removed.append(f"broken runc state {entry}")
+                    if not dry_run:
+                        for point in mounts_under(entry):
+                            unmount(point)
+                        shutil.rmtree(entry, ignore_errors=True)
         for ns in network.leftover_namespaces():
             if ns not in containers:
                 removed.append(f"network namespace {ns}")

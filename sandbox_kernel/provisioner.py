@@ -263,7 +263,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         """
         if self.pid is None:
             return 0
-        if not self._exited() or await self._follow_restore():
+        if not self._exited():
+            await self.runtime.thaw_if_stale(self.kernel_id)
+            return None
+        if await self._follow_restore():
             return None
         return self._status()
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.runtime import snapshots
+from sandbox_kernel.runtime import cgroups, snapshots
 
-from .conftest import Kernels, run_cli
+from .conftest import Kernels, run_cli, wait_until
 from .probe import run_cell
 
 pytestmark = pytest.mark.integration
@@ -220,3 +222,27 @@ async def test_reset_gives_pristine_files_and_keeps_snapshots(
     assert cell.ename == "NameError"
     assert name in snapshots.names(OWNER)
     assert await km.is_alive()
+
+
+async def test_killing_the_runtime_mid_snapshot_lists_nothing_and_the_kernel_thaws(
+    kernels: Kernels, make_spec, names
+) -> None:
+    km, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "import numpy as np; big = np.ones(200_000_000, dtype=np.uint8)")).check()
+    name = fresh(names)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbox_kernel.cli", "snapshot", km.kernel_id, name,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    group = f"sandbox-kernel/sk-{km.kernel_id}"
+    await wait_until(lambda: cgroups.frozen(group), 30, "the snapshot to freeze the kernel", 0.005)
+    proc.kill()
+    await proc.wait()
+    assert name not in snapshots.names(OWNER), "a partial snapshot is listed"
+    # The provisioner's poll (the restarter calls it) thaws the orphaned freeze.
+    assert await km.is_alive()
+    assert not cgroups.frozen(group)
+    assert (await run_cell(kc, "print(int(big[:10].sum()))")).check().strip() == "10"
+    done = await run_cli("gc")
+    assert done.returncode == 0, done.stderr
+    assert not snapshots.leftovers()
