@@ -8,7 +8,11 @@ after the kernel has died, before the container is deleted.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +131,26 @@ def leftover_cgroups(parent: str) -> list[Path]:
     return found
 
 
-def remove_cgroup(path: Path) -> None:
-    """Remove an empty cgroup folder; one that still has processes raises OSError."""
-    os.rmdir(path)
+def remove_cgroup(path: Path, timeout: float = 5.0) -> None:
+    """Remove a cgroup folder, killing the processes left in it first.
+
+    Only ``gc`` calls this, for cgroups no kernel claims: what runs there is what a
+    crash left behind.
+
+    Raises:
+        OSError: the cgroup still has processes after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [int(p) for p in (_read(path / "cgroup.procs") or "").split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        # The killed processes take a moment to leave the cgroup.
+        select.select([], [], [], 0.02)
