@@ -44,8 +44,20 @@ async def test_restore_cell_completes_for_an_unchanged_client_20_times(
         cell = await run_cell(kc, f"%container restore {name}", timeout=60)
         assert cell.status == "ok", f"round {i}: {cell.ename} {cell.evalue}"
         assert f"Restored to snapshot {name} (live)" in cell.stdout, f"round {i}: {cell.stdout}"
-        after = (await run_cell(kc, "import os; print(x, sorted(os.listdir('.')))")).check()
-        assert after.strip() == "at the snapshot []", f"round {i}: {after}"
+        after = (
+            await run_cell(
+                kc,
+                "import os; print(x, sorted(os.listdir('.')))\n"
+                "print(get_ipython().execution_count, len(In))",
+            )
+        ).check()
+        state, counts = after.strip().splitlines()
+        assert state == "at the snapshot []", f"round {i}: {after}"
+        # The execution count and the input history rewind with the memory, the
+        # same way every time.
+        if i == 0:
+            first_counts = counts
+        assert counts == first_counts, f"round {i}: {counts} != {first_counts}"
 
 
 async def test_nbclient_runs_a_notebook_that_restores(
