@@ -23,6 +23,8 @@ import pytest
 import pytest_asyncio
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
 
 from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.runtime import Limits
@@ -120,6 +122,21 @@ async def kernels(ksm: KernelSpecManager, workdir: Path) -> AsyncIterator[Kernel
         yield pool
     finally:
         await pool.close()
+
+
+async def execute_notebook(nb: Any, ksm: KernelSpecManager, spec: str, cwd: Path) -> list[str]:
+    """Run ``nb`` with nbclient in a kernel of ``spec``; return each cell's text output."""
+    km = AsyncKernelManager(kernel_name=spec, kernel_spec_manager=ksm)
+    client = NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(cwd)}})
+    try:
+        await client.async_execute()
+    finally:
+        # nbclient closes and shuts down only the client and kernel it made itself.
+        if client.kc is not None:
+            client.kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+    return ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in nb.cells]
 
 
 @dataclass

@@ -12,11 +12,10 @@ import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
-from nbclient import NotebookClient
 
 from sandbox_kernel.runtime import snapshots
 
-from .conftest import Kernels
+from .conftest import Kernels, execute_notebook
 from .probe import run_cell
 
 pytestmark = pytest.mark.integration
@@ -72,16 +71,7 @@ async def test_nbclient_runs_a_notebook_that_restores(
         nbformat.v4.new_code_cell("print('x is', x)"),
         nbformat.v4.new_code_cell("%container list"),
     ]
-    km = AsyncKernelManager(kernel_name=make_spec(), kernel_spec_manager=ksm)
-    client = NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(workdir)}})
-    try:
-        await client.async_execute()
-    finally:
-        if client.kc is not None:
-            client.kc.stop_channels()
-        if km.has_kernel:
-            await km.shutdown_kernel(now=True)
-    texts = ["".join(o.get("text", "") for o in cell.outputs) for cell in nb.cells]
+    texts = await execute_notebook(nb, ksm, make_spec(), workdir)
     assert f"Restored to snapshot {name}" in texts[3]
     assert texts[4].strip() == "x is 1"
     assert "x is 1" in texts[5] and name in texts[5]
