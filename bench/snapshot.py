@@ -810,8 +810,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure_all(cases, args.repeat, tmp, args.memory, not args.no_breakdown)
             )
         )
-    except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (BenchError, SandboxError) as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted: the kernel and its snapshots were removed", file=sys.stderr)

@@ -16,6 +16,7 @@ the hidden leftovers.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -137,6 +138,10 @@ class Draft:
         self.path = Path(tempfile.mkdtemp(dir=base, prefix=f".{name}."))
         self.criu_dir = self.path / "criu"
         self.files = self.path / "files"
+        # Held while the draft is written; gc leaves locked drafts alone, and the
+        # lock goes with this process if it dies.
+        self._lock = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Checksum, fsync and rename the draft into place; return the final meta.
@@ -166,11 +171,14 @@ class Draft:
             self.discard()
             raise ConfigError("snapshot name", self.name, "is taken; choose another name") from None
         fsync_dir(target.parent)
+        (target / ".lock").unlink(missing_ok=True)
+        os.close(self._lock)
         return meta
 
     def discard(self) -> None:
         """Remove the draft; nothing is listed."""
         purge(self.path)
+        os.close(self._lock)
 
 
 def verify(owner: str, name: str) -> dict[str, Any]:
@@ -221,8 +229,27 @@ def purge(folder: Path) -> None:
 
 
 def leftovers() -> list[Path]:
-    """Hidden drafts and half-deleted snapshots that a crash left."""
-    return sorted(store_dir().glob("*/.*"))
+    """Hidden drafts and half-deleted snapshots that a crash left (not the drafts a
+    live process is still writing: those hold their lock)."""
+    found = []
+    for path in sorted(store_dir().glob("*/.*")):
+        try:
+            fd = os.open(path / ".lock", os.O_RDWR)
+        except FileNotFoundError:
+            # Half-deleted, or a draft a moment old that has no lock file yet.
+            if time.time() - path.stat().st_mtime > 60:
+                found.append(path)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            found.append(path)
+        except BlockingIOError:
+            pass  # being written right now
+        finally:
+            os.close(fd)
+    return found
 
 
 def _sha256(file: Path) -> str:
