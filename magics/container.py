@@ -7,6 +7,7 @@ and does nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 
 from .channel import Channel, ChannelError, Interrupted, available
 
@@ -29,13 +30,17 @@ RECONNECT_WAIT = 10.0
 HANDSHAKE_GRACE = 0.05
 
 
-def _parse(spec: Any, line: str) -> Any:
-    """Parse a command's arguments, with shell quoting ("-m 'a note'")."""
+def _parse(command: str, line: str) -> Any:
+    """Parse a command's arguments, with shell quoting ("-m 'a note'").
+
+    Raises:
+        UsageError: the arguments do not fit the command.
+    """
     try:
         words = shlex.split(line)
     except ValueError as err:
         raise UsageError(f"%container: {err}") from None
-    return spec.parser.parse_args(words)
+    return _parser(command).parse_args(words)
 
 
 def _size(n: int | None) -> str:
@@ -52,33 +57,25 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-@magic_arguments()
-@argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
-@argument("-m", "--message", default="", help="a note kept with the snapshot")
-def _snapshot_args(line: str) -> None:
-    """%container snapshot [NAME] [-m MESSAGE]"""
-
-
-@magic_arguments()
-@argument("name", help="the snapshot to go back to")
-def _name_args(line: str) -> None:
-    """%container restore|delete NAME"""
-
-
-@magic_arguments()
-@argument(
-    "name", nargs="?", help="compare with this snapshot (default: the one restored or taken last)"
-)
-def _diff_args(line: str) -> None:
-    """%container diff [NAME]"""
-
-
-@magic_arguments()
-@argument("--memory", help="memory limit, e.g. 2G")
-@argument("--cpus", help="CPU quota in cores, e.g. 1.5")
-@argument("--pids", help="most processes and threads, e.g. 512")
-def _limits_args(line: str) -> None:
-    """%container limits [--memory M] [--cpus C] [--pids P]"""
+@functools.cache
+def _parser(command: str) -> MagicArgumentParser:
+    """The argument parser of one ``%container`` command, made on first use (making
+    them all at import would slow every kernel's start)."""
+    parser = MagicArgumentParser(prog=f"%container {command}", add_help=False)
+    if command == "snapshot":
+        parser.add_argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
+        parser.add_argument("-m", "--message", default="", help="a note kept with the snapshot")
+    elif command in ("restore", "delete"):
+        parser.add_argument("name", help="the snapshot's name")
+    elif command == "diff":
+        parser.add_argument(
+            "name", nargs="?", help="compare with this snapshot (default: the latest)"
+        )
+    elif command == "limits":
+        parser.add_argument("--memory", help="memory limit, e.g. 2G")
+        parser.add_argument("--cpus", help="CPU quota in cores, e.g. 1.5")
+        parser.add_argument("--pids", help="most processes and threads, e.g. 512")
+    return parser
 
 
 @magics_class
@@ -124,7 +121,7 @@ class ContainerMagics(Magics):
     # ---- commands --------------------------------------------------------------
 
     def _snapshot(self, line: str) -> None:
-        args = _parse(_snapshot_args, line)
+        args = _parse("snapshot", line)
         name = args.name or time.strftime("snap-%Y%m%d-%H%M%S")
         print(f"Taking snapshot {name} ...", flush=True)
         self._subscribed.clear()
@@ -151,7 +148,7 @@ class ContainerMagics(Magics):
             print(f"Files only because {meta['reason']}")
 
     def _restore(self, line: str) -> None:
-        args = _parse(_name_args, line)
+        args = _parse("restore", line)
         kernel = self._kernel()
         parent = kernel.get_parent("shell")
         ident = kernel._parent_ident["shell"]
@@ -177,7 +174,7 @@ class ContainerMagics(Magics):
         print(_table(rows))
 
     def _delete(self, line: str) -> None:
-        args = _parse(_name_args, line)
+        args = _parse("delete", line)
         self._call("delete", name=args.name)
         print(f"Deleted snapshot {args.name}")
 
@@ -189,7 +186,7 @@ class ContainerMagics(Magics):
         self._call("reset", parent=kernel.get_parent("shell"), ident=[i.hex() for i in idents])
 
     def _diff(self, line: str) -> None:
-        args = _parse(_diff_args, line)
+        args = _parse("diff", line)
         changes = self._call("diff", name=args.name)
         base = changes["since"] or "the kernel's start"
         if not any(changes[k] for k in ("added", "changed", "deleted")):
@@ -201,7 +198,7 @@ class ContainerMagics(Magics):
                 print(f"{mark} {path}")
 
     def _limits(self, line: str) -> None:
-        args = _parse(_limits_args, line)
+        args = _parse("limits", line)
         limits = self._call("limits", memory=args.memory, cpus=args.cpus, pids=args.pids)
         print(
             f"memory {_size(limits['memory']) if limits['memory'] else 'unlimited'}, "
