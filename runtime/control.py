@@ -85,6 +85,11 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
+    @property
+    def listening(self) -> bool:
+        """Whether :meth:`start` has run and :meth:`close` has not."""
+        return self._server is not None
+
     async def start(self) -> None:
         """Listen on the host end of the kernel's veth."""
         self._server = await asyncio.start_server(

@@ -213,7 +213,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             raise
         self._launched = True
         self._track(pid)
-        if self.control is not None and self.control._server is None:
+        if self.control is not None and not self.control.listening:
             await self.control.start()
         self.log.info("Started sandboxed %s", describe(self.runtime.record(self.kernel_id)))
         return self.connection_info
