@@ -66,3 +66,19 @@ def run_sync(argv: Sequence[str], *, timeout: float = 30.0, check: bool = True) 
     if check and done.returncode != 0:
         raise CommandError(argv, done.returncode, done.stderr or done.stdout)
     return done.stdout
+
+
+async def wait_exit(pidfd: int) -> None:
+    """Wait, without polling, until the process behind ``pidfd`` has exited."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, ready)
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)

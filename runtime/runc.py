@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from sandbox_kernel.errors import CommandError
 
 from . import paths
 from .limits import CPU_PERIOD, Limits
-from .process import run
+from .process import run, wait_exit
 
 
 async def run_detached(container_id: str, bundle: Path, pid_file: Path) -> int:
@@ -62,11 +63,34 @@ async def kill(container_id: str, signal: str = "KILL") -> None:
 async def delete(container_id: str) -> None:
     """Delete ``container_id``, killing it first if it still runs; gone is fine.
 
+    A running container is killed here and its init awaited through a pidfd:
+    ``runc delete --force`` would sleep a fixed 100 ms after its SIGKILL (runc 1.1),
+    which every restore would pay.
+
     Raises:
         CommandError: runc could not delete a container that exists.
     """
+    current = await state(container_id)
+    if current is None:
+        return
+    force = current.get("status") != "stopped"
+    if current.get("status") == "running" and current.get("pid"):
+        try:
+            pidfd = os.pidfd_open(int(current["pid"]))
+        except ProcessLookupError:
+            pidfd = None
+        if pidfd is not None:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                await asyncio.wait_for(wait_exit(pidfd), 10)
+                force = False
+            except (ProcessLookupError, TimeoutError):
+                pass
+            finally:
+                os.close(pidfd)
+    argv = [paths.runc_binary(), "delete", *(["--force"] if force else []), container_id]
     try:
-        await run([paths.runc_binary(), "delete", "--force", container_id], timeout=30)
+        await run(argv, timeout=30)
     except CommandError as err:
         if "does not exist" not in err.stderr and "not exist" not in err.stderr:
             raise

@@ -914,22 +914,6 @@ def _host_resolv() -> str:
         return ""
 
 
-async def wait_exit(pidfd: int) -> None:
-    """Wait, without polling, until the process behind ``pidfd`` has exited."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(pidfd, ready)
-    try:
-        await done
-    finally:
-        loop.remove_reader(pidfd)
-
-
 def describe(record: dict[str, Any]) -> str:
     """One line about a kernel for logs: id, image, limits, network."""
     return (

@@ -33,7 +33,8 @@ from .runtime.control import ControlServer, write_credentials
 from .runtime.layers import check_image_name
 from .runtime.limits import format_size
 from .runtime.network import NETWORK_MODES, Addresses
-from .runtime.runtime import KERNEL_PORTS, default_uid, describe, wait_exit
+from .runtime.process import wait_exit
+from .runtime.runtime import KERNEL_PORTS, default_uid, describe
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
 MAGICS = "sandbox_kernel.magics"
