@@ -15,9 +15,11 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """Remove ``%container``. Called by IPython's ``%unload_ext``."""
+    """Remove ``%container`` and its event hook. Called by IPython's ``%unload_ext``."""
+    magics = ipython.magics_manager.registry.pop("ContainerMagics", None)
     ipython.magics_manager.magics["line"].pop("container", None)
-    ipython.magics_manager.registry.pop("ContainerMagics", None)
+    if magics is not None and magics.channel is not None:
+        ipython.events.unregister("pre_execute", magics._after_restore)
 
 
 __all__ = ["ContainerMagics", "load_ipython_extension", "unload_ipython_extension"]

@@ -38,7 +38,7 @@ class Channel:
     def __init__(self) -> None:
         self.creds: dict[str, Any] = json.loads(CREDENTIALS.read_text())
 
-    def request(self, op: str, timeout: float = 600, **args: Any) -> Any:
+    def request(self, op: str, timeout: float | None = 600, **args: Any) -> Any:
         """Send ``op`` with ``args`` and return the result.
 
         Raises:

@@ -30,6 +30,11 @@ RECONNECT_WAIT = 10.0
 HANDSHAKE_GRACE = 0.05
 
 
+def _start_time() -> str:
+    """This process's start time (it changes when CRIU restores the process)."""
+    return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
 def _parse(command: str, line: str) -> Any:
     """Parse a command's arguments, with shell quoting ("-m 'a note'").
 
@@ -87,10 +92,13 @@ class ContainerMagics(Magics):
         self.channel = Channel() if available() else None
         self._subscribed = threading.Event()
         self._watch_subscriptions()
+        self._restored = threading.Event()
         if self.channel is not None:
             # A new kernel process: was it started by a reset, or by a restore that
             # could only bring the files back? Then a cell waits for its reply.
             threading.Thread(target=self._answer_pending, daemon=True).start()
+            threading.Thread(target=self._watch_restores, daemon=True).start()
+            shell.events.register("pre_execute", self._after_restore)
 
     @line_magic
     @magic_arguments()
@@ -285,6 +293,39 @@ class ContainerMagics(Magics):
             if "shell" in settled and ("iopub" in settled or self._subscribed.is_set()):
                 return
             self._subscribed.wait(0.01)
+
+    def _watch_restores(self) -> None:
+        """Notice a restore that no cell asked for (``sandbox-kernel restore``).
+
+        A control connection is held open; when it breaks and this process's start
+        time has changed, CRIU has restored it. The next cell then waits for the
+        frontend to be back before it runs (see :meth:`_after_restore`).
+        """
+        started = _start_time()
+        failures = 0
+        while failures < 5:
+            try:
+                self._call("watch", timeout=None)
+            except Interrupted:
+                if _start_time() != started:
+                    started = _start_time()
+                    # The subscription remembered from before the snapshot is gone
+                    # with the connection that carried it.
+                    self._subscribed.clear()
+                    self._restored.set()
+                    failures = 0
+                    continue
+            except UsageError:
+                pass
+            failures += 1  # the runtime went away: try a few times, then stop
+            self._restored.wait(1.0)
+
+    def _after_restore(self) -> None:
+        """Before a cell runs in a restored process: let the frontend reconnect first,
+        or the cell's output would be published to nobody."""
+        if self._restored.is_set():
+            self._restored.clear()
+            self._wait_for_frontend()
 
     def _answer_pending(self) -> None:
         """Reply to the cell that reset this kernel or restored its files (in the

@@ -135,6 +135,11 @@ class ControlServer:
                     problem = self.check(request, peer)
                     if problem:
                         reply: dict[str, Any] = {"ok": False, "error": f"refused: {problem}"}
+                    elif request["op"] == "watch":
+                        # Held open and never answered: the kernel learns it was
+                        # restored when CRIU closes this connection in its image.
+                        await reader.read()
+                        break
                     else:
                         result = await self.handle(request["op"], request.get("args", {}))
                         reply = {"ok": True, "result": result}

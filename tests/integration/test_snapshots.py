@@ -246,3 +246,20 @@ async def test_killing_the_runtime_mid_snapshot_lists_nothing_and_the_kernel_tha
     done = await run_cli("gc")
     assert done.returncode == 0, done.stderr
     assert not snapshots.leftovers()
+
+
+async def test_a_client_can_run_a_cell_right_after_a_cli_restore(
+    kernels: Kernels, make_spec, names
+) -> None:
+    """No waiting for kernel_info: the restored kernel holds the cell until the
+    client's channels are back, so its output is not lost."""
+    km, kc = await kernels.start(make_spec())
+    (await run_cell(kc, "x = 'snapshot'")).check()
+    name = fresh(names)
+    await snapshot(km.kernel_id, name)
+    for i in range(10):
+        (await run_cell(kc, f"x = {i}")).check()
+        done = await run_cli("restore", km.kernel_id, name)
+        assert done.returncode == 0, done.stderr
+        out = (await run_cell(kc, "print(x)", timeout=30)).check()
+        assert out.strip() == "snapshot", f"round {i}: {out!r}"
