@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import shlex
+import sys
 import threading
 import time
 from pathlib import Path
@@ -273,13 +274,13 @@ class ContainerMagics(Magics):
                 found.add(ports[port])
         return found
 
-    def _wait_for_frontend(self) -> None:
+    def _wait_for_frontend(self, grace: float = HANDSHAKE_GRACE) -> None:
         """Wait (bounded) until the frontend has reconnected its shell and iopub.
 
         After a restore every TCP connection is closed and the frontend reconnects
         by itself. A message sent before its sockets are back is lost: iopub drops
         it, and shell cannot route a reply to a peer it does not know yet. So wait
-        until both connections have been up for :data:`HANDSHAKE_GRACE` seconds
+        until both connections have been up for ``grace`` seconds
         (ZeroMQ's handshake and the iopub subscription ride on them), or until the
         iopub subscription itself is seen and shell has been up that long.
         """
@@ -289,7 +290,7 @@ class ContainerMagics(Magics):
             now = time.monotonic()
             for channel in self._established():
                 first_seen.setdefault(channel, now)
-            settled = {c for c, t in first_seen.items() if now - t >= HANDSHAKE_GRACE}
+            settled = {c for c, t in first_seen.items() if now - t >= grace}
             if "shell" in settled and ("iopub" in settled or self._subscribed.is_set()):
                 return
             self._subscribed.wait(0.01)
@@ -330,13 +331,18 @@ class ContainerMagics(Magics):
     def _answer_pending(self) -> None:
         """Reply to the cell that reset this kernel or restored its files (in the
         new process, which has no such cell of its own)."""
-        try:
-            info = self._call("resume")
-        except (ChannelError, UsageError):
-            return
+        info = None
+        for attempt in range(3):
+            try:
+                info = self._call("resume")
+                break
+            except (ChannelError, UsageError) as err:
+                print(f"%container: asking the runtime failed ({err})", file=sys.__stderr__)
+                self._restored.wait(0.2 * (attempt + 1))
         if not info:
             return
-        self._wait_for_frontend()
+        # A new process under load: give the frontend's handshakes more room.
+        self._wait_for_frontend(grace=2 * HANDSHAKE_GRACE)
         kernel = self._kernel()
         deadline = time.monotonic() + RECONNECT_WAIT
         while getattr(kernel, "io_loop", None) is None and time.monotonic() < deadline:
