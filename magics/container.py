@@ -158,12 +158,9 @@ class ContainerMagics(Magics):
 
     def _restore(self, line: str) -> None:
         args = _parse("restore", line)
-        kernel = self._kernel()
-        parent = kernel.get_parent("shell")
-        ident = kernel._parent_ident["shell"]
-        idents = ident if isinstance(ident, list) else [ident]
+        parent, idents = self._cell_origin()
         print(f"Restoring {args.name} ...", flush=True)
-        self._call("restore", name=args.name, parent=parent, ident=[i.hex() for i in idents])
+        self._call("restore", name=args.name, parent=parent, ident=idents)
         # A live restore replaces this process; reaching this line means the runtime
         # restarted the kernel on the snapshot's files instead.
         print(f"Restored the files of {args.name}; the kernel restarts.")
@@ -188,11 +185,9 @@ class ContainerMagics(Magics):
         print(f"Deleted snapshot {args.name}")
 
     def _reset(self, line: str) -> None:
-        kernel = self._kernel()
-        ident = kernel._parent_ident["shell"]
-        idents = ident if isinstance(ident, list) else [ident]
+        parent, idents = self._cell_origin()
         print("Resetting: the kernel restarts on the image's pristine files.", flush=True)
-        self._call("reset", parent=kernel.get_parent("shell"), ident=[i.hex() for i in idents])
+        self._call("reset", parent=parent, ident=idents)
 
     def _diff(self, line: str) -> None:
         args = _parse("diff", line)
@@ -229,6 +224,14 @@ class ContainerMagics(Magics):
         )
 
     # ---- plumbing ----------------------------------------------------------------
+
+    def _cell_origin(self) -> tuple[dict[str, Any], list[str]]:
+        """The running cell's request header and routing identities (hex): what a
+        new or restored process needs to answer this cell."""
+        kernel = self._kernel()
+        ident = kernel._parent_ident["shell"]
+        idents = ident if isinstance(ident, list) else [ident]
+        return kernel.get_parent("shell"), [i.hex() for i in idents]
 
     def _kernel(self) -> Any:
         """The ipykernel kernel object this shell belongs to (None in a terminal)."""

@@ -27,7 +27,7 @@ import shutil
 import stat
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class KernelConfig:
     gid: int
     cwd: str
     executable: str
-    extra_binds: list[str] = field(default_factory=list)
 
 
 def default_uid(cwd: str, fallback: int = 65534) -> int:
@@ -104,6 +103,11 @@ def owner_token() -> dict[str, int]:
 def owner_alive(owner: dict[str, int]) -> bool:
     """Whether the process that ``owner`` names still runs."""
     return _process_start(owner.get("pid", 0)) == owner.get("start")
+
+
+def container_id(kernel_id: str) -> str:
+    """The runc container id (also the netns name) of kernel ``kernel_id``."""
+    return f"{paths.PREFIX}{kernel_id}"
 
 
 def layer_dir(kernel_id: str) -> Path:
@@ -220,7 +224,7 @@ class Runtime:
             user = _user_name(config.uid)
             record: dict[str, Any] = {
                 "kernel_id": kernel_id,
-                "container_id": f"{paths.PREFIX}{kernel_id}",
+                "container_id": container_id(kernel_id),
                 "netns": f"{paths.PREFIX}{kernel_id}",  # made by prepare()
                 "hostname": f"kernel-{kernel_id[:8]}",
                 "image": config.image,
@@ -407,8 +411,8 @@ class Runtime:
         gone (the lock goes with its holder). Cheap when the kernel is not frozen:
         one small cgroup file is read. Called by the provisioner's ``poll``.
         """
-        record = self.record(kernel_id)
-        if not cgroups.frozen(f"{paths.cgroup_parent()}/{record['container_id']}"):
+        cid = container_id(kernel_id)
+        if not cgroups.frozen(f"{paths.cgroup_parent()}/{cid}"):
             return False
         fd = os.open(self.kernel_dir(kernel_id) / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -416,7 +420,7 @@ class Runtime:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False  # a snapshot is in progress
-            await runc.resume(record["container_id"])
+            await runc.resume(cid)
             self.append_log(kernel_id, "thawed: the snapshot that froze the kernel was cut short")
             return True
         finally:
