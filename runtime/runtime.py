@@ -33,7 +33,7 @@ from typing import Any
 
 from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissing, SandboxError
 
-from . import cgroups, checkpoint, layers, network, paths, runc, snapshots, volume
+from . import cgroups, checkpoint, dedupe, layers, network, paths, runc, snapshots, volume
 from .bundle import RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
 from .limits import Limits, format_size
@@ -476,10 +476,20 @@ class Runtime:
                     (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
                     await runc.resume(cid)
                 paused = time.monotonic() - frozen
+                parent = record.get("snapshot")
+                shared = 0
+                if mode == "live" and parent:
+                    # Unchanged pages share the parent's blocks (see dedupe.py).
+                    with contextlib.suppress(ConfigError):
+                        images = snapshots.snapshot_dir(draft.owner, parent) / "criu"
+                        shared = await asyncio.to_thread(
+                            dedupe.share_with_parent, draft.criu_dir, images
+                        )
                 meta = {
                     "created": time.time(),
                     "message": message,
-                    "parent": record.get("snapshot"),
+                    "parent": parent,
+                    "shared_bytes": shared,
                     "mode": mode,
                     "reason": reason,
                     "image": record["image"],

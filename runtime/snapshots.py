@@ -30,7 +30,7 @@ from typing import Any
 from sandbox_kernel.errors import ConfigError, SandboxError
 
 from .fsutil import fsync_dir, read_json, write_json
-from .volume import delete_subvolume, ensure_volume, is_subvolume
+from .volume import compress, delete_subvolume, ensure_volume, is_subvolume
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODES = ("live", "files")
@@ -132,6 +132,7 @@ class Draft:
         self.name = check_name(name)
         base = owner_dir(owner)
         base.mkdir(parents=True, exist_ok=True)
+        compress(base)  # made before the store was compressed, perhaps
         if (base / name).exists():
             raise ConfigError(
                 "snapshot name", name, "is taken; choose another name or delete that snapshot"

@@ -39,6 +39,10 @@ def _iow(number: int) -> int:
 _SNAP_CREATE_V2 = _iow(23)
 _SUBVOL_CREATE = _iow(14)
 _SNAP_DESTROY = _iow(15)
+_SYNC = (_MAGIC << 8) | 8  # BTRFS_IOC_SYNC: commit the running transaction
+_SPACE_INFO = (3 << 30) | (16 << 16) | (_MAGIC << 8) | 20  # BTRFS_IOC_SPACE_INFO
+_COMPRESSION = "btrfs.compression"  # what `btrfs property set ... compression` sets
+_DATA, _METADATA = 1, 4  # BTRFS_BLOCK_GROUP_DATA, _METADATA
 
 
 def volume_dir() -> Path:
@@ -85,7 +89,23 @@ def ensure_volume() -> Path:
         run_sync(["mount", "-o", "loop", str(image), str(target)], timeout=60)
     for sub in ("kernels", "snapshots"):
         (target / sub).mkdir(exist_ok=True)
+    compress(target / "snapshots")
     return target
+
+
+def compress(folder: Path) -> None:
+    """Have btrfs compress (zstd) what is written below ``folder`` from now on.
+
+    The snapshot store is compressed: a kernel's memory (Python objects, pointers,
+    small integers) shrinks several times, and btrfs stores data that does not
+    compress (random arrays) as it is. New folders inherit the setting.
+    """
+    try:
+        if os.getxattr(folder, _COMPRESSION) == b"zstd":
+            return
+    except OSError:
+        pass
+    os.setxattr(folder, _COMPRESSION, b"zstd")
 
 
 def _binary(name: str) -> str:
@@ -158,3 +178,29 @@ def is_subvolume(path: Path) -> bool:
         return path.stat().st_ino == 256
     except OSError:
         return False
+
+
+def bytes_used(sync: bool = True) -> int:
+    """Bytes the volume's data and metadata take on disk, after compression and with
+    shared blocks counted once (what ``btrfs filesystem df`` calls used).
+
+    With ``sync`` (the default) the running transaction is committed first, so
+    blocks written or freed a moment ago are counted.
+    """
+    fd = os.open(ensure_volume(), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if sync:
+            fcntl.ioctl(fd, _SYNC)
+        head = bytearray(struct.pack("=QQ", 0, 0))
+        fcntl.ioctl(fd, _SPACE_INFO, head)
+        count = struct.unpack("=QQ", head)[1]
+        args = bytearray(struct.pack("=QQ", count, 0) + b"\0" * (24 * count))
+        fcntl.ioctl(fd, _SPACE_INFO, args)
+    finally:
+        os.close(fd)
+    used = 0
+    for i in range(struct.unpack_from("=QQ", args)[1]):
+        flags, _total, used_bytes = struct.unpack_from("=QQQ", args, 16 + 24 * i)
+        if flags & (_DATA | _METADATA):
+            used += used_bytes
+    return used

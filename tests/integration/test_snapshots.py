@@ -263,3 +263,32 @@ async def test_a_client_can_run_a_cell_right_after_a_cli_restore(
         assert done.returncode == 0, done.stderr
         out = (await run_cell(kc, "print(x)", timeout=30)).check()
         assert out.strip() == "snapshot", f"round {i}: {out!r}"
+
+
+async def test_a_child_snapshot_shares_unchanged_memory_and_outlives_its_parent(
+    kernels: Kernels, make_spec, names
+) -> None:
+    """Consecutive snapshots store only what changed; deleting the parent loses nothing."""
+    km, kc = await kernels.start(make_spec(memory="1G"))
+    await run_cell(
+        kc,
+        "import numpy as np\n"
+        "big = np.random.default_rng(7).integers(0, 256, size=64 << 20, dtype=np.uint8)",
+    )
+    first, second = fresh(names), fresh(names)
+    await snapshot(km.kernel_id, first)
+    await run_cell(kc, "big[:1 << 20] = 0")
+    await snapshot(km.kernel_id, second)
+    meta = snapshots.load(OWNER, second)
+    assert meta["parent"] == first
+    # All but the changed MiB and the kernel's own churn is shared with the parent.
+    assert meta["shared_bytes"] >= 60 << 20, meta
+    snapshots.delete(OWNER, first)
+    await run_cell(kc, "big[:] = 1")
+    await restore(kc, km.kernel_id, second)
+    out = await run_cell(
+        kc,
+        "print(int(big[:1 << 20].sum()), int(big.sum()) == int(np.random.default_rng(7)"
+        ".integers(0, 256, size=64 << 20, dtype=np.uint8)[1 << 20:].sum()))",
+    )
+    assert out.stdout.strip() == "0 True"
