@@ -35,8 +35,12 @@ def available() -> bool:
 class Channel:
     """A connection to this kernel's control server."""
 
-    def __init__(self) -> None:
-        self.creds: dict[str, Any] = json.loads(CREDENTIALS.read_text())
+    @property
+    def creds(self) -> dict[str, Any]:
+        """This kernel's credentials, read at each request: a process restored from a
+        base snapshot finds the new kernel's there, not the ones it was dumped with."""
+        creds: dict[str, Any] = json.loads(CREDENTIALS.read_text())
+        return creds
 
     def request(self, op: str, timeout: float | None = 600, **args: Any) -> Any:
         """Send ``op`` with ``args`` and return the result.
@@ -45,21 +49,23 @@ class Channel:
             ChannelError: the runtime refused or failed (its message says why).
             Interrupted: the connection broke before the reply came.
         """
+        try:
+            creds = self.creds
+        except (OSError, ValueError) as err:
+            raise ChannelError(f"cannot read {CREDENTIALS}: {err}") from err
         message: dict[str, Any] = {
             "op": op,
             "args": args,
-            "kernel_id": self.creds["kernel_id"],
+            "kernel_id": creds["kernel_id"],
             "nonce": secrets.token_hex(16),
             "time": time.time(),
         }
         message = json.loads(json.dumps(message, default=str))  # dates in headers as text
         body = json.dumps(message, sort_keys=True)
-        key = bytes.fromhex(self.creds["token"])
+        key = bytes.fromhex(creds["token"])
         message["mac"] = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
         try:
-            with socket.create_connection(
-                (self.creds["host"], self.creds["port"]), timeout=10
-            ) as conn:
+            with socket.create_connection((creds["host"], creds["port"]), timeout=10) as conn:
                 conn.settimeout(timeout)
                 conn.sendall(json.dumps(message).encode() + b"\n")
                 reply = b""

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -94,6 +96,7 @@ class ContainerMagics(Magics):
         self._subscribed = threading.Event()
         self._watch_subscriptions()
         self._restored = threading.Event()
+        self._pause = threading.Event()  # never set: waits between retries
         if self.channel is not None:
             # A new kernel process: was it started by a reset, or by a restore that
             # could only bring the files back? Then a cell waits for its reply.
@@ -299,30 +302,56 @@ class ContainerMagics(Magics):
             self._subscribed.wait(0.01)
 
     def _watch_restores(self) -> None:
-        """Notice a restore that no cell asked for (``sandbox-kernel restore``).
+        """Notice a restore that no cell asked for (``sandbox-kernel restore``, or a
+        new kernel started from a base snapshot).
 
         A control connection is held open; when it breaks and this process's start
-        time has changed, CRIU has restored it. The next cell then waits for the
+        time has changed, CRIU has restored it. The process then takes its kernel's
+        current key (see :meth:`_take_identity`), and the next cell waits for the
         frontend to be back before it runs (see :meth:`_after_restore`).
         """
         started = _start_time()
         failures = 0
+        retry_until = 0.0
         while failures < 5:
             try:
                 self._call("watch", timeout=None)
             except Interrupted:
                 if _start_time() != started:
                     started = _start_time()
+                    self._take_identity()
                     # The subscription remembered from before the snapshot is gone
                     # with the connection that carried it.
                     self._subscribed.clear()
                     self._restored.set()
                     failures = 0
+                    # A new kernel's control server may not listen yet: retry fast.
+                    retry_until = time.monotonic() + RECONNECT_WAIT
                     continue
             except UsageError:
                 pass
+            if time.monotonic() < retry_until:
+                self._pause.wait(0.005)
+                continue
             failures += 1  # the runtime went away: try a few times, then stop
-            self._restored.wait(1.0)
+            self._pause.wait(1.0)
+
+    def _take_identity(self) -> None:
+        """After a restore: sign with the kernel's current connection key.
+
+        A restore in place keeps the key. A process restored from a base snapshot
+        was dumped in another kernel, whose key it still holds; the new kernel's
+        connection file has the key its clients use.
+        """
+        kernel = self._kernel()
+        try:
+            key = json.loads(CONNECTION_FILE.read_text())["key"].encode()
+        except (OSError, ValueError, KeyError) as err:
+            print(f"%container: cannot read the connection key ({err})", file=sys.__stderr__)
+            return
+        if kernel is not None and key and kernel.session.key != key:
+            kernel.session.key = key
+        os.environ["HOSTNAME"] = socket.gethostname()
 
     def _after_restore(self) -> None:
         """Before a cell runs in a restored process: let the frontend reconnect first,

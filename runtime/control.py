@@ -81,6 +81,10 @@ class ControlServer:
         self.token = token
         self.on_new_process = on_new_process
         self.pending: dict[str, Any] | None = None
+        #: Set at the first request that passes the checks: the kernel process holds
+        #: this server's credentials (a kernel restored from a base learns them
+        #: after its restore; see ``bases.py``).
+        self.heard = asyncio.Event()
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -133,6 +137,8 @@ class ControlServer:
                 try:
                     request = json.loads(line)
                     problem = self.check(request, peer)
+                    if not problem:
+                        self.heard.set()
                     if problem:
                         reply: dict[str, Any] = {"ok": False, "error": f"refused: {problem}"}
                     elif request["op"] == "watch":

@@ -33,7 +33,7 @@ from typing import Any
 
 from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissing, SandboxError
 
-from . import cgroups, checkpoint, dedupe, layers, network, paths, runc, snapshots, volume
+from . import bases, cgroups, checkpoint, dedupe, layers, network, paths, runc, snapshots, volume
 from .bundle import RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
 from .limits import Limits, format_size
@@ -57,8 +57,10 @@ class KernelConfig:
         limits: memory, CPU, pids and disk limits.
         network: ``none`` or ``egress``.
         uid, gid: the unprivileged user the kernel runs as.
-        cwd: the notebook's working directory, visible at the same path inside.
+        cwd: the notebook's working directory, visible at the same path inside
+            (except for a kernel started from a base: see ``bases.py``).
         executable: the kernel's Python; its environment is bound in read-only.
+        base: the id of the base snapshot new kernels start from, or empty.
     """
 
     image: str
@@ -68,6 +70,7 @@ class KernelConfig:
     gid: int
     cwd: str
     executable: str
+    base: str = ""
 
 
 def default_uid(cwd: str, fallback: int = 65534) -> int:
@@ -215,7 +218,11 @@ class Runtime:
         cwd = check_cwd(config.cwd)
         prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
         image_layers = layers.image_layers(config.image)
-        points = layers.mountpoint_layer([*prefixes, cwd])
+        base, why_cold, inside = _fitting_base(config, [str(p) for p in prefixes])
+        points = layers.mountpoint_layer([*prefixes, Path(inside)])
+        if base is not None and base["layers"] != [points, *image_layers]:
+            base, why_cold, inside = None, "its image's files differ from this kernel's", str(cwd)
+            points = layers.mountpoint_layer([*prefixes, cwd])
         kdir.mkdir(parents=True)
         index = None
         try:
@@ -233,6 +240,9 @@ class Runtime:
                 "python_prefixes": [str(p) for p in prefixes],
                 "executable": config.executable,
                 "cwd": str(cwd),
+                "cwd_inside": inside,  # where the kernel sees it; see bases.py
+                "base": base["id"] if base else None,
+                "base_note": why_cold,
                 "limits": config.limits.to_dict(),
                 "network": config.network,
                 "index": index,
@@ -287,7 +297,7 @@ class Runtime:
             SpecParams(
                 argv=argv,
                 env=env,
-                cwd=record["cwd"],
+                cwd=_inside(record),
                 uid=uid,
                 gid=gid,
                 hostname=record["hostname"],
@@ -307,9 +317,13 @@ class Runtime:
             if not network.exists(record["netns"]):
                 await network.add_namespace(record["netns"])
             # runc and the network set-up run side by side (see network.configure).
-            launch = asyncio.ensure_future(
-                runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
-            )
+            if record.get("base") and not record.get("started_from"):
+                launch = asyncio.ensure_future(self._start_from_base(kernel_id, record))
+            else:
+                record["started_from"] = "cold"
+                launch = asyncio.ensure_future(
+                    runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
+                )
             steps: list[asyncio.Future[Any]] = [launch]
             if not network.configured(addr):
                 egress = record["network"] == "egress"
@@ -319,13 +333,57 @@ class Runtime:
             for result in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
-            return launch.result()
+            write_json(kdir / "record.json", record)
+            pid: int = launch.result()
+            return pid
         except BaseException:
             # Undo what was done; the error that stopped the start is the one raised.
             with contextlib.suppress(SandboxError):
                 await runc.delete(record["container_id"])
             self._unmount(kdir)
             raise
+
+    async def _start_from_base(self, kernel_id: str, record: dict[str, Any]) -> int:
+        """Start the kernel by restoring its base's memory; cold where that fails.
+
+        Sets ``record["started_from"]`` to ``base`` or ``cold`` (with the reason in
+        ``base_note`` and the kernel's log); a restart always starts cold.
+        """
+        kdir = self.kernel_dir(kernel_id)
+        pid_file = kdir / "container.pid"
+        try:
+            criu = checkpoint.criu_binary()
+            await asyncio.to_thread(bases.verify, record["base"])
+            work = kdir / "criu-work"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            images = bases.base_dir(record["base"]) / "criu"
+            # The restored process has its stdio open on the log (see bundle.py).
+            log = self.log_path(kernel_id)
+            log.touch(mode=0o600)
+            os.chown(log, record["uid"], record["gid"])
+            pid = await runc.restore(record["container_id"], criu, kdir, images, work, pid_file)
+            record["started_from"] = "base"
+            return pid
+        except SandboxError as err:
+            record["started_from"] = "cold"
+            record["base_note"] = f"the base could not be restored: {err}"
+            self.append_log(kernel_id, f"started cold: {record['base_note']}")
+            with contextlib.suppress(SandboxError):
+                await runc.delete(record["container_id"])
+        return await runc.run_detached(record["container_id"], kdir, pid_file)
+
+    async def start_cold(self, kernel_id: str, note: str) -> int:
+        """Replace kernel ``kernel_id``'s process by a cold start on the same files
+        (a base restore that went wrong); return the new host pid."""
+        async with self._exclusive(kernel_id):
+            record = self.record(kernel_id)
+            kdir = self.kernel_dir(kernel_id)
+            await runc.delete(record["container_id"])
+            record["started_from"], record["base_note"] = "cold", note
+            write_json(kdir / "record.json", record)
+            self.append_log(kernel_id, f"started cold: {note}")
+            return await runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
 
     async def stop(self, kernel_id: str) -> None:
         """Kill and delete the container and unmount its filesystems.
@@ -495,6 +553,12 @@ class Runtime:
                     "image": record["image"],
                     "layers": record["layers"],
                     "kernel_id": kernel_id,
+                    # What a kernel started from this snapshot as a base must match.
+                    "uid": record["uid"],
+                    "gid": record["gid"],
+                    "executable": record["executable"],
+                    "python_prefixes": record["python_prefixes"],
+                    "cwd_inside": _inside(record),
                     "file_bytes": await asyncio.to_thread(_tree_bytes, draft.files),
                     "paused_seconds": round(paused, 4),
                     "seconds": 0.0,
@@ -586,7 +650,7 @@ class Runtime:
             kdir = self.kernel_dir(kernel_id)
             await runc.delete(record["container_id"])
             self._unmount(kdir)
-            await asyncio.to_thread(self._make_layer, kdir, record)
+            await asyncio.to_thread(self._make_layer, kdir, record, True)
             record["snapshot"] = None
             write_json(kdir / "record.json", record)
             self._mount(kdir, record)
@@ -612,7 +676,7 @@ class Runtime:
         if since:
             snapshots.load(str(record["uid"]), since)
         changes: dict[str, Any] = {"since": since, "added": [], "changed": [], "deleted": []}
-        for part, mount in (("root", "/"), ("cwd", record["cwd"])):
+        for part, mount in (("root", "/"), ("cwd", _inside(record))):
             now = _entries(current / part)
             then = _entries(base / part) if base else {}
             for rel, entry in sorted(now.items()):
@@ -799,10 +863,17 @@ class Runtime:
     # ---- helpers -----------------------------------------------------------------
 
     @staticmethod
-    def _make_layer(kdir: Path, record: dict[str, Any]) -> None:
+    def _make_layer(kdir: Path, record: dict[str, Any], fresh: bool = False) -> None:
+        """Make the kernel's writable layer: the base's files (unless ``fresh``), else
+        an empty layer with a new home."""
         uid, gid = record["uid"], record["gid"]
         for sub in ("rootfs", "mnt/cwd", "run", "etc"):
             (kdir / sub).mkdir(parents=True, exist_ok=True)
+        if record.get("base") and not fresh:
+            layer = layer_dir(record["kernel_id"])
+            volume.delete_subvolume(layer)
+            volume.snapshot_subvolume(bases.base_dir(record["base"]) / "files", layer, False)
+            return
         Runtime._empty_layer(record)
         home = layer_dir(record["kernel_id"]) / "root" / record["home"].lstrip("/")
         home.parent.mkdir(parents=True)
@@ -834,7 +905,7 @@ class Runtime:
     def _binds(kdir: Path, record: dict[str, Any]) -> list[Bind]:
         binds = [Bind(Path("/usr"), "/usr")]
         binds += [Bind(Path(p), p) for p in record["python_prefixes"]]
-        binds.append(Bind(kdir / "mnt/cwd", record["cwd"], readonly=False))
+        binds.append(Bind(kdir / "mnt/cwd", _inside(record), readonly=False))
         binds.append(Bind(kdir / "run", RUN_DIR, readonly=False))
         binds += [Bind(kdir / "etc" / n, f"/etc/{n}") for n in layers.PER_KERNEL_ETC]
         return binds
@@ -926,6 +997,34 @@ def _host_resolv() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
+
+
+def _inside(record: dict[str, Any]) -> str:
+    """Where the kernel sees its working folder."""
+    return str(record.get("cwd_inside") or record["cwd"])
+
+
+def _fitting_base(
+    config: KernelConfig, prefixes: list[str]
+) -> tuple[dict[str, Any] | None, str, str]:
+    """The base a new kernel can start from: (its meta or None, why not, the
+    in-container path of the working folder)."""
+    if not config.base:
+        return None, "", config.cwd
+    try:
+        meta = bases.load(config.base)
+    except ConfigError as err:
+        return None, str(err), config.cwd
+    wanted = {
+        "image": config.image, "uid": config.uid, "gid": config.gid,
+        "executable": config.executable, "python_prefixes": prefixes,
+    }  # fmt: skip
+    for key, value in wanted.items():
+        if key not in meta:
+            return None, "its snapshot is older than base snapshots; take it again", config.cwd
+        if meta[key] != value:
+            return None, f"its {key.replace('_', ' ')} is {meta[key]!r}, not {value!r}", config.cwd
+    return meta, "", str(meta["cwd_inside"])
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -193,8 +193,20 @@ def verify(owner: str, name: str) -> dict[str, Any]:
         SnapshotNotFound: there is no such snapshot.
         SnapshotCorrupt: a CRIU image or a file layer is missing or changed.
     """
-    meta = load(owner, name)
-    folder = snapshot_dir(owner, name)
+    return check_folder(snapshot_dir(owner, name), load(owner, name))
+
+
+def check_folder(folder: Path, meta: dict[str, Any], read: bool = True) -> dict[str, Any]:
+    """Check the snapshot (or base) in ``folder``, whose meta is ``meta``; return the meta.
+
+    Without ``read``, an image not written since its checksum was taken is not read
+    here: btrfs still checks each block as CRIU reads it, and fails the restore
+    on a bad one.
+
+    Raises:
+        SnapshotCorrupt: a CRIU image or the file layer is missing or changed.
+    """
+    name = str(meta.get("name", folder.name))
     try:
         manifest: dict[str, dict[str, Any]] = read_json(folder / "manifest.json")
     except (OSError, ValueError) as err:
@@ -214,7 +226,8 @@ def verify(owner: str, name: str) -> dict[str, Any]:
                 # Not written since its sha256 was taken. Reading it all makes btrfs
                 # check every block against its own checksum (EIO on a bad one),
                 # and warms the page cache for CRIU.
-                _read_all(file)
+                if read:
+                    _read_all(file)
                 return None
             return None if _sha256(file) == want["sha256"] else f"{rel} does not match its checksum"
         except OSError as err:

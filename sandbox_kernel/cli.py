@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pids", default="512", help="most processes and threads (default 512)")
     p.add_argument("--disk", default="10G", help="size of the writable layer (default 10G)")
     p.add_argument("--network", default="none", help="none (default) or egress")
+    p.add_argument("--base", metavar="SNAPSHOT",
+                   help="a live snapshot every new kernel starts from (its imports and data "
+                   "are there at once)")  # fmt: skip
+    p.add_argument("--base-owner", metavar="OWNER",
+                   help="whose snapshot --base names, if several users have one")  # fmt: skip
     where = p.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for this user only")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
@@ -112,10 +117,28 @@ def _install(args: argparse.Namespace) -> int:
         raise ConfigError("network mode", args.network, "is not known; use none or egress")
     limits = Limits.parse(memory=args.memory, cpus=args.cpus, pids=args.pids, disk=args.disk)
     config = provisioner_config(args.image, limits, args.network)
+    base = None
+    if args.base_owner and not args.base:
+        raise ConfigError("--base-owner", args.base_owner, "needs --base SNAPSHOT too")
+    if args.base:
+        from .runtime import bases, snapshots
+
+        owner = bases.find_owner(args.base, args.base_owner)
+        image = snapshots.load(owner, args.base)["image"]
+        if image != args.image:
+            fix = f"was taken in image {image}; add --image {image}"
+            raise ConfigError("--base", args.base, fix)
+        base = bases.make_base(owner, args.base)
+        config["base"] = base["id"]
     prefix = sys.prefix if args.sys_prefix else None
     path = install(args.name, args.display_name, config, user=args.user, prefix=prefix)
     print(f"Installed kernelspec {args.name} in {path}")
     print(f"  image {args.image}, {limits.describe()}, network {args.network}")
+    if base is not None:
+        print(
+            f"  new kernels start from base {base['id']} (snapshot {args.base} of "
+            f"{base['snapshot_owner']}, working folder {base['cwd_inside']})"
+        )
     return 0
 
 

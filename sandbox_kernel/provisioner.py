@@ -36,6 +36,9 @@ from .runtime.network import NETWORK_MODES, Addresses
 from .runtime.process import wait_exit
 from .runtime.runtime import KERNEL_PORTS, default_uid, describe
 
+#: How long a kernel restored from a base has to confirm it took its new key.
+BASE_CONFIRM_TIMEOUT = 10.0
+
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
 MAGICS = "sandbox_kernel.magics"
 #: Variables of the server's environment a kernel gets by default. Everything else
@@ -52,6 +55,10 @@ class SandboxProvisioner(KernelProvisionerBase):
     only the host can reach.
     """
 
+    base = Unicode(
+        "", help="Id of a base snapshot (`sandbox-kernel install --base SNAPSHOT` sets it): "
+        "new kernels start by restoring its files and memory. Empty: a cold start."
+    ).tag(config=True)  # fmt: skip
     image = Unicode(
         "host", help="Image the kernel's root filesystem comes from; `host` is a read-only "
         "view of this machine's system and of the kernel's Python environment."
@@ -168,6 +175,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             gid=self.kernel_gid,
             cwd=self._cwd,
             executable=self.kernel_spec.argv[0],
+            base=self.base,
         )
         record = await self.runtime.prepare(self.kernel_id, config)
         if self.control is None:
@@ -216,8 +224,33 @@ class SandboxProvisioner(KernelProvisionerBase):
         self._track(pid)
         if self.control is not None and not self.control.listening:
             await self.control.start()
+        record = self.runtime.record(self.kernel_id)
+        if record.get("started_from") == "base":
+            await self._confirm_base_start()
+        elif record.get("base_note"):
+            self.log.warning("Kernel %s started cold: %s", self.kernel_id, record["base_note"])
         self.log.info("Started sandboxed %s", describe(self.runtime.record(self.kernel_id)))
         return self.connection_info
+
+    async def _confirm_base_start(self) -> None:
+        """Let no client in before a kernel restored from a base holds its own key.
+
+        The restored process still signs with the base's connection key until its
+        magic reads the new one, then calls the control server with the new
+        credentials. Without that call in time, the kernel starts cold instead.
+        """
+        assert self.control is not None
+        try:
+            await asyncio.wait_for(self.control.heard.wait(), BASE_CONFIRM_TIMEOUT)
+            return
+        except TimeoutError:
+            pass
+        note = (
+            f"the kernel restored from base {self.base} did not take its new key within "
+            f"{BASE_CONFIRM_TIMEOUT:.0f} s (is the sandbox_kernel.magics extension loaded?)"
+        )
+        self.log.warning("Kernel %s restarts cold: %s", self.kernel_id, note)
+        self._track(await self.runtime.start_cold(self.kernel_id, note))
 
     def _kernel_env(self, env: dict[str, str]) -> dict[str, str]:
         spec_env = set(self.kernel_spec.env) if self.kernel_spec else set()

@@ -1,0 +1,197 @@
+"""Kernel start from a base snapshot against a cold start of the same kernelspec.
+
+A sandboxed kernel runs ``--code`` (default ``import numpy``), is snapshotted, and
+the snapshot becomes the base of a second kernelspec (as ``sandbox-kernel install
+--base`` does). Then, alternately, after one untimed warm-up of each:
+
+- cold: a kernel of the kernelspec without the base; the time from
+  ``await km.start_kernel()`` to the first ``kernel_info`` reply, plus the time to
+  run ``--code`` in it: the same state the base kernel starts with;
+- base: a kernel of the base kernelspec; the time to its first ``kernel_info``
+  reply. A cell then checks, untimed, that it really came from the base.
+
+Both clients are jupyter_client's AsyncKernelManager; the reply is awaited as in
+``bench/startup.py`` (without ``wait_for_ready``'s fixed 0.2 s iopub flush). The
+target: base <= 0.5 x cold. Needs root::
+
+    .venv/bin/python bench/base_start.py [--rounds 10] [--code "import numpy"]
+        [--json out.json] [--strict]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from sandbox_kernel.kernelspec import install, provisioner_config
+from sandbox_kernel.runtime import Limits, Runtime, bases, snapshots
+
+COLD, BASE = "bench-cold", "bench-base"
+TARGET = 0.5  # base start at most this many times the cold start (with the code run)
+TIMEOUT = 60.0
+
+
+async def first_reply(kc: Any, km: AsyncKernelManager, started: float) -> float:
+    """Seconds from ``started`` until the kernel's first kernel_info reply."""
+    while True:
+        kc.kernel_info()
+        try:
+            reply: dict[str, Any] = await kc.get_shell_msg(timeout=1)
+        except Empty:
+            if not await km.is_alive() or time.perf_counter() - started > TIMEOUT:
+                raise RuntimeError("the kernel did not answer kernel_info") from None
+            continue
+        if reply["msg_type"] == "kernel_info_reply":
+            return time.perf_counter() - started
+
+
+async def run(kc: Any, code: str) -> str:
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+
+    reply = await kc.execute_interactive(code, timeout=TIMEOUT, output_hook=hook)
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"cell failed: {code!r}")
+    return "".join(out).strip()
+
+
+async def start_once(name: str, ksm: KernelSpecManager, cwd: Path, code: str) -> dict[str, float]:
+    """One timed start of kernelspec ``name``; the kernel is shut down after."""
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    kc: Any = None
+    started = time.perf_counter()
+    try:
+        await km.start_kernel(cwd=str(cwd))
+        kc = km.client()
+        kc.start_channels()
+        times = {"kernel_info": await first_reply(kc, km, started)}
+        if name == COLD:
+            # Timed to the shell's execute_reply: iopub may not be subscribed yet
+            # (wait_for_ready's flush is what waits for that).
+            msg_id = kc.execute(code, silent=True)
+            while True:
+                reply = await kc.get_shell_msg(timeout=TIMEOUT)
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    break
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"cell failed: {code!r}")
+            times["ready"] = time.perf_counter() - started
+        else:
+            times["ready"] = times["kernel_info"]
+            record = Runtime().record(km.kernel_id)
+            if record.get("started_from") != "base":
+                raise RuntimeError(f"the kernel started cold: {record.get('base_note')}")
+            if await run(kc, "print(BENCH_MARK)") != "base":
+                raise RuntimeError("the base kernel lacks the base's state")
+        return times
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+
+
+async def make_base(ksm: KernelSpecManager, cwd: Path, code: str, tmp: Path) -> tuple[str, str]:
+    """Run ``code`` in a cold kernel, snapshot it; return (owner, snapshot name)."""
+    km = AsyncKernelManager(kernel_name=COLD, kernel_spec_manager=ksm)
+    await km.start_kernel(cwd=str(cwd))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=TIMEOUT)
+        await run(kc, f"{code}\nBENCH_MARK = 'base'")
+        runtime = Runtime()
+        owner = str(runtime.record(km.kernel_id)["uid"])
+        name = f"bench-base-{uuid.uuid4().hex[:8]}"
+        await runtime.snapshot(km.kernel_id, name)
+        return owner, name
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def measure(rounds: int, tmp: Path, code: str) -> dict[str, list[dict[str, float]]]:
+    limits = Limits.parse(memory="2G", cpus="1", pids="512", disk="10G")
+    config = provisioner_config("host", limits, "none")
+    install(COLD, "cold", config, prefix=str(tmp))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp / "share" / "jupyter" / "kernels")])
+    cwd = tmp / "cwd"
+    cwd.mkdir(mode=0o755)
+    cwd.chmod(0o755)
+    owner, name = await make_base(ksm, cwd, code, tmp)
+    base_id = None
+    try:
+        base_id = bases.make_base(owner, name)["id"]
+        install(BASE, "base", {**config, "base": base_id}, prefix=str(tmp))
+        for spec in (COLD, BASE):
+            await start_once(spec, ksm, cwd, code)
+        times: dict[str, list[dict[str, float]]] = {COLD: [], BASE: []}
+        for i in range(rounds):
+            for spec in (COLD, BASE):
+                times[spec].append(await start_once(spec, ksm, cwd, code))
+                print(f"  round {i + 1}/{rounds} {spec}: {times[spec][-1]}", file=sys.stderr)
+        return times
+    finally:
+        snapshots.delete(owner, name)
+        if base_id is not None:
+            bases.delete(base_id)
+
+
+def report(times: dict[str, list[dict[str, float]]], code: str) -> dict[str, Any]:
+    def med(spec: str, key: str) -> float:
+        return statistics.median(t[key] for t in times[spec])
+
+    cold_info, cold_ready, base_ready = (
+        med(COLD, "kernel_info"),
+        med(COLD, "ready"),
+        med(BASE, "ready"),
+    )
+    ratio = base_ready / cold_ready
+    passed = ratio <= TARGET
+    print(f"\nKernel start, median of {len(times[COLD])} (the state: {code!r})")
+    print(f"{'':<44}{'seconds':>10}")
+    print(f"{'cold: first kernel_info reply':<44}{cold_info:>10.3f}")
+    print(f"{'cold: then the code run (the peer)':<44}{cold_ready:>10.3f}")
+    print(f"{'from the base: first kernel_info reply':<44}{base_ready:>10.3f}")
+    print(f"\nbase/cold {ratio:.2f}, target <= {TARGET}: {'PASS' if passed else 'FAIL'}")
+    return {"times": times, "ratio": ratio, "target": TARGET, "pass": passed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10, help="timed starts of each (default 10)")
+    parser.add_argument("--code", default="import numpy", help="what the base has run")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the figures here")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if the target is missed")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-base-", dir="/tmp"))
+    tmp.chmod(0o755)
+    try:
+        result = report(asyncio.run(measure(args.rounds, tmp, args.code)), args.code)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if args.strict and not result["pass"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Base snapshots: a live snapshot that every new kernel of a kernelspec starts from.
+
+``sandbox-kernel install NAME --base SNAPSHOT`` copies the snapshot into
+``bases/<id>/`` on the volume (the CRIU images as reflinks, the files as a btrfs
+snapshot: no data is copied) and names ``<id>`` in the kernelspec. The id is
+derived from the snapshot's checksums, so the base never changes under a
+kernelspec, and deleting or replacing the snapshot later does not touch it.
+
+A new kernel of that kernelspec gets a writable copy of the base's files and is
+started by restoring the base's memory instead of starting Python: imports and
+data the base holds are there at once. Its own identity comes after: the restored
+process takes the new kernel's connection key and control credentials from
+``/run/sandbox`` (see ``magics/container.py``) before the provisioner lets any
+client in.
+
+The process must find the mounts it was dumped with, so a base fits kernels with
+the same image, Python environment, user and in-container paths. The working
+folder is the exception: a kernel started in another folder sees that folder at
+the base's path. Where a base does not fit, or its restore fails, the kernel starts
+cold and its log says why.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sandbox_kernel.errors import ConfigError
+
+from . import snapshots
+from .fsutil import fsync_dir, read_json, write_json
+from .volume import delete_subvolume, ensure_volume, snapshot_subvolume
+
+_FICLONE = (1 << 30) | (4 << 16) | (0x94 << 8) | 9  # _IOW(0x94, 9, int)
+_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def bases_dir() -> Path:
+    """Where bases are kept, on the mounted volume."""
+    return ensure_volume() / "bases"
+
+
+def base_dir(base_id: str) -> Path:
+    """The folder of base ``base_id``.
+
+    Raises:
+        ConfigError: ``base_id`` is not a base id.
+    """
+    if not _ID_RE.match(base_id):
+        raise ConfigError(
+            "base", base_id,
+            "is not a base id; install the kernelspec again with --base SNAPSHOT",
+        )  # fmt: skip
+    return bases_dir() / base_id
+
+
+def find_owner(name: str, owner: str | None = None) -> str:
+    """The owner of snapshot ``name``: ``owner`` if given, else the only one that has it.
+
+    Raises:
+        SnapshotNotFound: nobody has it.
+        ConfigError: several owners have one of that name.
+    """
+    if owner is not None:
+        snapshots.load(owner, name)
+        return owner
+    have = [o for o in snapshots.owners() if name in snapshots.names(o)]
+    if not have:
+        raise snapshots.SnapshotNotFound(name, [])
+    if len(have) > 1:
+        owners = ", ".join(have)
+        raise ConfigError(
+            "--base", name, f"names snapshots of several owners ({owners}); add --base-owner"
+        )
+    return have[0]
+
+
+def make_base(owner: str, name: str) -> dict[str, Any]:
+    """Copy live snapshot ``name`` of ``owner`` into the bases; return the base's meta
+    (with its ``id``). The same snapshot twice gives the same base.
+
+    Raises:
+        SnapshotNotFound, SnapshotCorrupt: the snapshot is missing or damaged.
+        ConfigError: it holds files only, so there is no memory to start from.
+    """
+    meta = snapshots.verify(owner, name)
+    if meta["mode"] != "live":
+        raise ConfigError(
+            "--base", name,
+            "holds files only; a base needs a live snapshot (files and memory)",
+        )  # fmt: skip
+    source = snapshots.snapshot_dir(owner, name)
+    manifest = (source / "manifest.json").read_bytes()
+    base_id = hashlib.sha256(manifest + owner.encode() + name.encode()).hexdigest()[:16]
+    target = base_dir(base_id)
+    if (target / "meta.json").exists():
+        return load(base_id)
+    target.parent.mkdir(exist_ok=True)
+    draft = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{base_id}."))
+    try:
+        (draft / "criu").mkdir()
+        for file in sorted((source / "criu").iterdir()):
+            _clone(file, draft / "criu" / file.name)
+        fsync_dir(draft / "criu")
+        snapshot_subvolume(source / "files", draft / "files", readonly=True)
+        # The copies are new inodes: give the manifest their stamps (see verify).
+        entries: dict[str, dict[str, Any]] = json.loads(manifest)
+        for rel, entry in entries.items():
+            st = (draft / "criu" / rel).stat()
+            entry["stamp"] = [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+        write_json(draft / "manifest.json", entries)
+        meta = {**meta, "id": base_id, "snapshot": name, "snapshot_owner": owner}
+        write_json(draft / "meta.json", meta)
+        os.rename(draft, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        delete_subvolume(draft / "files")
+        shutil.rmtree(draft, ignore_errors=True)
+        raise
+    return meta
+
+
+def load(base_id: str) -> dict[str, Any]:
+    """The meta of base ``base_id``.
+
+    Raises:
+        ConfigError: there is no such base (the kernelspec names one that is gone).
+    """
+    try:
+        meta: dict[str, Any] = read_json(base_dir(base_id) / "meta.json")
+    except FileNotFoundError:
+        raise ConfigError(
+            "base", base_id,
+            "does not exist on this machine; install the kernelspec again with --base SNAPSHOT",
+        ) from None  # fmt: skip
+    return meta
+
+
+def verify(base_id: str) -> dict[str, Any]:
+    """Check base ``base_id`` before a kernel starts from it; return its meta.
+
+    Every start checks it, so unchanged images are not read again (see
+    ``snapshots.check_folder``); a changed one is hashed.
+
+    Raises:
+        ConfigError: no such base.
+        SnapshotCorrupt: it is damaged.
+    """
+    return snapshots.check_folder(base_dir(base_id), load(base_id), read=False)
+
+
+def listing() -> list[dict[str, Any]]:
+    """Every base's meta."""
+    folder = bases_dir()
+    if not folder.is_dir():
+        return []
+    found = [p for p in sorted(folder.iterdir()) if _ID_RE.match(p.name)]
+    return [read_json(p / "meta.json") for p in found if (p / "meta.json").exists()]
+
+
+def delete(base_id: str) -> None:
+    """Delete base ``base_id``; kernelspecs naming it then start kernels cold.
+
+    Raises:
+        ConfigError: no such base.
+    """
+    load(base_id)
+    folder = base_dir(base_id)
+    doomed = folder.with_name(f".deleting.{base_id}")
+    os.rename(folder, doomed)
+    delete_subvolume(doomed / "files")
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _clone(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` sharing its blocks (a reflink), keeping its owner."""
+    st = source.stat()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        os.fchown(dst.fileno(), st.st_uid, st.st_gid)
+        os.fchmod(dst.fileno(), st.st_mode & 0o7777)
+        os.fsync(dst.fileno())
