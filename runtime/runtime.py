@@ -536,13 +536,14 @@ class Runtime:
                 paused = time.monotonic() - frozen
                 parent = record.get("snapshot")
                 shared = 0
-                if mode == "live" and parent:
-                    # Unchanged pages share the parent's blocks (see dedupe.py).
-                    with contextlib.suppress(ConfigError):
-                        images = snapshots.snapshot_dir(draft.owner, parent) / "criu"
-                        shared = await asyncio.to_thread(
-                            dedupe.share_with_parent, draft.criu_dir, images
-                        )
+                like = None  # images whose unchanged pages the new ones share (dedupe.py)
+                with contextlib.suppress(ConfigError):
+                    if parent:
+                        like = snapshots.snapshot_dir(draft.owner, parent) / "criu"
+                    elif record.get("started_from") == "base" and record.get("base"):
+                        like = bases.base_dir(record["base"]) / "criu"
+                if mode == "live" and like is not None:
+                    shared = await asyncio.to_thread(dedupe.share_with_parent, draft.criu_dir, like)
                 meta = {
                     "created": time.time(),
                     "message": message,

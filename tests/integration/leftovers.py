@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from sandbox_kernel.runtime import cgroups, network, paths, snapshots, volume
+from sandbox_kernel.runtime import bases, cgroups, network, paths, snapshots, volume
 from sandbox_kernel.runtime.mounts import mounts_under
 
 
@@ -27,6 +27,7 @@ def snapshot() -> dict[str, set[str]]:
         "kernel folders": {p.name for p in kernels.iterdir()} if kernels.is_dir() else set(),
         "unfinished snapshots": {str(p) for p in snapshots.leftovers()},
         "writable layers": {p.name for p in (volume.ensure_volume() / "kernels").iterdir()},
+        "bases": {b["id"] for b in bases.listing()},
     }
 
 

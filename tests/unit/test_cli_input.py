@@ -26,6 +26,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["install", "--name", "bad name!"], "kernel name 'bad name!' is not valid"),
         (["install", "--name", "k", "--bogus"], "unrecognized arguments: --bogus"),
         (["install", "--name", "k", "--user", "--sys-prefix"], "not allowed with argument"),
+        (["install", "--name", "k", "--base-owner", "1000"],
+         "--base-owner '1000' needs --base SNAPSHOT too"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )  # fmt: skip
