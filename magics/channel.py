@@ -35,12 +35,22 @@ def available() -> bool:
 class Channel:
     """A connection to this kernel's control server."""
 
+    def __init__(self, creds: dict[str, Any] | None = None) -> None:
+        self._creds = creds
+
     @property
     def creds(self) -> dict[str, Any]:
-        """This kernel's credentials, read at each request: a process restored from a
-        base snapshot finds the new kernel's there, not the ones it was dumped with."""
+        """The credentials given, else this kernel's, read at each request: a process
+        restored from a base snapshot finds the new kernel's there, not the ones it
+        was dumped with."""
+        if self._creds is not None:
+            return self._creds
         creds: dict[str, Any] = json.loads(CREDENTIALS.read_text())
         return creds
+
+    @creds.setter
+    def creds(self, value: dict[str, Any]) -> None:
+        self._creds = value
 
     def request(self, op: str, timeout: float | None = 600, **args: Any) -> Any:
         """Send ``op`` with ``args`` and return the result.
