@@ -72,7 +72,7 @@ from jupyter_client.manager import AsyncKernelManager
 from sandbox_kernel.errors import KernelNotFound, SandboxError
 from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.provisioner import SandboxProvisioner
-from sandbox_kernel.runtime import Limits, Runtime, runc, snapshots, volume
+from sandbox_kernel.runtime import Limits, Runtime, dedupe, runc, snapshots, volume
 from sandbox_kernel.runtime.limits import parse_size
 
 SPEC = "bench-snap"
@@ -154,16 +154,17 @@ class Phases:
         (runc, "run_detached", "runc run (files fallback!)"),
         (volume, "snapshot_subvolume", "btrfs snapshot"),
         (volume, "delete_subvolume", "btrfs delete subvolume"),
-        (snapshots, "verify", "verify (sha256 of every image)"),
+        (snapshots, "check_folder", "verify (read or sha256 every image)"),
         (snapshots.Draft, "commit", "commit (sha256 + fsync of every image, rename)"),
         (_RUNTIME_MODULE, "_tree_bytes", "count file bytes"),
         (Runtime, "_mount", "mount overlays"),
         (Runtime, "_unmount", "unmount overlays"),
+        (dedupe, "share_with_parent", "share unchanged pages with the parent"),
         (snapshots, "_sha256", "sha256"),
-        (snapshots, "_fsync", "fsync"),
+        (snapshots, "_sha256_and_fsync", "sha256 + fsync"),
     )
     #: Steps inside other steps (commit and verify): shown apart, not added to the rest.
-    SUBSTEPS = frozenset({"sha256", "fsync"})
+    SUBSTEPS = frozenset({"sha256", "sha256 + fsync"})
 
     def __init__(self) -> None:
         self._current: dict[str, float] | None = None
