@@ -41,6 +41,7 @@ _SUBVOL_CREATE = _iow(14)
 _SNAP_DESTROY = _iow(15)
 _SYNC = (_MAGIC << 8) | 8  # BTRFS_IOC_SYNC: commit the running transaction
 _SPACE_INFO = (3 << 30) | (16 << 16) | (_MAGIC << 8) | 20  # BTRFS_IOC_SPACE_INFO
+_LOOP_SET_DIRECT_IO = 0x4C08
 _COMPRESSION = "btrfs.compression"  # what `btrfs property set ... compression` sets
 _DATA, _METADATA = 1, 4  # BTRFS_BLOCK_GROUP_DATA, _METADATA
 
@@ -87,6 +88,7 @@ def ensure_volume() -> Path:
             partial.rename(image)
         target.mkdir(exist_ok=True)
         run_sync(["mount", "-o", "loop", str(image), str(target)], timeout=60)
+        _direct_io(target)
     for sub in ("kernels", "snapshots"):
         (target / sub).mkdir(exist_ok=True)
     compress(target / "snapshots")
@@ -106,6 +108,32 @@ def compress(folder: Path) -> None:
     except OSError:
         pass
     os.setxattr(folder, _COMPRESSION, b"zstd")
+
+
+def _direct_io(target: Path) -> None:
+    """Have the loop device under ``target`` write to its image file with direct I/O.
+
+    Otherwise every block is cached twice (btrfs's page cache and the image file's),
+    and the image file's dirty pages throttle the next big write: consecutive
+    snapshots of a 500 MB kernel kept it frozen for 2 s instead of 0.6 s. Where the
+    host filesystem cannot do direct I/O, the loop device stays as it is.
+    """
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(target):
+            device = fields[fields.index("-") + 2]
+            if device.startswith("/dev/loop"):
+                try:
+                    fd = os.open(device, os.O_RDONLY)
+                except OSError:
+                    return
+                try:
+                    fcntl.ioctl(fd, _LOOP_SET_DIRECT_IO, 1)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            return
 
 
 def _binary(name: str) -> str:
