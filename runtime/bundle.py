@@ -7,6 +7,7 @@ runc does that part.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,55 @@ MASKED_PATHS = [
 READONLY_PATHS = [
     "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
 ]  # fmt: skip
+
+
+#: Syscalls a kernel gets EPERM for, beyond what having no capability already
+#: denies: the ones Docker's default profile withholds from a container without
+#: capabilities that the kernel would otherwise reach (namespaces, the new mount
+#: API, keyrings, BPF, perf, userfaultfd, io_uring, handles, and the rest).
+DENIED_SYSCALLS = [
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot",
+    "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "keyctl", "add_key", "request_key",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "reboot", "swapon", "swapoff", "acct", "settimeofday", "clock_settime",
+    "clock_adjtime", "adjtimex", "bpf", "perf_event_open", "userfaultfd",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "lookup_dcookie",
+    "open_by_handle_at", "name_to_handle_at", "quotactl", "quotactl_fd", "nfsservctl",
+    "vhangup", "iopl", "ioperm", "syslog", "sysfs", "uselib", "ustat", "fanotify_init",
+]  # fmt: skip
+#: clone() flags that make namespaces: refused, as Docker does without CAP_SYS_ADMIN.
+NAMESPACE_FLAGS = {
+    "CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
+    "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+}  # fmt: skip
+EPERM, ENOSYS = 1, 38
+_SECCOMP_ARCHES = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
+
+
+def seccomp_profile() -> dict[str, Any]:
+    """The kernel's seccomp filter: allow by default, refuse :data:`DENIED_SYSCALLS`
+    and namespace-making ``clone`` calls with EPERM.
+
+    ``clone3`` passes its flags in memory, where a filter cannot read them, so it
+    answers ENOSYS and the C library falls back to ``clone`` (Docker does the same).
+    Syscalls of other architectures (32-bit calls on x86_64) are refused too.
+    """
+    syscalls: list[dict[str, Any]] = [
+        {"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM},
+        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS},
+    ]
+    for flag in NAMESPACE_FLAGS.values():
+        syscalls.append(
+            {"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
+             "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]}
+        )  # fmt: skip
+    profile: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": syscalls}
+    arch = _SECCOMP_ARCHES.get(platform.machine())
+    if arch:  # else runc's default: this machine's own architecture
+        profile["architectures"] = [arch]
+    return profile
 
 
 @dataclass(frozen=True)
@@ -52,6 +102,7 @@ class SpecParams:
     limits: Limits
     binds: list[Bind] = field(default_factory=list)
     nofile: int = 4096
+    fsize: int | None = None  # largest file the kernel may write, in bytes
     memory_swap: bool = True
     criu_config: Path | None = None
 
@@ -64,6 +115,14 @@ def wrap_argv(argv: list[str]) -> list[str]:
     After ``exec`` the kernel itself is PID 1.
     """
     return ["/bin/sh", "-c", 'exec >>"$0" 2>&1 </dev/null; exec "$@"', LOG_FILE, *argv]
+
+
+def rlimits(nofile: int, fsize: int | None) -> list[dict[str, Any]]:
+    """The kernel's rlimits: open files, and the largest file (the disk size)."""
+    found = [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}]
+    if fsize:
+        found.append({"type": "RLIMIT_FSIZE", "hard": fsize, "soft": fsize})
+    return found
 
 
 def resources(limits: Limits, memory_swap: bool = True) -> dict[str, Any]:
@@ -127,7 +186,7 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
             "env": [f"{k}={v}" for k, v in sorted(p.env.items())],
             "cwd": p.cwd,
             "capabilities": no_caps,
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": p.nofile, "soft": p.nofile}],
+            "rlimits": rlimits(p.nofile, p.fsize),
             "noNewPrivileges": True,
         },
         "root": {"path": "rootfs", "readonly": False},
@@ -144,6 +203,7 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
                 {"type": "mount"},
                 {"type": "cgroup"},
             ],
+            "seccomp": seccomp_profile(),
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },

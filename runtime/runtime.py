@@ -304,6 +304,7 @@ class Runtime:
                 netns=network.netns_path(record["netns"]),
                 cgroups_path=f"/{paths.cgroup_parent()}/{record['container_id']}",
                 limits=Limits.from_dict(record["limits"]),
+                fsize=Limits.from_dict(record["limits"]).disk,
                 binds=self._binds(kdir, record),
                 memory_swap=cgroups.swap_limit_supported(),
                 criu_config=kdir / "criu.conf",

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from sandbox_kernel.runtime import bundle
 from sandbox_kernel.runtime.bundle import Bind, SpecParams, make_spec, resources, wrap_argv
 from sandbox_kernel.runtime.limits import Limits
 
@@ -79,3 +80,30 @@ def test_proc_is_masked_and_sys_read_only() -> None:
     sysfs = next(m for m in spec["mounts"] if m["destination"] == "/sys")
     cgroup = next(m for m in spec["mounts"] if m["destination"] == "/sys/fs/cgroup")
     assert "ro" in sysfs["options"] and "ro" in cgroup["options"]
+
+
+def test_seccomp_refuses_namespaces_keys_and_the_new_mount_api() -> None:
+    profile = bundle.seccomp_profile()
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    denied = {
+        name for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ERRNO"
+        and rule["errnoRet"] == bundle.EPERM and "args" not in rule for name in rule["names"]
+    }  # fmt: skip
+    assert {"unshare", "setns", "keyctl", "add_key", "bpf", "fsopen", "userfaultfd"} <= denied
+    clone_rules = [r for r in profile["syscalls"] if r["names"] == ["clone"]]
+    flags = {r["args"][0]["value"] for r in clone_rules}
+    assert flags == set(bundle.NAMESPACE_FLAGS.values())
+    for rule in clone_rules:  # (flags & flag) == flag: only calls that set the flag
+        assert rule["args"][0]["op"] == "SCMP_CMP_MASKED_EQ"
+        assert rule["args"][0]["valueTwo"] == rule["args"][0]["value"]
+    assert {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": bundle.ENOSYS} in (
+        profile["syscalls"]
+    )
+
+
+def test_rlimits_cap_open_files_and_file_size_at_the_disk_size() -> None:
+    assert bundle.rlimits(4096, 10 << 30) == [
+        {"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096},
+        {"type": "RLIMIT_FSIZE", "hard": 10 << 30, "soft": 10 << 30},
+    ]
+    assert bundle.rlimits(4096, None) == [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}]
