@@ -14,9 +14,9 @@ setup: system venv criu kernelspec
 
 # runc, iproute2, nftables and btrfs-progs from the distribution; CRIU >= 4.2 comes from `criu`.
 system:
-	@if ! command -v runc >/dev/null || ! command -v ip >/dev/null || ! command -v nft >/dev/null || ! command -v mkfs.btrfs >/dev/null; then \
-		echo "Installing runc, iproute2, nftables and btrfs-progs"; \
-		apt-get update -q && apt-get install -y -q runc iproute2 nftables btrfs-progs; \
+	@if ! command -v runc >/dev/null || ! command -v ip >/dev/null || ! command -v nft >/dev/null || ! command -v mkfs.btrfs >/dev/null || ! test -x /usr/bin/tini; then \
+		echo "Installing runc, iproute2, nftables, btrfs-progs and tini"; \
+		apt-get update -q && apt-get install -y -q runc iproute2 nftables btrfs-progs tini; \
 	fi
 
 venv: $(VENV)/.installed

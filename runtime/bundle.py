@@ -103,18 +103,23 @@ class SpecParams:
     binds: list[Bind] = field(default_factory=list)
     nofile: int = 4096
     fsize: int | None = None  # largest file the kernel may write, in bytes
+    init: str | None = None  # the container's PID 1, which runs argv (see wrap_argv)
     memory_swap: bool = True
     criu_config: Path | None = None
 
 
-def wrap_argv(argv: list[str]) -> list[str]:
-    """The container's process: a shell that sends stdio to the log, then execs ``argv``.
+def wrap_argv(argv: list[str], init: str | None = None) -> list[str]:
+    """The container's process: a shell that sends stdio to the log, then execs
+    ``init -- argv`` (or ``argv`` itself without an init).
 
     The redirect happens inside the container, so no host file descriptor is left in
     the kernel (CRIU cannot dump one), and the log outlives checkpoint and restore.
-    After ``exec`` the kernel itself is PID 1.
+    The init (tini) is PID 1: it reaps the orphans a kernel's subprocesses leave,
+    which a kernel as PID 1 would not (their pids would stay taken, up to the pids
+    limit), and passes signals on to the kernel.
     """
-    return ["/bin/sh", "-c", 'exec >>"$0" 2>&1 </dev/null; exec "$@"', LOG_FILE, *argv]
+    command = [init, "--", *argv] if init else argv
+    return ["/bin/sh", "-c", 'exec >>"$0" 2>&1 </dev/null; exec "$@"', LOG_FILE, *command]
 
 
 def rlimits(nofile: int, fsize: int | None) -> list[dict[str, Any]]:
@@ -182,7 +187,7 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
         "process": {
             "terminal": False,
             "user": {"uid": p.uid, "gid": p.gid},
-            "args": wrap_argv(p.argv),
+            "args": wrap_argv(p.argv, p.init),
             "env": [f"{k}={v}" for k, v in sorted(p.env.items())],
             "cwd": p.cwd,
             "capabilities": no_caps,

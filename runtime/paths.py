@@ -61,6 +61,22 @@ def runc_binary() -> str:
     return _require("runc", "apt-get install -y runc", "SANDBOX_KERNEL_RUNC")
 
 
+#: The container's init: PID 1, it reaps orphaned processes and passes signals on to
+#: the kernel. Inside the container it is the host's, through the /usr bind.
+TINI = "/usr/bin/tini"
+
+
+def tini_binary() -> str:
+    """The init the kernel runs under (see :data:`TINI`).
+
+    Raises:
+        RequirementMissing: tini is not installed.
+    """
+    if not Path(TINI).exists():
+        raise RequirementMissing("tini", "apt-get install -y tini")
+    return TINI
+
+
 def ip_binary() -> str:
     """iproute2's ``ip``."""
     return _require("ip", "apt-get install -y iproute2")

@@ -305,6 +305,7 @@ class Runtime:
                 cgroups_path=f"/{paths.cgroup_parent()}/{record['container_id']}",
                 limits=Limits.from_dict(record["limits"]),
                 fsize=Limits.from_dict(record["limits"]).disk,
+                init=paths.tini_binary(),
                 binds=self._binds(kdir, record),
                 memory_swap=cgroups.swap_limit_supported(),
                 criu_config=kdir / "criu.conf",

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runtime import cgroups
+from .runtime import cgroups, paths
 from .runtime.criu import MIN_VERSION, criu_version, find_criu, probe_dump
 
 
@@ -37,6 +37,8 @@ def run_checks() -> Iterator[Check]:
     runc = shutil.which("runc")
     version = _run([runc, "--version"]).stdout.splitlines()[0] if runc else "not found"
     yield Check("runc", bool(runc), version, "apt-get install -y runc")
+    tini = Path(paths.TINI).exists()
+    yield Check("tini", tini, paths.TINI if tini else "not found", "apt-get install -y tini")
 
     overlay = "overlay" in Path("/proc/filesystems").read_text()
     yield Check("overlayfs", overlay, "supported" if overlay else "not in /proc/filesystems",

@@ -36,15 +36,17 @@ async def test_own_hostname_and_processes(kernels: Kernels, make_spec) -> None:
             "print(socket.gethostname())\n"
             "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
             "print(open('/proc/1/cmdline').read().replace('\\0', ' '))\n"
-            "print(os.getpid())",
+            "print(os.getpid(), os.getppid())",
         )
     ).check()
-    hostname, pids, cmdline, mypid = out.splitlines()
+    hostname, pids, cmdline, ids = out.splitlines()
     assert hostname != socket.gethostname()
     assert hostname.startswith("kernel-")
-    assert mypid == "1", "the kernel should be the container's first process"
-    assert pids == "[1]", f"the kernel sees other processes: {pids}"
-    assert "ipykernel" in cmdline
+    # PID 1 is the container's init (tini), and the kernel is its only child.
+    assert cmdline.startswith("/usr/bin/tini -- ") and "ipykernel" in cmdline
+    mypid, parent = ids.split()
+    assert parent == "1", "the kernel should be the init's child"
+    assert pids == f"[1, {mypid}]", f"the kernel sees other processes: {pids}"
 
 
 async def test_writes_stay_in_the_kernels_layer(kernels: Kernels, make_spec, workdir) -> None:
