@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import pwd
@@ -530,6 +531,8 @@ class Runtime:
                             await runc.checkpoint(cid, criu, draft.criu_dir, work, env)
                             mode = "live"
                         except SandboxError as err:
+                            if _out_of_space(str(err), work / "dump.log"):
+                                raise snapshots.StoreFull(name) from err
                             reason = f"CRIU could not dump this kernel: {err}"
                             shutil.rmtree(draft.criu_dir, ignore_errors=True)
                 finally:
@@ -568,6 +571,11 @@ class Runtime:
                 }
                 meta["seconds"] = round(time.monotonic() - started, 4)
                 meta = await asyncio.to_thread(draft.commit, meta)
+            except OSError as err:
+                draft.discard()
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise snapshots.StoreFull(name) from err
+                raise
             except BaseException:
                 draft.discard()
                 raise
@@ -590,53 +598,92 @@ class Runtime:
             CommandError: the container could not be stopped or started.
         """
         async with self._exclusive(kernel_id):
-            record = self.record(kernel_id)
-            kdir = self.kernel_dir(kernel_id)
-            owner = str(record["uid"])
-            meta = await asyncio.to_thread(snapshots.verify, owner, name)
-            if meta["layers"] != record["layers"]:
-                raise ConfigError(
-                    "snapshot", name,
-                    f"was taken from another image or folder (image {meta['image']}); "
-                    "restore it in a kernel started from the same kernelspec and folder",
-                )  # fmt: skip
-            mode, reason = meta["mode"], meta.get("reason", "")
-            criu = None
-            if mode == "live":
-                try:
-                    criu = checkpoint.criu_binary()
-                except RequirementMissing as err:
-                    mode, reason = "files", str(err)
-            await runc.delete(record["container_id"])
-            self._unmount(kdir)
-            volume.delete_subvolume(layer_dir(kernel_id))
-            files = snapshots.snapshot_dir(owner, name) / "files"
-            volume.snapshot_subvolume(files, layer_dir(kernel_id), readonly=False)
-            record["snapshot"] = name
-            write_json(kdir / "record.json", record)
-            self._mount(kdir, record)
-            pid_file = kdir / "container.pid"
+            return await self._restore(kernel_id, name)
+
+    async def finish_restore(self, kernel_id: str) -> int | None:
+        """Complete a restore whose runtime died in the middle; return the new pid.
+
+        A restore notes its snapshot in the kernel's record before it stops the
+        kernel, and clears the note when the kernel runs again. A note left behind
+        means the old process is gone and the new one may not be whole: the restore
+        is done again from the start. None if no restore was cut short.
+        """
+        async with self._exclusive(kernel_id):
+            name = self.record(kernel_id).get("restoring")
+            if not name:
+                return None
+            self.append_log(kernel_id, f"finishing the restore of {name}, cut short")
             try:
-                if criu is not None:
-                    work = kdir / "criu-work"
-                    shutil.rmtree(work, ignore_errors=True)
-                    work.mkdir()
-                    (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
-                    images = snapshots.snapshot_dir(owner, name) / "criu"
-                    try:
-                        pid = await runc.restore(
-                            record["container_id"], criu, kdir, images, work, pid_file
-                        )
-                        return {"pid": pid, "mode": "live", "reason": "", "name": name}
-                    except SandboxError as err:
-                        await runc.delete(record["container_id"])
-                        mode, reason = "files", f"CRIU could not restore the memory: {err}"
-                        self.append_log(kernel_id, f"restore of {name}: {reason}")
-                pid = await runc.run_detached(record["container_id"], kdir, pid_file)
-                return {"pid": pid, "mode": mode, "reason": reason, "name": name}
+                done = await self._restore(kernel_id, name)
             except BaseException:
-                self._unmount(kdir)
+                record = self.record(kernel_id)
+                record.pop("restoring", None)  # tried once: the kernel restarts instead
+                write_json(self.kernel_dir(kernel_id) / "record.json", record)
                 raise
+            pid: int = done["pid"]
+            return pid
+
+    async def _restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+        """:meth:`restore`, with the kernel's lock held."""
+        record = self.record(kernel_id)
+        kdir = self.kernel_dir(kernel_id)
+        owner = str(record["uid"])
+        meta = await asyncio.to_thread(snapshots.verify, owner, name)
+        if meta["layers"] != record["layers"]:
+            raise ConfigError(
+                "snapshot", name,
+                f"was taken from another image or folder (image {meta['image']}); "
+                "restore it in a kernel started from the same kernelspec and folder",
+            )  # fmt: skip
+        mode, reason = meta["mode"], meta.get("reason", "")
+        criu = None
+        if mode == "live":
+            try:
+                criu = checkpoint.criu_binary()
+            except RequirementMissing as err:
+                mode, reason = "files", str(err)
+        await runc.delete(record["container_id"])
+        # The old process is gone: note the restore, so one cut short from here on
+        # is finished by whoever notices (see finish_restore).
+        record["restoring"] = name
+        write_json(kdir / "record.json", record)
+        self._unmount(kdir)
+        volume.delete_subvolume(layer_dir(kernel_id))
+        files = snapshots.snapshot_dir(owner, name) / "files"
+        volume.snapshot_subvolume(files, layer_dir(kernel_id), readonly=False)
+        record["snapshot"] = name
+        write_json(kdir / "record.json", record)
+        self._mount(kdir, record)
+        pid_file = kdir / "container.pid"
+        try:
+            if criu is not None:
+                work = kdir / "criu-work"
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir()
+                (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
+                images = snapshots.snapshot_dir(owner, name) / "criu"
+                try:
+                    pid = await runc.restore(
+                        record["container_id"], criu, kdir, images, work, pid_file
+                    )
+                    self._restored(kernel_id)
+                    return {"pid": pid, "mode": "live", "reason": "", "name": name}
+                except SandboxError as err:
+                    await runc.delete(record["container_id"])
+                    mode, reason = "files", f"CRIU could not restore the memory: {err}"
+                    self.append_log(kernel_id, f"restore of {name}: {reason}")
+            pid = await runc.run_detached(record["container_id"], kdir, pid_file)
+            self._restored(kernel_id)
+            return {"pid": pid, "mode": mode, "reason": reason, "name": name}
+        except BaseException:
+            self._unmount(kdir)
+            raise
+
+    def _restored(self, kernel_id: str) -> None:
+        """Clear the note of a restore in progress: the kernel runs again."""
+        record = self.record(kernel_id)
+        record.pop("restoring", None)
+        write_json(self.kernel_dir(kernel_id) / "record.json", record)
 
     async def reset(self, kernel_id: str) -> dict[str, Any]:
         """Give kernel ``kernel_id`` a fresh start on the image's pristine files.
@@ -1000,6 +1047,14 @@ def _host_resolv() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
+
+
+def _out_of_space(error: str, log: Path) -> bool:
+    """Whether a failed CRIU dump ran out of room on the volume."""
+    marks = ("No space left on device", "Disk quota exceeded")
+    with contextlib.suppress(OSError):
+        error += log.read_text(errors="replace")[-20000:]
+    return any(mark in error for mark in marks)
 
 
 def _inside(record: dict[str, Any]) -> str:

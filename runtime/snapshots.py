@@ -57,6 +57,19 @@ class SnapshotCorrupt(SandboxError):
         )
 
 
+class StoreFull(SandboxError):
+    """The volume has no room for a snapshot; nothing of it was kept."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"no space left on the snapshot volume for snapshot {name!r}: nothing was "
+            "saved and the kernel runs on. Delete snapshots you no longer need "
+            "(`%container delete NAME`), or give the volume more room "
+            "(SANDBOX_KERNEL_VOLUME_SIZE)"
+        )
+
+
 def check_name(name: str) -> str:
     """Validate a snapshot name.
 

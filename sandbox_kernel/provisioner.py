@@ -26,7 +26,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Enum, Float, Int, List, Unicode, Union, default, validate
 
-from .errors import KernelStateError
+from .errors import KernelStateError, SandboxError
 from .runtime import KernelConfig, Limits, Runtime
 from .runtime.bundle import CONNECTION_FILE
 from .runtime.control import ControlServer, write_credentials
@@ -308,7 +308,14 @@ class SandboxProvisioner(KernelProvisionerBase):
         """After a restore (by the CLI or a magic) the container's init is a new
         process: track it and report the kernel alive. False if the kernel is gone.
         """
-        pid = await self.runtime.container_pid(self.kernel_id)
+        pid = None
+        if not self._shutdown_requested:
+            try:
+                pid = await self.runtime.finish_restore(self.kernel_id)
+            except SandboxError as err:
+                self.log.warning("Kernel %s: a cut-short restore failed: %s", self.kernel_id, err)
+        if pid is None:
+            pid = await self.runtime.container_pid(self.kernel_id)
         if pid is None:
             return False
         if pid != self.pid:  # else the control server already followed it
@@ -335,8 +342,20 @@ class SandboxProvisioner(KernelProvisionerBase):
             status = 0
         else:
             status = 1
+            # Died by itself: the restarter's message says nothing of why; its log does.
+            self.log.warning(
+                "Kernel %s exited by itself; the end of its log:\n%s",
+                self.kernel_id, self._log_tail(),
+            )  # fmt: skip
         self._exit_status = status
         return status
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.runtime.log_path(self.kernel_id).read_text(errors="replace")
+        except OSError as err:
+            return f"(no log: {err.strerror})"
+        return "\n".join(text.splitlines()[-lines:])
 
     async def wait(self) -> int | None:
         """Wait for the kernel to exit, without polling; return its status.

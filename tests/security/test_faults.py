@@ -1,0 +1,172 @@
+"""Fault injection: the faults of ../shared/SECURITY.md, caused for real.
+
+Faults covered elsewhere: the server killed and restarted (test_server_crash.py),
+the runtime killed mid-snapshot and a corrupted snapshot (test_snapshots.py), OOM
+of the kernel (test_limits.py), OOM of a child process (test_probes.py, probe 20).
+Numbers in test names are the faults' numbers in SECURITY.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
+
+from sandbox_kernel.kernelspec import install, provisioner_config
+from sandbox_kernel.runtime import Limits, Runtime, runc, snapshots, volume
+
+from ..integration.conftest import Kernels, run_cli, wait_until
+from ..integration.probe import run_cell
+
+pytestmark = pytest.mark.integration
+
+OWNER = "65534"
+
+
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for name in made:
+        if name in snapshots.names(OWNER):
+            snapshots.delete(OWNER, name)
+
+
+def _kernel_process(runtime: Runtime, kernel_id: str, init: int) -> int:
+    """The host pid of the kernel (the init's child)."""
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    assert len(children) == 1, f"the init has children {children}"
+    return int(children[0])
+
+
+async def test_f1_a_killed_kernel_is_brought_back_and_nothing_of_it_is_left(
+    kernels: Kernels, make_spec
+) -> None:
+    km, kc = await kernels.start(make_spec())
+    assert isinstance(km, AsyncIOLoopKernelManager)
+    runtime = Runtime()
+    init = await runtime.container_pid(km.kernel_id)
+    assert init is not None
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")
+    (await run_cell(kc, "x = 'before'")).check()
+    os.kill(_kernel_process(runtime, km.kernel_id, init), signal.SIGKILL)
+    await asyncio.wait_for(restarted.wait(), 60)
+    await kc.wait_for_ready(timeout=60)
+    cell = await run_cell(kc, "print('x' in globals())")
+    assert cell.check().strip() == "False"
+    assert not Path(f"/proc/{init}").exists(), "the old container's init is still there"
+    new = await runtime.container_pid(km.kernel_id)
+    assert new is not None and new != init
+
+
+async def test_f2_a_kernel_that_dies_at_every_start_is_given_up_with_its_log(
+    kernels: Kernels, spec_prefix: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"broken-{uuid.uuid4().hex[:8]}"
+    limits = Limits.parse(memory="512M", cpus="1", pids="64", disk="1G")
+    folder = Path(install(name, name, provisioner_config("host", limits, "none"),
+                          prefix=str(spec_prefix)))  # fmt: skip
+    spec = json.loads((folder / "kernel.json").read_text())
+    spec["argv"] = [
+        spec["argv"][0], "-c",
+        "import sys; sys.stderr.write('boom: this kernel cannot start\\n'); sys.exit(3)",
+        "-f", "{connection_file}",
+    ]  # fmt: skip
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    km = AsyncIOLoopKernelManager(kernel_name=name, kernel_spec_manager=kernels.ksm)
+    kernels.managers.append(km)
+    caplog.set_level(logging.WARNING)
+    await km.start_kernel(cwd=str(kernels.cwd))
+    assert km._restarter is not None
+    km._restarter.restart_limit = 2
+    dead = asyncio.Event()
+    km.add_restart_callback(dead.set, "dead")  # a restarter exists only after the start
+    await asyncio.wait_for(dead.wait(), 60)
+    assert "boom: this kernel cannot start" in caplog.text, caplog.text
+    await km.shutdown_kernel(now=True)
+
+
+async def test_f4_a_memory_limit_below_use_is_refused(kernels: Kernels, make_spec) -> None:
+    km, kc = await kernels.start(make_spec(memory="1G"))
+    (await run_cell(kc, "hog = bytearray(200 << 20)")).check()
+    done = await run_cli("limits", km.kernel_id, "--memory", "64M")
+    assert done.returncode == 2, done
+    assert "64M" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert (await run_cell(kc, "print(len(hog) >> 20)")).check().strip() == "200"
+
+
+async def test_f6_the_runtime_killed_mid_restore_leaves_the_kernel_restored_whole(
+    kernels: Kernels, make_spec, names
+) -> None:
+    km, kc = await kernels.start(make_spec(memory="1G"))
+    (
+        await run_cell(kc, "import numpy as np; big = np.ones(300 << 20, np.uint8); x = 'snap'")
+    ).check()
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    done = await run_cli("snapshot", km.kernel_id, name)
+    assert done.returncode == 0, done.stderr
+    (await run_cell(kc, "x = 'after'")).check()
+    runtime = Runtime()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbox_kernel.cli", "restore", km.kernel_id, name,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    # Once the old process is gone (the record notes the restore then), kill the
+    # runtime with runc and CRIU under it.
+    await wait_until(
+        lambda: "restoring" in runtime.record(km.kernel_id), 30, "the old kernel to go", 0.001
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+    # The provisioner's next look finishes the restore.
+    assert await km.is_alive()
+    await kc.wait_for_ready(timeout=60)
+    out = await run_cell(kc, "print(x, int(big[:4].sum()))")
+    assert out.check().strip() == "snap 4"
+    assert "restoring" not in runtime.record(km.kernel_id)
+    assert "finishing the restore" in runtime.log_path(km.kernel_id).read_text()
+    state = await runc.state(f"sk-{km.kernel_id}")
+    assert state is not None and state["status"] == "running"
+
+
+async def test_f7_a_full_disk_during_a_snapshot_is_a_clear_error_and_leaves_nothing(
+    kernels: Kernels, make_spec, names
+) -> None:
+    km, kc = await kernels.start(make_spec(memory="1G"))
+    (
+        await run_cell(
+            kc,
+            "import numpy as np; big = np.random.default_rng(1).integers(0, 255, 128 << 20, np.uint8)",
+        )
+    ).check()
+    filler = volume.volume_dir() / f"filler-{uuid.uuid4().hex[:8]}"
+    free = os.statvfs(volume.volume_dir())
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, free.f_bavail * free.f_frsize - (32 << 20))
+        finally:
+            os.close(fd)
+        done = await run_cli("snapshot", km.kernel_id, name)
+    finally:
+        filler.unlink(missing_ok=True)
+    assert done.returncode != 0, done.stdout
+    assert "no space left on the snapshot volume" in done.stderr, done.stderr
+    assert name not in snapshots.names(OWNER)
+    assert not snapshots.leftovers()
+    out = await run_cell(kc, "print(big.shape[0] >> 20)")
+    assert out.check().strip() == "128"  # the kernel runs on, thawed
