@@ -418,15 +418,7 @@ _RESTORE_FIELDS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_time
                    4: "restore_time", 5: "pages_restored"}  # fmt: skip
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
+_varint = dedupe.read_varint
 
 
 def _pb_fields(data: bytes) -> dict[int, int | bytes]:

@@ -47,7 +47,8 @@ class Run:
     offset: int
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The protobuf varint at ``pos`` of ``data``, and the position after it."""
     value = shift = 0
     while True:
         byte = data[pos]
@@ -63,12 +64,12 @@ def _fields(message: bytes) -> dict[int, int]:
     found: dict[int, int] = {}
     pos = 0
     while pos < len(message):
-        key, pos = _varint(message, pos)
+        key, pos = read_varint(message, pos)
         kind = key & 7
         if kind == 0:
-            found[key >> 3], pos = _varint(message, pos)
+            found[key >> 3], pos = read_varint(message, pos)
         elif kind == 2:
-            length, pos = _varint(message, pos)
+            length, pos = read_varint(message, pos)
             pos += length
         elif kind in (1, 5):
             pos += 8 if kind == 1 else 4

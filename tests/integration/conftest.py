@@ -27,7 +27,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 from sandbox_kernel.kernelspec import install, provisioner_config
-from sandbox_kernel.runtime import Limits
+from sandbox_kernel.runtime import Limits, snapshots
 
 from .leftovers import snapshot
 
@@ -62,6 +62,27 @@ def make_spec(spec_prefix: Path) -> Callable[..., str]:
         return made[key]
 
     return make
+
+
+#: The kernels' user in these tests (the folders are root's, so uid 65534).
+OWNER = "65534"
+
+
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    """Unique snapshot names for one test; every one is deleted afterwards."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        if name in snapshots.names(OWNER):
+            snapshots.delete(OWNER, name)
+
+
+def fresh(names: list[str]) -> str:
+    """A new snapshot name, deleted after the test (see :func:`names`)."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    return name
 
 
 @pytest.fixture

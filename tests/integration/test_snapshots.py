@@ -10,36 +10,16 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sandbox_kernel.runtime import cgroups, snapshots
 
-from .conftest import Kernels, run_cli, wait_until
+from .conftest import OWNER, Kernels, fresh, run_cli, wait_until
 from .probe import run_cell
 
 pytestmark = pytest.mark.integration
-
-OWNER = "65534"  # the kernels' user in these tests
-
-
-@pytest.fixture
-def names() -> Iterator[list[str]]:
-    """Unique snapshot names for one test; every one is deleted afterwards."""
-    made: list[str] = []
-    yield made
-    for name in made:
-        if name in snapshots.names(OWNER):
-            snapshots.delete(OWNER, name)
-
-
-def fresh(names: list[str]) -> str:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    names.append(name)
-    return name
 
 
 async def snapshot(kernel_id: str, name: str, *extra: str) -> str:

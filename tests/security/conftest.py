@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
 from tests.integration import conftest as integration
@@ -27,6 +27,7 @@ make_spec = integration.make_spec
 workdir = integration.workdir
 kernels = integration.kernels
 no_leftovers = integration.no_leftovers
+names = integration.names
 
 #: Made-up secrets in the server's environment (what a hub or a cloud sets).
 SECRETS = {
@@ -36,42 +37,29 @@ SECRETS = {
 }
 
 
-class ProbeKernels:
-    """Kernel ``a`` (the prober) and kernel ``b`` (its neighbour), with their folders."""
+@dataclass
+class Folders:
+    """The probe kernels' notebook folder, and a host secret beside it."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.cwd = root / "notebooks"
-        self.secret_file = root / "host-secret.txt"
-        self.managers: list[AsyncIOLoopKernelManager] = []
-        self.clients: list[Any] = []
+    root: Path
 
-    async def start(self, spec: str, ksm: KernelSpecManager) -> tuple[Any, Any]:
-        km = AsyncIOLoopKernelManager(kernel_name=spec, kernel_spec_manager=ksm)
-        self.managers.append(km)
-        await km.start_kernel(cwd=str(self.cwd))
-        kc = km.client()
-        self.clients.append(kc)
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        return km, kc
+    @property
+    def cwd(self) -> Path:
+        return self.root / "notebooks"
 
-    async def close(self) -> None:
-        for kc in self.clients:
-            kc.stop_channels()
-        for km in self.managers:
-            if km.has_kernel:
-                await km.shutdown_kernel(now=True)
+    @property
+    def secret_file(self) -> Path:
+        return self.root / "host-secret.txt"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pair(
     tmp_path_factory: pytest.TempPathFactory, make_spec: Any, ksm: KernelSpecManager
-) -> AsyncIterator[tuple[ProbeKernels, Any, Any, Any, Any]]:
+) -> AsyncIterator[tuple[Folders, Any, Any, Any, Any]]:
     """(folders, km_a, kc_a, km_b, kc_b): two kernels of a 512 MB, 1 CPU, 128 pids,
     network=none kernelspec, started in a folder whose parent holds a host secret."""
     root = tmp_path_factory.mktemp("probes")
-    probes = ProbeKernels(root)
+    probes = Folders(root)
     probes.cwd.mkdir()
     probes.secret_file.write_text("host secret\n")
     for part in [probes.cwd, *probes.cwd.parents]:
@@ -80,13 +68,14 @@ async def pair(
         part.chmod(part.stat().st_mode | 0o005)
     spec = make_spec(memory="512M", cpus="1", pids="128")
     before = leftovers.snapshot()
+    pool = integration.Kernels(ksm, probes.cwd)
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)
     try:
-        km_a, kc_a = await probes.start(spec, ksm)
-        km_b, kc_b = await probes.start(spec, ksm)
+        km_a, kc_a = await pool.start(spec)
+        km_b, kc_b = await pool.start(spec)
     except BaseException:
-        await probes.close()
+        await pool.close()
         raise
     finally:
         for key, value in saved.items():
@@ -97,6 +86,6 @@ async def pair(
     try:
         yield probes, km_a, kc_a, km_b, kc_b
     finally:
-        await probes.close()
+        await pool.close()
     left = {k: v - before[k] for k, v in leftovers.snapshot().items() if v - before[k]}
     assert not left, f"the probe kernels left {left}"

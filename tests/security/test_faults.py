@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,21 +24,10 @@ from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.runtime import Limits, Runtime, runc, snapshots, volume
 
-from ..integration.conftest import Kernels, run_cli, wait_until
+from ..integration.conftest import OWNER, Kernels, run_cli, wait_until
 from ..integration.probe import run_cell
 
 pytestmark = pytest.mark.integration
-
-OWNER = "65534"
-
-
-@pytest.fixture
-def names() -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for name in made:
-        if name in snapshots.names(OWNER):
-            snapshots.delete(OWNER, name)
 
 
 def _kernel_process(runtime: Runtime, kernel_id: str, init: int) -> int:
