@@ -651,6 +651,7 @@ class Runtime:
         volume.delete_subvolume(layer_dir(kernel_id))
         files = snapshots.snapshot_dir(owner, name) / "files"
         volume.snapshot_subvolume(files, layer_dir(kernel_id), readonly=False)
+        _limit_layer(record)
         record["snapshot"] = name
         write_json(kdir / "record.json", record)
         self._mount(kdir, record)
@@ -923,6 +924,7 @@ class Runtime:
             layer = layer_dir(record["kernel_id"])
             volume.delete_subvolume(layer)
             volume.snapshot_subvolume(bases.base_dir(record["base"]) / "files", layer, False)
+            _limit_layer(record)
             return
         Runtime._empty_layer(record)
         home = layer_dir(record["kernel_id"]) / "root" / record["home"].lstrip("/")
@@ -945,6 +947,7 @@ class Runtime:
         layer = layer_dir(record["kernel_id"])
         volume.delete_subvolume(layer)
         volume.create_subvolume(layer)
+        _limit_layer(record)
         for sub in ("root", "root.work", "cwd", "cwd.work"):
             (layer / sub).mkdir()
         # The merged working directory takes its owner from the upper layer's root,
@@ -1047,6 +1050,13 @@ def _host_resolv() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
+
+
+def _limit_layer(record: dict[str, Any]) -> None:
+    """Hold the kernel's writable layer to its ``disk`` size (btrfs quota)."""
+    disk = Limits.from_dict(record["limits"]).disk
+    if disk:
+        volume.limit_subvolume(layer_dir(record["kernel_id"]), disk)
 
 
 def _out_of_space(error: str, log: Path) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import uuid
 from pathlib import Path
 
 from sandbox_kernel.errors import RequirementMissing, SandboxError
@@ -41,6 +42,11 @@ _SUBVOL_CREATE = _iow(14)
 _SNAP_DESTROY = _iow(15)
 _SYNC = (_MAGIC << 8) | 8  # BTRFS_IOC_SYNC: commit the running transaction
 _SPACE_INFO = (3 << 30) | (16 << 16) | (_MAGIC << 8) | 20  # BTRFS_IOC_SPACE_INFO
+_QUOTA_CTL = (3 << 30) | (16 << 16) | (_MAGIC << 8) | 40  # BTRFS_IOC_QUOTA_CTL
+_QGROUP_LIMIT = (2 << 30) | (48 << 16) | (_MAGIC << 8) | 43  # BTRFS_IOC_QGROUP_LIMIT
+_FS_INFO = (2 << 30) | (1024 << 16) | (_MAGIC << 8) | 31  # BTRFS_IOC_FS_INFO
+_ENABLE_SIMPLE_QUOTA = 4  # BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA (Linux 6.7)
+_LIMIT_MAX_EXCL = 1 << 1  # BTRFS_QGROUP_LIMIT_MAX_EXCL
 _LOOP_SET_DIRECT_IO = 0x4C08
 _COMPRESSION = "btrfs.compression"  # what `btrfs property set ... compression` sets
 _DATA, _METADATA = 1, 4  # BTRFS_BLOCK_GROUP_DATA, _METADATA
@@ -92,7 +98,70 @@ def ensure_volume() -> Path:
     for sub in ("kernels", "snapshots"):
         (target / sub).mkdir(exist_ok=True)
     compress(target / "snapshots")
+    _enable_quotas(target)
     return target
+
+
+def _fsid(target: Path) -> str:
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        info = bytearray(1024)
+        fcntl.ioctl(fd, _FS_INFO, info)
+    finally:
+        os.close(fd)
+    return str(uuid.UUID(bytes=bytes(info[16:32])))
+
+
+def quotas_enabled(target: Path | None = None) -> bool:
+    """Whether the volume counts each subvolume's bytes (btrfs simple quotas)."""
+    target = target or volume_dir()
+    try:
+        mode = Path(f"/sys/fs/btrfs/{_fsid(target)}/qgroups/mode").read_text().strip()
+    except OSError:
+        return False
+    return mode == "squota"
+
+
+def _enable_quotas(target: Path) -> None:
+    """Turn on btrfs simple quotas, which enforce each kernel's ``disk`` size.
+
+    Simple quotas (Linux 6.7) charge each block to the subvolume that wrote it, so
+    a kernel's layer pays for its own writes and not for the blocks it shares with
+    the snapshot or base it came from. They set a feature flag on the volume that
+    btrfs-progs older than 6.7 do not know (``btrfs check`` refuses it); the
+    runtime needs neither. Where the kernel cannot, the disk size is not enforced
+    and ``sandbox-kernel doctor`` says so.
+    """
+    if quotas_enabled(target):
+        return
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _QUOTA_CTL, bytearray(struct.pack("=QQ", _ENABLE_SIMPLE_QUOTA, 0)))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def limit_subvolume(path: Path, size: int) -> bool:
+    """Let subvolume ``path`` hold at most ``size`` bytes of its own (data and
+    metadata); writes beyond fail with EDQUOT. False where quotas are off.
+
+    Raises:
+        SandboxError: the kernel refused the limit.
+    """
+    if not quotas_enabled():
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # qgroupid 0: the subvolume's own qgroup; then flags, max_rfer, max_excl, rsv x2.
+        args = bytearray(struct.pack("=QQQQQQ", 0, _LIMIT_MAX_EXCL, 0, size, 0, 0))
+        fcntl.ioctl(fd, _QGROUP_LIMIT, args)
+    except OSError as err:
+        raise SandboxError(f"btrfs: cannot limit {path} to {size} bytes: {err.strerror}") from err
+    finally:
+        os.close(fd)
+    return True
 
 
 def compress(folder: Path) -> None:

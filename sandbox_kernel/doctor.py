@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runtime import cgroups, paths
+from .errors import SandboxError
+from .runtime import cgroups, paths, volume
 from .runtime.criu import MIN_VERSION, criu_version, find_criu, probe_dump
 
 
@@ -37,6 +38,12 @@ def run_checks() -> Iterator[Check]:
     runc = shutil.which("runc")
     version = _run([runc, "--version"]).stdout.splitlines()[0] if runc else "not found"
     yield Check("runc", bool(runc), version, "apt-get install -y runc")
+    try:
+        quotas = volume.quotas_enabled(volume.ensure_volume())
+        detail = "btrfs simple quotas on the volume" if quotas else "not enforced"
+    except SandboxError as err:
+        quotas, detail = False, str(err)
+    yield Check("disk size (quota)", quotas, detail, "needs Linux >= 6.7 (btrfs simple quotas)")
     tini = Path(paths.TINI).exists()
     yield Check("tini", tini, paths.TINI if tini else "not found", "apt-get install -y tini")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import textwrap
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.runtime import Runtime
+from sandbox_kernel.runtime import Runtime, volume
 from sandbox_kernel.runtime.mounts import mounts_under
 
 from ..integration.probe import run_cell
@@ -487,6 +488,44 @@ async def test_21_busy_loops_are_held_to_the_cpu_quota(pair) -> None:
     assert r["cpu"] / r["wall"] < 1.3, (
         f"{r['cores']} spinners used {r['cpu'] / r['wall']:.2f} cores"
     )
+
+
+async def test_22_a_disk_fill_stops_at_the_kernels_quota(pair) -> None:
+    _, _, kc, _, kc_b = pair
+    before = shutil.disk_usage(volume.volume_dir()).free
+    r = await probe(
+        kc,
+        """
+        import errno, json, os
+        chunk, written, err, files = b"x" * (64 << 20), 0, None, 0
+        try:
+            while written < (4 << 30):
+                with open(f"fill-{files}", "wb") as handle:
+                    files += 1
+                    handle.write(chunk)
+                    written += len(chunk)
+        except OSError as e:
+            err = errno.errorcode[e.errno]
+        small = 0
+        try:
+            while small < 100000:
+                open(f"small-{small}", "w").close()
+                small += 1
+        except OSError as e:
+            small_err = errno.errorcode[e.errno]
+        for name in os.listdir("."):
+            if name.startswith(("fill-", "small-")):
+                os.unlink(name)
+        print(json.dumps({"written": written, "errno": err, "small_errno": small_err}))
+    """,
+    )
+    # The kernelspec's disk is 1G: its layer takes no more (data and metadata).
+    assert r["errno"] == "EDQUOT" and r["written"] <= 1 << 30, r
+    assert r["small_errno"] == "EDQUOT", r
+    assert before - shutil.disk_usage(volume.volume_dir()).free < 1200 << 20
+    out = await run_cell(kc_b, "open('mine', 'wb').write(b'y' * (64 << 20)); print('ok')")
+    assert out.check().strip() == "ok", "the neighbour could not write"
+    await run_cell(kc_b, "import os; os.unlink('mine')")
 
 
 async def test_23_file_descriptors_stop_at_the_limit(pair) -> None:
