@@ -77,12 +77,13 @@ def ensure_volume() -> Path:
         CommandError: mkfs or mount failed.
     """
     target = volume_dir()
-    if target.is_mount():
+    if target.is_mount() and str(target) in _READY:
         return target
     paths.state_dir().mkdir(parents=True, exist_ok=True)
     with open(paths.state_dir() / "volume.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_mount():
+            _set_up(target)
             return target
         image = image_path()
         if not image.exists():
@@ -95,11 +96,21 @@ def ensure_volume() -> Path:
         target.mkdir(exist_ok=True)
         run_sync(["mount", "-o", "loop", str(image), str(target)], timeout=60)
         _direct_io(target)
+        _set_up(target)
+    return target
+
+
+#: Volumes this process has set up (a mounted volume may come from an older version).
+_READY: set[str] = set()
+
+
+def _set_up(target: Path) -> None:
+    """The volume's folders, its compressed store and its quotas, where missing."""
     for sub in ("kernels", "snapshots"):
         (target / sub).mkdir(exist_ok=True)
     compress(target / "snapshots")
     _enable_quotas(target)
-    return target
+    _READY.add(str(target))
 
 
 def _fsid(target: Path) -> str:
