@@ -18,7 +18,7 @@ from pathlib import Path
 from sandbox_kernel.errors import ConfigError, SandboxError
 
 from . import paths
-from .process import run
+from .process import run, run_sync
 
 NETWORK_MODES = ("none", "egress")
 NETNS_DIR = Path("/var/run/netns")
@@ -121,6 +121,20 @@ async def add_namespace(netns: str) -> None:
         CommandError: ``ip`` failed.
     """
     await run([paths.ip_binary(), "netns", "add", netns])
+
+
+def remove_stale_veth(addr: Addresses) -> bool:
+    """Remove a veth a crashed kernel left at ``addr`` before a new kernel takes the
+    address (its end on the host would make the new kernel's set-up look done).
+    True if there was one.
+
+    Raises:
+        CommandError: ``ip`` could not remove it.
+    """
+    if not configured(addr):
+        return False
+    run_sync([paths.ip_binary(), "link", "del", addr.veth], timeout=30)
+    return True
 
 
 def configured(addr: Addresses) -> bool:

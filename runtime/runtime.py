@@ -229,6 +229,7 @@ class Runtime:
         try:
             index = network.reserve_index(kernel_id)
             addr = network.Addresses.of(index)
+            network.remove_stale_veth(addr)  # never reuse what a crash left
             user = _user_name(config.uid)
             record: dict[str, Any] = {
                 "kernel_id": kernel_id,

@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("kernel_id", nargs="?")
     p.add_argument("--delete", metavar="NAME", help="delete this snapshot (needs KERNEL_ID)")
 
+    p = sub.add_parser("bases", help="list base snapshots (install --base), or delete one")
+    p.add_argument("--delete", metavar="ID", help="delete this base; its kernelspecs start cold")
+
     p = sub.add_parser("gc", help="remove what crashed servers and kernels left behind")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
@@ -266,6 +269,24 @@ def _reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bases(args: argparse.Namespace) -> int:
+    from .runtime import bases
+
+    if args.delete:
+        bases.delete(args.delete)
+        print(f"Deleted base {args.delete}; kernelspecs naming it start kernels cold")
+        return 0
+    rows = [["ID", "SNAPSHOT", "OWNER", "CREATED", "MEMORY", "WORKING FOLDER"]]
+    for meta in bases.listing():
+        rows.append([
+            meta["id"], meta["snapshot"], meta["snapshot_owner"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"])),
+            format_size(meta["memory_bytes"]), meta["cwd_inside"],
+        ])  # fmt: skip
+    print(_table(rows) if len(rows) > 1 else "No base snapshots")
+    return 0
+
+
 def _snapshots(args: argparse.Namespace) -> int:
     from .runtime import snapshots
 
@@ -300,6 +321,7 @@ _HANDLERS: dict[str, Any] = {
     "restore": _restore,
     "snapshots": _snapshots,
     "reset": _reset,
+    "bases": _bases,
     "install": _install,
     "doctor": _doctor,
     "install-criu": _install_criu,

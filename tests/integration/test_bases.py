@@ -63,6 +63,8 @@ async def _install_base(kernels: Kernels, make_spec, data: Path) -> tuple[str, s
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "new kernels start from base" in done.stdout
+    listed = await run_cli("bases")
+    assert listed.returncode == 0 and snap in listed.stdout, listed
     return spec, base_key
 
 

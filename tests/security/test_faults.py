@@ -22,7 +22,7 @@ import pytest
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 
 from sandbox_kernel.kernelspec import install, provisioner_config
-from sandbox_kernel.runtime import Limits, Runtime, runc, snapshots, volume
+from sandbox_kernel.runtime import Limits, Runtime, network, runc, snapshots, volume
 
 from ..integration.conftest import OWNER, Kernels, run_cli, wait_until
 from ..integration.probe import run_cell
@@ -158,3 +158,26 @@ async def test_f7_a_full_disk_during_a_snapshot_is_a_clear_error_and_leaves_noth
     assert not snapshots.leftovers()
     out = await run_cell(kc, "print(big.shape[0] >> 20)")
     assert out.check().strip() == "128"  # the kernel runs on, thawed
+
+
+async def test_f9_a_veth_left_by_a_crash_is_removed_not_reused(kernels: Kernels, make_spec) -> None:
+    taken = set(network.reservations())
+    index = next(i for i in range(1, 1 << 14) if i not in taken)
+    stale = network.Addresses.of(index)
+    await asyncio.to_thread(
+        subprocess.run,
+        ["ip", "link", "add", stale.veth, "type", "veth", "peer", "name", f"{stale.veth}x"],
+        check=True,
+    )
+    try:
+        before = Path(f"/sys/class/net/{stale.veth}/ifindex").read_text()
+        km, kc = await kernels.start(make_spec())
+        record = Runtime().record(km.kernel_id)
+        assert record["index"] == index, "the test meant the kernel to get the stale address"
+        assert not Path(f"/sys/class/net/{stale.veth}x").exists(), "the stale pair is still there"
+        assert Path(f"/sys/class/net/{stale.veth}/ifindex").read_text() != before
+        assert (await run_cell(kc, "print('reached')")).check().strip() == "reached"
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, ["ip", "link", "del", f"{stale.veth}x"], capture_output=True
+        )

@@ -28,6 +28,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["install", "--name", "k", "--user", "--sys-prefix"], "not allowed with argument"),
         (["install", "--name", "k", "--base-owner", "1000"],
          "--base-owner '1000' needs --base SNAPSHOT too"),
+        (["bases", "--delete", "nope"], "base 'nope' is not a base id"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )  # fmt: skip
