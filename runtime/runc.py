@@ -155,10 +155,22 @@ async def checkpoint(
 
 
 async def restore(
-    container_id: str, criu: str, bundle: Path, images: Path, work: Path, pid_file: Path
+    container_id: str,
+    criu: str,
+    bundle: Path,
+    images: Path,
+    work: Path,
+    pid_file: Path,
+    lazy_lock: Path | None = None,
 ) -> int:
     """Restore ``container_id`` from the CRIU images in ``images``, detached; return
     the host pid of its init.
+
+    With ``lazy_lock``, memory is restored lazily: a ``criu lazy-pages`` daemon
+    serves each page through userfaultfd when the kernel first touches it, and
+    sends the rest in the background, then exits. The restore returns before the
+    pages are in. The daemon runs on its own (it outlives this process) and holds
+    ``lazy_lock`` (flock) while it reads ``images``: whoever deletes them waits.
 
     Raises:
         CommandError: the restore failed; the last lines of CRIU's log are in it.
@@ -166,8 +178,32 @@ async def restore(
     argv = [paths.runc_binary(), "--criu", criu, "restore", "--detach",
             "--image-path", str(images), "--work-path", str(work),
             "--bundle", str(bundle), "--pid-file", str(pid_file), container_id]  # fmt: skip
+    if lazy_lock is not None:
+        await _start_lazy_pages(criu, images, work, lazy_lock)
+        argv.insert(argv.index("--detach") + 1, "--lazy-pages")
     await _with_criu_log(argv, work / "restore.log", {})
     return int(pid_file.read_text().strip())
+
+
+async def _start_lazy_pages(criu: str, images: Path, work: Path, lock: Path) -> None:
+    """Start CRIU's lazy-pages daemon for ``images``, detached, holding ``lock``;
+    return once it listens on its socket in ``work`` (where the restore looks).
+
+    Raises:
+        CommandError: it did not come up.
+    """
+    socket = work / "lazy-pages.socket"
+    # setsid -f: the daemon is nobody's child here, so no zombie and no warning.
+    argv = ["/bin/sh", "-c", 'exec setsid -f "$@" </dev/null >/dev/null 2>&1', "sh",
+            "flock", str(lock), criu, "lazy-pages", "-D", str(images), "-W", str(work),
+            "-o", "lazy-pages.log"]  # fmt: skip
+    await run(argv, timeout=30)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not socket.exists():
+        if loop.time() > deadline:
+            raise CommandError(argv, 1, "CRIU's lazy-pages daemon did not start")
+        await asyncio.sleep(0.001)
 
 
 async def _with_criu_log(argv: list[str], log: Path, env: dict[str, str]) -> None:

@@ -37,7 +37,7 @@ from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissin
 from . import bases, cgroups, checkpoint, dedupe, layers, network, paths, runc, snapshots, volume
 from .bundle import RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
-from .limits import Limits, format_size
+from .limits import Limits, format_size, parse_size
 from .mounts import mount_overlay, mounts_under, unmount
 from .pyenv import home_template, merge_prefixes, package_dirs, python_prefixes
 
@@ -664,9 +664,12 @@ class Runtime:
                 work.mkdir()
                 (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
                 images = snapshots.snapshot_dir(owner, name) / "criu"
+                lazy = None
+                if meta.get("memory_bytes", 0) >= lazy_restore_size():
+                    lazy = snapshots.snapshot_dir(owner, name) / snapshots.SERVING
                 try:
                     pid = await runc.restore(
-                        record["container_id"], criu, kdir, images, work, pid_file
+                        record["container_id"], criu, kdir, images, work, pid_file, lazy
                     )
                     self._restored(kernel_id)
                     return {"pid": pid, "mode": "live", "reason": "", "name": name}
@@ -1051,6 +1054,15 @@ def _host_resolv() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
+
+
+def lazy_restore_size() -> int:
+    """Memory images at least this big are restored lazily (see ``runc.restore``):
+    ``$SANDBOX_KERNEL_LAZY_RESTORE`` (a size, or ``off``), default 256M."""
+    value = os.environ.get("SANDBOX_KERNEL_LAZY_RESTORE", "256M")
+    if value.strip().lower() == "off":
+        return 1 << 62
+    return parse_size(value, "lazy restore size")
 
 
 def _limit_layer(record: dict[str, Any]) -> None:

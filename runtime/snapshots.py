@@ -32,6 +32,9 @@ from sandbox_kernel.errors import ConfigError, SandboxError
 from .fsutil import fsync_dir, read_json, write_json
 from .volume import compress, delete_subvolume, ensure_volume, is_subvolume
 
+#: A file in a snapshot's folder that a lazy restore's page server holds locked
+#: (flock) while it reads the images; deleting the snapshot waits for it.
+SERVING = ".serving"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODES = ("live", "files")
 
@@ -266,10 +269,33 @@ def delete(owner: str, name: str) -> None:
     folder = snapshot_dir(owner, name)
     if not (folder / "meta.json").exists():
         raise SnapshotNotFound(name, names(owner))
+    _wait_for_page_server(folder)
     doomed = folder.with_name(f".deleting.{name}.{time.monotonic_ns()}")
     os.rename(folder, doomed)  # unlisted at once, even if the removal is cut short
     fsync_dir(folder.parent)
     purge(doomed)
+
+
+def _wait_for_page_server(folder: Path, timeout: float = 60) -> None:
+    """Wait (bounded) until no lazy restore still reads this snapshot's images."""
+    try:
+        fd = os.open(folder / SERVING, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"snapshot {folder.name!r} is still being restored; try again"
+                    ) from None
+                time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 def purge(folder: Path) -> None:

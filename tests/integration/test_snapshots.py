@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.runtime import cgroups, snapshots
+from sandbox_kernel.runtime import Runtime, cgroups, snapshots
 
 from .conftest import OWNER, Kernels, fresh, run_cli, wait_until
 from .probe import run_cell
@@ -272,3 +272,27 @@ async def test_a_child_snapshot_shares_unchanged_memory_and_outlives_its_parent(
         ".integers(0, 256, size=64 << 20, dtype=np.uint8)[1 << 20:].sum()))",
     )
     assert out.stdout.strip() == "0 True"
+
+
+async def test_a_lazy_restore_brings_every_page_back(kernels: Kernels, make_spec, names) -> None:
+    """Big memory images are restored lazily (a page server, through userfaultfd)."""
+    km, kc = await kernels.start(make_spec(memory="1G"))
+    make = "np.random.default_rng(3).integers(0, 256, size=96 << 20, dtype=np.uint8)"
+    (await run_cell(kc, f"import numpy as np; big = {make}; x = 'snap'")).check()
+    name = fresh(names)
+    await snapshot(km.kernel_id, name)
+    (await run_cell(kc, "big[:] = 0; x = 'after'")).check()
+    # Lazy from 1 MiB up, so this 96 MB kernel is restored lazily.
+    await restore(kc, km.kernel_id, name, env={"SANDBOX_KERNEL_LAZY_RESTORE": "1M"})
+    work = Runtime().kernel_dir(km.kernel_id) / "criu-work"
+    assert "lazy" in (work / "restore.log").read_text()
+    out = await run_cell(kc, f"print(x, bool((big == {make}).all()))")
+    assert out.check().strip() == "snap True"
+    # Deleting the snapshot waits for the page server; the kernel keeps every page.
+    snapshots.delete(OWNER, name)
+    out = await run_cell(kc, f"print(bool((big == {make}).all()))")
+    assert out.check().strip() == "True"
+    servers = await asyncio.to_thread(
+        subprocess.run, ["pgrep", "-f", f"lazy-pages -D .*{name}"], capture_output=True
+    )
+    assert servers.returncode == 1, f"a page server is left: {servers.stdout!r}"
