@@ -10,7 +10,9 @@ sides hold identical data and no compression could shrink it), named ``state``.
   then, after ``del state`` in the kernel, ``Runtime().restore()`` (it must restore
   live too). Untimed after that: the provisioner follows the restored process, the
   client waits for the kernel to answer, and a cell checks that ``state`` is back
-  and unchanged. Bytes on disk: the snapshot's CRIU images plus its files layer
+  and unchanged. Memory images of 256 MiB and more are restored lazily (see
+  ``runc.restore``): the restore returns once the processes run, and their pages
+  arrive when first touched or in the background; the check reads every byte. Bytes on disk: the snapshot's CRIU images plus its files layer
   (``memory_bytes + file_bytes``); they cover the whole kernel process (Python,
   IPython, numpy and ``state``), not just ``state``. The snapshot is deleted after.
 - dill: no kernel. A plain subprocess of this Python builds ``state`` in
