@@ -12,9 +12,11 @@ sides hold identical data and no compression could shrink it), named ``state``.
   client waits for the kernel to answer, and a cell checks that ``state`` is back
   and unchanged. Memory images of 256 MiB and more are restored lazily (see
   ``runc.restore``): the restore returns once the processes run, and their pages
-  arrive when first touched or in the background; the check reads every byte. Bytes on disk: the snapshot's CRIU images plus its files layer
-  (``memory_bytes + file_bytes``); they cover the whole kernel process (Python,
-  IPython, numpy and ``state``), not just ``state``. The snapshot is deleted after.
+  arrive when first touched or in the background; the check reads every byte.
+  Bytes on disk: what the btrfs volume holds more after the snapshot than before
+  (data and metadata, after compression, blocks shared with other snapshots not
+  counted again); they cover the whole kernel process (Python, IPython, numpy and
+  ``state``), not just ``state``. The snapshot is deleted after.
 - dill: no kernel. A plain subprocess of this Python builds ``state`` in
   ``__main__`` and times ``dill.dump_module(path)``; a fresh subprocess, with numpy
   already imported, times ``dill.load_module(path)`` and checks ``state``. Bytes on

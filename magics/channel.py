@@ -12,6 +12,7 @@ import json
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,15 @@ class Channel:
     def creds(self, value: dict[str, Any]) -> None:
         self._creds = value
 
-    def request(self, op: str, timeout: float | None = 600, **args: Any) -> Any:
-        """Send ``op`` with ``args`` and return the result.
+    def request(
+        self,
+        op: str,
+        timeout: float | None = 600,
+        on_progress: Callable[[str], None] | None = None,
+        **args: Any,
+    ) -> Any:
+        """Send ``op`` with ``args`` and return the result; lines of progress the
+        runtime sends meanwhile go to ``on_progress``.
 
         Raises:
             ChannelError: the runtime refused or failed (its message says why).
@@ -78,17 +86,21 @@ class Channel:
             with socket.create_connection((creds["host"], creds["port"]), timeout=10) as conn:
                 conn.settimeout(timeout)
                 conn.sendall(json.dumps(message).encode() + b"\n")
-                reply = b""
-                while not reply.endswith(b"\n"):
-                    chunk = conn.recv(1 << 16)
-                    if not chunk:
-                        raise Interrupted("the control connection closed")
-                    reply += chunk
+                with conn.makefile("rb") as stream:
+                    while True:
+                        reply = stream.readline()
+                        if not reply.endswith(b"\n"):
+                            raise Interrupted("the control connection closed")
+                        line = json.loads(reply)
+                        if "progress" not in line:
+                            break
+                        if on_progress is not None:
+                            on_progress(line["progress"])
         except Interrupted:
             raise
         except OSError as err:
             raise Interrupted(f"the control connection broke: {err}") from err
-        answer = json.loads(reply)
+        answer = line
         if not answer["ok"]:
             raise ChannelError(answer["error"])
         return answer["result"]

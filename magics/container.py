@@ -31,6 +31,8 @@ RECONNECT_WAIT = 10.0
 #: How long a reconnected TCP connection must be up before it is trusted to carry
 #: messages: ZeroMQ's handshake on a veth takes well under a millisecond.
 HANDSHAKE_GRACE = 0.05
+#: A snapshot that takes longer than this prints its steps as they start.
+PROGRESS_AFTER = 0.3
 
 
 def _start_time() -> str:
@@ -137,8 +139,15 @@ class ContainerMagics(Magics):
         name = args.name or time.strftime("snap-%Y%m%d-%H%M%S")
         print(f"Taking snapshot {name} ...", flush=True)
         self._subscribed.clear()
+        started = time.monotonic()
+
+        def progress(text: str) -> None:
+            # Quick snapshots stay quiet; big ones say what they are doing.
+            if time.monotonic() - started > PROGRESS_AFTER:
+                print(f"  {text}", flush=True)
+
         try:
-            meta = self._call("snapshot", name=name, message=args.message)
+            meta = self._call("snapshot", name=name, message=args.message, on_progress=progress)
         except Interrupted:
             # Either the runtime died mid-snapshot, or this process is a restore of
             # the snapshot it was taking: ask which.

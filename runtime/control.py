@@ -147,7 +147,11 @@ class ControlServer:
                         await reader.read()
                         break
                     else:
-                        result = await self.handle(request["op"], request.get("args", {}))
+
+                        def progress(text: str, out: asyncio.StreamWriter = writer) -> None:
+                            out.write(json.dumps({"progress": text}).encode() + b"\n")
+
+                        result = await self.handle(request["op"], request.get("args", {}), progress)
                         reply = {"ok": True, "result": result}
                 except (SandboxError, ValueError, KeyError, TypeError) as err:
                     reply = {"ok": False, "error": str(err)}
@@ -159,12 +163,16 @@ class ControlServer:
             self._writers.discard(writer)
             writer.close()
 
-    async def handle(self, op: str, args: dict[str, Any]) -> Any:
-        """Carry out one checked request."""
+    async def handle(
+        self, op: str, args: dict[str, Any], progress: Callable[[str], None] | None = None
+    ) -> Any:
+        """Carry out one checked request; ``progress`` gets lines for the user."""
         runtime, kid = self.runtime, self.kernel_id
         owner = str(runtime.record(kid)["uid"])
         if op == "snapshot":
-            return await runtime.snapshot(kid, args["name"], args.get("message", ""))
+            return await runtime.snapshot(
+                kid, args["name"], args.get("message", ""), progress=progress
+            )
         if op == "restore":
             # Set before the restore: the restored process asks for it at once.
             info = {"kind": "restore", **args}

@@ -27,7 +27,7 @@ import pwd
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -489,7 +489,12 @@ class Runtime:
             os.close(fd)
 
     async def snapshot(
-        self, kernel_id: str, name: str, message: str = "", live: bool = True
+        self,
+        kernel_id: str,
+        name: str,
+        message: str = "",
+        live: bool = True,
+        progress: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Snapshot kernel ``kernel_id``'s files and live memory as ``name``; return its meta.
 
@@ -497,6 +502,7 @@ class Runtime:
         its processes (leaving them running), so files and memory come from the same
         moment; then it is thawed. Where CRIU is missing or fails, or ``live`` is
         False, the snapshot keeps the files only (mode ``files``, with the reason).
+        ``progress`` is called with a line of text as each step starts.
 
         Raises:
             ConfigError: the name is invalid or taken.
@@ -521,6 +527,9 @@ class Runtime:
                 work = kdir / "criu-work"
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir()
+                # Nothing is said while the kernel is frozen: CRIU would dump the
+                # unread line with the kernel's control connection.
+                say = progress or (lambda text: None)
                 await runc.pause(cid)
                 frozen = time.monotonic()
                 try:
@@ -548,7 +557,10 @@ class Runtime:
                         like = snapshots.snapshot_dir(draft.owner, parent) / "criu"
                     elif record.get("started_from") == "base" and record.get("base"):
                         like = bases.base_dir(record["base"]) / "criu"
+                memory = _tree_bytes(draft.criu_dir) if draft.criu_dir.is_dir() else 0
+                say(f"saved files and {format_size(memory)} of memory ({paused:.2f} s frozen)")
                 if mode == "live" and like is not None:
+                    say(f"sharing unchanged pages with {parent or 'the base'}")
                     shared = await asyncio.to_thread(dedupe.share_with_parent, draft.criu_dir, like)
                 meta = {
                     "created": time.time(),
@@ -571,6 +583,7 @@ class Runtime:
                     "seconds": 0.0,
                 }
                 meta["seconds"] = round(time.monotonic() - started, 4)
+                say(f"checksumming and syncing {format_size(memory)}")
                 meta = await asyncio.to_thread(draft.commit, meta)
             except OSError as err:
                 draft.discard()

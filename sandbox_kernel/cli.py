@@ -239,8 +239,13 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
+    def progress(text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
     meta = asyncio.run(
-        Runtime().snapshot(args.kernel_id, args.name, args.message, live=not args.files_only)
+        Runtime().snapshot(
+            args.kernel_id, args.name, args.message, live=not args.files_only, progress=progress
+        )
     )
     memory, files = format_size(meta["memory_bytes"]), format_size(meta["file_bytes"])
     print(

@@ -161,3 +161,16 @@ async def test_reset_from_a_cell_completes_the_cell(kernels: Kernels, make_spec)
     assert "The kernel was reset" in cell.stdout
     after = await run_cell(kc, "import os; print(os.path.exists('/tmp/mine')); x")
     assert after.stdout.strip() == "False" and after.ename == "NameError"
+
+
+async def test_a_big_snapshot_shows_its_progress(kernels: Kernels, make_spec, names) -> None:
+    _, kc = await kernels.start(make_spec(memory="1G"))
+    make = "np.random.default_rng(5).integers(0, 256, size=400 << 20, dtype=np.uint8)"
+    (await run_cell(kc, f"import numpy as np; big = {make}")).check()
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    out = (await run_cell(kc, f"%container snapshot {name}", timeout=120)).check()
+    lines = out.splitlines()
+    assert lines[0] == f"Taking snapshot {name} ...", out
+    assert any(line.startswith("  checksumming and syncing") for line in lines), out
+    assert lines[-1].startswith(f"Snapshot {name}: live"), out
