@@ -617,10 +617,10 @@ class Runtime:
     async def finish_restore(self, kernel_id: str) -> int | None:
         """Complete a restore whose runtime died in the middle; return the new pid.
 
-        A restore notes its snapshot in the kernel's record before it stops the
-        kernel, and clears the note when the kernel runs again. A note left behind
-        means the old process is gone and the new one may not be whole: the restore
-        is done again from the start. None if no restore was cut short.
+        A restore notes its snapshot in the kernel's record as soon as it has
+        stopped the kernel, and clears the note when the kernel runs again. A note
+        left behind means the old process is gone and the new one may not be whole:
+        the restore is done again from the start. None if no restore was cut short.
         """
         async with self._exclusive(kernel_id):
             name = self.record(kernel_id).get("restoring")
