@@ -28,6 +28,7 @@ def snapshot() -> dict[str, set[str]]:
         "unfinished snapshots": {str(p) for p in snapshots.leftovers()},
         "writable layers": {p.name for p in (volume.ensure_volume() / "kernels").iterdir()},
         "bases": {b["id"] for b in bases.listing()},
+        "snapshots": {f"{o}/{n}" for o in snapshots.owners() for n in snapshots.names(o)},
     }
 
 

@@ -26,16 +26,17 @@ OWNER = "65534"
 
 @pytest.fixture
 def base_specs(tmp_path: Path) -> Iterator[tuple[Path, KernelSpecManager]]:
-    """A Jupyter data folder for kernelspecs installed with --user; bases made in the
-    test are deleted afterwards, with the snapshots they came from."""
+    """A Jupyter data folder for kernelspecs installed with --user; bases and
+    snapshots made in the test are deleted afterwards."""
     data = tmp_path / "jupyter-data"
     before = {b["id"] for b in bases.listing()}
+    made = set(snapshots.names(OWNER))
     yield data, KernelSpecManager(kernel_dirs=[str(data / "kernels")])
     for meta in bases.listing():
         if meta["id"] not in before:
             bases.delete(meta["id"])
-            if meta["snapshot"] in snapshots.names(meta["snapshot_owner"]):
-                snapshots.delete(meta["snapshot_owner"], meta["snapshot"])
+    for name in set(snapshots.names(OWNER)) - made:
+        snapshots.delete(OWNER, name)
 
 
 def _name() -> str:
