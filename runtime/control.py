@@ -196,7 +196,8 @@ class ControlServer:
         if op == "list":
             return snapshots.listing(owner)
         if op == "delete":
-            snapshots.delete(owner, args["name"])
+            # It may wait for a lazy restore's page server: not on the server's loop.
+            await asyncio.to_thread(snapshots.delete, owner, args["name"])
             return None
         if op == "diff":
             return await asyncio.to_thread(runtime.diff, kid, args.get("name"))

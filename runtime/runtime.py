@@ -321,10 +321,12 @@ class Runtime:
             if not network.exists(record["netns"]):
                 await network.add_namespace(record["netns"])
             # runc and the network set-up run side by side (see network.configure).
+            noted = (record.get("started_from"), record.get("base_note"))
             if record.get("base") and not record.get("started_from"):
                 launch = asyncio.ensure_future(self._start_from_base(kernel_id, record))
             else:
-                record["started_from"] = "cold"
+                if record.get("base") or record.get("base_note"):
+                    record["started_from"] = "cold"  # a restart, or a base that did not fit
                 launch = asyncio.ensure_future(
                     runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
                 )
@@ -337,7 +339,8 @@ class Runtime:
             for result in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
-            write_json(kdir / "record.json", record)
+            if (record.get("started_from"), record.get("base_note")) != noted:
+                write_json(kdir / "record.json", record)
             pid: int = launch.result()
             return pid
         except BaseException:
@@ -358,9 +361,7 @@ class Runtime:
         try:
             criu = checkpoint.criu_binary()
             await asyncio.to_thread(bases.verify, record["base"])
-            work = kdir / "criu-work"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir()
+            work = _fresh_work(kdir)
             images = bases.base_dir(record["base"]) / "criu"
             # The restored process has its stdio open on the log (see bundle.py).
             log = self.log_path(kernel_id)
@@ -524,9 +525,7 @@ class Runtime:
                         dump = checkpoint.dump_command(record["uid"], record["gid"])
                     except RequirementMissing as err:
                         reason = str(err)
-                work = kdir / "criu-work"
-                shutil.rmtree(work, ignore_errors=True)
-                work.mkdir()
+                work = _fresh_work(kdir)
                 # Nothing is said while the kernel is frozen: CRIU would dump the
                 # unread line with the kernel's control connection.
                 say = progress or (lambda text: None)
@@ -672,9 +671,7 @@ class Runtime:
         pid_file = kdir / "container.pid"
         try:
             if criu is not None:
-                work = kdir / "criu-work"
-                shutil.rmtree(work, ignore_errors=True)
-                work.mkdir()
+                work = _fresh_work(kdir)
                 (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
                 images = snapshots.snapshot_dir(owner, name) / "criu"
                 lazy = None
@@ -1067,6 +1064,14 @@ def _host_resolv() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
+
+
+def _fresh_work(kdir: Path) -> Path:
+    """An empty CRIU work folder (logs, stats, lazy-pages socket) for a kernel."""
+    work = kdir / "criu-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return work
 
 
 def lazy_restore_size() -> int:
