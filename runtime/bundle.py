@@ -78,6 +78,13 @@ def seccomp_profile() -> dict[str, Any]:
     return profile
 
 
+#: The host uid and gid that root inside every kernel's user namespace maps to. It
+#: owns the mount points runc makes and nothing else; no kernel process runs as it.
+#: It is the same for every kernel, because a restore brings back the user namespace
+#: of the snapshot, mappings included (a base is restored into other kernels).
+CONTAINER_ROOT = 100000
+
+
 @dataclass(frozen=True)
 class Bind:
     """A host path bind-mounted at the same or another path inside the container."""
@@ -97,7 +104,6 @@ class SpecParams:
     uid: int
     gid: int
     hostname: str
-    netns: Path
     cgroups_path: str
     limits: Limits
     binds: list[Bind] = field(default_factory=list)
@@ -106,6 +112,17 @@ class SpecParams:
     init: str | None = None  # the container's PID 1, which runs argv (see wrap_argv)
     memory_swap: bool = True
     criu_config: Path | None = None
+    root_id: int = CONTAINER_ROOT  # the host uid and gid of root inside; 0: no user namespace
+    cgroup_binds: list[Bind] | None = None  # the kernel's cgroups, instead of a cgroup mount
+
+
+def id_mappings(root_id: int, inside: int) -> list[dict[str, int]]:
+    """A user namespace's uid (or gid) map: root to ``root_id``, and the kernel's own
+    id ``inside`` to itself, so its files on the host keep their owner."""
+    maps = [{"containerID": 0, "hostID": root_id, "size": 1}]
+    if inside != 0:
+        maps.append({"containerID": inside, "hostID": inside, "size": 1})
+    return maps
 
 
 def wrap_argv(argv: list[str], init: str | None = None) -> list[str]:
@@ -152,10 +169,12 @@ def resources(limits: Limits, memory_swap: bool = True) -> dict[str, Any]:
 def make_spec(p: SpecParams) -> dict[str, Any]:
     """The OCI config for a kernel container with the parameters ``p``.
 
-    The container has its own pid, mount, uts, ipc and cgroup namespaces and joins
-    the network namespace ``p.netns`` that the runtime made (runc then treats it as
-    external, so it survives checkpoint and restore). The process runs as
-    ``p.uid``:``p.gid`` with no capabilities and no_new_privs.
+    The container has its own user, pid, network, mount, uts, ipc and cgroup
+    namespaces, all made by runc, so that all of them belong to its user namespace
+    (CRIU dumps a user namespace only with everything it owns). Root inside is
+    ``p.root_id`` on the host; the kernel's own uid and gid are themselves. The
+    runtime moves one end of a veth pair into the network namespace once it exists.
+    The process runs as ``p.uid``:``p.gid`` with no capabilities and no_new_privs.
     """
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -172,7 +191,19 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
          "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
     ]  # fmt: skip
-    for bind in sorted(p.binds, key=lambda b: len(Path(b.target).parts)):
+    binds = list(p.binds)
+    readonly = list(READONLY_PATHS)
+    if p.cgroup_binds is not None:
+        # Each hierarchy's own cgroup of the kernel, bound read-only onto a small
+        # tmpfs that is made read-only last: CRIU restores a v1 cgroup mount by
+        # mounting cgroupfs anew, which a user namespace may not; binds it can.
+        mounts[-1] = {
+            "destination": "/sys/fs/cgroup", "type": "tmpfs", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "mode=755", "size=16k"],
+        }  # fmt: skip
+        binds += p.cgroup_binds
+        readonly.append("/sys/fs/cgroup")
+    for bind in sorted(binds, key=lambda b: len(Path(b.target).parts)):
         options = ["rbind", "nosuid", "nodev", "rprivate"]
         options.append("ro" if bind.readonly else "rw")
         mounts.append(
@@ -202,7 +233,7 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
             "cgroupsPath": p.cgroups_path,
             "namespaces": [
                 {"type": "pid"},
-                {"type": "network", "path": str(p.netns)},
+                {"type": "network"},
                 {"type": "ipc"},
                 {"type": "uts"},
                 {"type": "mount"},
@@ -210,9 +241,13 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
             ],
             "seccomp": seccomp_profile(),
             "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": READONLY_PATHS,
+            "readonlyPaths": readonly,
         },
     }
+    if p.root_id:
+        spec["linux"]["namespaces"].insert(0, {"type": "user"})
+        spec["linux"]["uidMappings"] = id_mappings(p.root_id, p.uid)
+        spec["linux"]["gidMappings"] = id_mappings(p.root_id, p.gid)
     if p.criu_config is not None:
         # runc passes this file to CRIU on checkpoint and restore; it must be in the
         # spec the container was created with.

@@ -29,6 +29,20 @@ def version() -> int:
     return 1
 
 
+def hierarchies() -> list[Path]:
+    """The cgroup hierarchies mounted below ``/sys/fs/cgroup`` (v1 controllers, and the
+    unified one of a hybrid set-up); none on a pure v2 machine."""
+    found = []
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            point = Path(fields[4])
+            if fstype in ("cgroup", "cgroup2") and point.parent == ROOT:
+                found.append(point)
+    return sorted(found)
+
+
 def swap_limit_supported() -> bool:
     """Whether memory+swap can be capped (v1 needs the kernel's swap accounting)."""
     if version() == 2:

@@ -61,14 +61,15 @@ def criu_binary() -> str:
 def dump_command(uid: int, gid: int) -> tuple[str, dict[str, str], str]:
     """CRIU for dumping a kernel of ``uid``:``gid``: (binary, environment, config).
 
-    The config is what the kernel's ``criu.conf`` must hold during the dump.
+    The config is what the kernel's ``criu.conf`` must hold during the dump, beyond
+    :data:`BASE_CONFIG`.
 
     Raises:
         RequirementMissing: no CRIU >= 4.2, or no setpriv where one is needed.
     """
     criu = criu_binary()
     if not dump_needs_owner():
-        return criu, {}, BASE_CONFIG
+        return criu, {}, ""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         raise RequirementMissing("setpriv", "apt-get install -y util-linux")
@@ -86,4 +87,4 @@ def dump_command(uid: int, gid: int) -> tuple[str, dict[str, str], str]:
         wrapper.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(wrapper, script.encode(), mode=0o755)
     env = {"SANDBOX_KERNEL_UID": str(uid), "SANDBOX_KERNEL_GID": str(gid)}
-    return str(wrapper), env, BASE_CONFIG + "unprivileged\n"
+    return str(wrapper), env, "unprivileged\n"

@@ -26,6 +26,7 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 MNT_DETACH = 2
+MS_BIND, MS_REC = 0x1000, 0x4000
 
 
 class MountError(SandboxError, OSError):
@@ -50,6 +51,16 @@ def mount_overlay(target: Path, lower: Sequence[Path], upper: Path, work: Path) 
     options = f"lowerdir={':'.join(str(p) for p in lower)},upperdir={upper},workdir={work}"
     if _libc.mount(b"overlay", bytes(target), b"overlay", 0, options.encode()) != 0:
         raise MountError("mount overlay on", target, ctypes.get_errno(), options)
+
+
+def bind(source: Path, target: Path) -> None:
+    """Bind-mount ``source`` (and the mounts under it) at ``target``.
+
+    Raises:
+        MountError: the kernel refused the mount.
+    """
+    if _libc.mount(bytes(source), bytes(target), None, MS_BIND | MS_REC, None) != 0:
+        raise MountError("bind-mount on", target, ctypes.get_errno(), str(source))
 
 
 def unmount(target: Path) -> None:

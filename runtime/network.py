@@ -109,20 +109,6 @@ def reservations() -> dict[int, str]:
     return found
 
 
-def netns_path(name: str) -> Path:
-    """Where ``ip netns`` keeps the namespace ``name``."""
-    return NETNS_DIR / name
-
-
-async def add_namespace(netns: str) -> None:
-    """Make the empty network namespace ``netns`` (runc joins it by path).
-
-    Raises:
-        CommandError: ``ip`` failed.
-    """
-    await run([paths.ip_binary(), "netns", "add", netns])
-
-
 def remove_stale_veth(addr: Addresses) -> bool:
     """Remove a veth a crashed kernel left at ``addr`` before a new kernel takes the
     address (its end on the host would make the new kernel's set-up look done).
@@ -142,33 +128,51 @@ def configured(addr: Addresses) -> bool:
     return Path(f"/sys/class/net/{addr.veth}").exists()
 
 
-async def configure(netns: str, addr: Addresses, egress: bool) -> None:
-    """Give ``netns`` loopback and an ``eth0`` joined to the host by a veth pair.
+def _pair_commands(addr: Addresses, pid: int | str) -> str:
+    """``ip -batch`` lines, run on the host, that make the veth pair with ``eth0`` in
+    the network namespace of ``pid``. The host end stays down (see :func:`attach`)."""
+    return f"link add {addr.veth} type veth peer name eth0 address {addr.mac} netns {pid}\n"
 
-    Runs while runc starts the container: the kernel binds every address of its
-    namespace, so ``eth0`` only has to be up before the client connects. The veth
-    pair is made from inside the namespace, with the host end moved out, so the
-    two ``ip`` runs cover everything.
+
+def _host_commands(addr: Addresses) -> str:
+    """``ip -batch`` lines that address and raise the host end of the veth."""
+    return f"addr add {addr.host_ip}/30 dev {addr.veth}\nlink set {addr.veth} up\n"
+
+
+def _inside_commands(addr: Addresses, egress: bool) -> str:
+    """``ip -batch`` lines, run in the kernel's namespace, that address ``eth0``."""
+    lines = f"link set lo up\naddr add {addr.kernel_ip}/30 dev eth0\nlink set eth0 up\n"
+    if egress:
+        lines += f"route add default via {addr.host_ip}\n"
+    return lines
+
+
+def _enter(pid: int | str) -> list[str]:
+    """The command that runs ``ip`` in the network namespace of ``pid``."""
+    return [paths.nsenter_binary(), f"--net=/proc/{pid}/ns/net", paths.ip_binary()]
+
+
+async def attach(pid: int, addr: Addresses, egress: bool) -> None:
+    """Join the network namespace of process ``pid`` (made by runc, owned by the
+    kernel's user namespace) to the host: a veth pair, ``eth0`` inside and
+    ``addr.veth`` outside, with the addresses and MAC of ``addr``.
+
+    The pair lives as long as the namespace: when the kernel's last process ends,
+    both ends go. Runs while runc starts the process: the kernel binds every address
+    of its namespace, so ``eth0`` only has to be up before the client connects.
+    The host end gets its address last: until then the host has no route to the
+    kernel, so a client's connection fails at once and is tried again, instead of
+    waiting a second for an ARP answer from an ``eth0`` that is not up yet.
 
     Raises:
-        CommandError: ``ip`` or ``nft`` failed; the veth is removed again.
+        CommandError: ``ip``, ``nsenter`` or ``nft`` failed; the veth is removed again.
     """
     ip = paths.ip_binary()
-    inside = (
-        f"link add eth0 address {addr.mac} type veth peer name {addr.veth} netns 1\n"
-        "link set lo up\n"
-        f"addr add {addr.kernel_ip}/30 dev eth0\n"
-        "link set eth0 up\n"
-    )
-    if egress:
-        inside += f"route add default via {addr.host_ip}\n"
     try:
         await ensure_firewall()
-        await run([ip, "-n", netns, "-batch", "-"], stdin=inside)
-        await run(
-            [ip, "-batch", "-"],
-            stdin=f"addr add {addr.host_ip}/30 dev {addr.veth}\nlink set {addr.veth} up\n",
-        )
+        await run([ip, "-batch", "-"], stdin=_pair_commands(addr, pid))
+        await run([*_enter(pid), "-batch", "-"], stdin=_inside_commands(addr, egress))
+        await run([ip, "-batch", "-"], stdin=_host_commands(addr))
         if egress:
             await allow_egress(addr.veth)
     except BaseException:
@@ -176,10 +180,40 @@ async def configure(netns: str, addr: Addresses, egress: bool) -> None:
         raise
 
 
-async def destroy(netns: str, addr: Addresses, egress: bool) -> None:
-    """Remove the namespace and both ends of its veth; what is already gone is fine."""
+#: The CRIU action that :func:`restore_script` acts on: everything is restored, and
+#: no process runs yet.
+RESTORE_ACTION = "post-restore"
+
+
+def restore_script(addr: Addresses, egress: bool) -> str:
+    """A CRIU action script that gives a restored kernel its network, as
+    :func:`attach` does for a new one.
+
+    runc checkpoints a network namespace it knows no interfaces of as an empty one:
+    CRIU brings back the kernel's sockets, but its namespace comes back with a
+    loopback device only. The script joins it to the host before the processes run
+    again, so the kernel's first packet finds its way. The kernel's sockets listen
+    on every address and its connections are closed on restore (``tcp-close``), so
+    a base restored into another kernel takes that kernel's address as well.
+    """
+    # CRIU runs the script from inside the namespace it restored, so the host's
+    # network is entered by the path of this process's own.
+    host = " ".join(_enter(os.getpid()))
+    inside = " ".join(_enter('"$CRTOOLS_INIT_PID"'))
+    return (
+        "#!/bin/sh\n"
+        "# Written by sandbox-kernel: the network of a restored kernel (network.py).\n"
+        f'[ "$CRTOOLS_SCRIPT_ACTION" = {RESTORE_ACTION} ] || exit 0\n'
+        "set -e\n"
+        f"{host} -batch - <<EOF\n{_pair_commands(addr, '$CRTOOLS_INIT_PID')}EOF\n"
+        f"{inside} -batch - <<'EOF'\n{_inside_commands(addr, egress)}EOF\n"
+        f"{host} -batch - <<'EOF'\n{_host_commands(addr)}EOF\n"
+    )
+
+
+async def destroy(addr: Addresses, egress: bool) -> None:
+    """Remove both ends of a kernel's veth and its egress; what is gone is fine."""
     await delete_veth(addr.veth)
-    await delete_netns(netns)
     if egress:
         await forbid_egress(addr.veth)
 
@@ -194,13 +228,9 @@ async def delete_netns(netns: str) -> None:
     await run([paths.ip_binary(), "netns", "del", netns], check=False)
 
 
-def exists(netns: str) -> bool:
-    """Whether the namespace ``netns`` exists."""
-    return netns_path(netns).exists()
-
-
 def leftover_namespaces() -> list[str]:
-    """Names of namespaces made by the runtime (``sk-`` prefix)."""
+    """Names of namespaces named by the runtime (``sk-`` prefix): versions before
+    the user namespace made each kernel's netns with ``ip netns add``."""
     if not NETNS_DIR.is_dir():
         return []
     return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(paths.PREFIX))

@@ -82,6 +82,11 @@ def ip_binary() -> str:
     return _require("ip", "apt-get install -y iproute2")
 
 
+def nsenter_binary() -> str:
+    """util-linux's ``nsenter``, to set up the network inside a kernel's namespace."""
+    return _require("nsenter", "apt-get install -y util-linux")
+
+
 def nft_binary() -> str:
     """nftables' ``nft``, for the firewall that keeps kernels apart."""
     return _require("nft", "apt-get install -y nftables")

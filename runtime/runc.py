@@ -18,12 +18,31 @@ from .process import run, wait_exit
 
 
 async def run_detached(container_id: str, bundle: Path, pid_file: Path) -> int:
-    """Create and start ``container_id`` from ``bundle``; return its init's host pid.
+    """Create and start ``container_id`` from ``bundle``; return its init's host pid."""
+    return await _launch(["run", "--detach"], container_id, bundle, pid_file)
 
-    runc's own log goes to ``bundle/runc.log``; its last error is in the raised
-    :class:`CommandError`.
+
+async def create(container_id: str, bundle: Path, pid_file: Path) -> int:
+    """Create ``container_id`` from ``bundle`` without starting its process; return
+    its init's host pid. Its namespaces exist from now on; :func:`start` runs it.
     """
-    argv = [paths.runc_binary(), "--log", str(bundle / "runc.log"), "run", "--detach",
+    return await _launch(["create"], container_id, bundle, pid_file)
+
+
+async def start(container_id: str) -> None:
+    """Run the process of a container made by :func:`create`.
+
+    Raises:
+        CommandError: runc failed.
+    """
+    await run([paths.runc_binary(), "start", container_id], timeout=60)
+
+
+async def _launch(command: list[str], container_id: str, bundle: Path, pid_file: Path) -> int:
+    """``runc <command>`` of a container, detached; runc's own log goes to
+    ``bundle/runc.log``, its last error is in the raised :class:`CommandError`.
+    """
+    argv = [paths.runc_binary(), "--log", str(bundle / "runc.log"), *command,
             "--pid-file", str(pid_file), "--bundle", str(bundle), container_id]  # fmt: skip
     # runc hands its stdio to the container, whose shell replaces them at once. Pipes
     # would make us wait for that too; a file and /dev/null do not.

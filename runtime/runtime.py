@@ -35,10 +35,10 @@ from typing import Any
 from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissing, SandboxError
 
 from . import bases, cgroups, checkpoint, dedupe, layers, network, paths, runc, snapshots, volume
-from .bundle import RUN_DIR, Bind, SpecParams, make_spec
-from .fsutil import read_json, write_json
+from .bundle import CONTAINER_ROOT, RUN_DIR, Bind, SpecParams, make_spec
+from .fsutil import atomic_write, read_json, write_json
 from .limits import Limits, format_size, parse_size
-from .mounts import mount_overlay, mounts_under, unmount
+from .mounts import bind, mount_overlay, mounts_under, unmount
 from .pyenv import home_template, merge_prefixes, package_dirs, python_prefixes
 
 #: Working directories a kernel may not be started in: they would shadow the system.
@@ -183,32 +183,16 @@ class Runtime:
     # ---- life cycle ----------------------------------------------------------------
 
     async def prepare(self, kernel_id: str, config: KernelConfig) -> dict[str, Any]:
-        """Make kernel ``kernel_id``'s folder, layers, addresses and network namespace;
-        return its record.
+        """Make kernel ``kernel_id``'s folder, layers and addresses; return its record.
 
         Called by the provisioner's ``pre_launch``. A kernel that already has a
         folder (a restart) keeps its writable layer and addresses; its limits are
-        the ones it had last (changed live or not). The namespace is made while the
-        files are written, off the event loop.
+        the ones it had last (changed live or not). Runs off the event loop.
 
         Raises:
             ConfigError, ImageNotFound: the configuration cannot be used; nothing is made.
-            CommandError: the namespace could not be made.
         """
-        netns = f"{paths.PREFIX}{kernel_id}"
-        making = None if network.exists(netns) else network.add_namespace(netns)
-        files = asyncio.to_thread(self._prepare_files, kernel_id, config)
-        if making is None:
-            return await files
-        results = await asyncio.gather(files, making, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await network.delete_netns(netns)
-            if not isinstance(results[0], BaseException):
-                await self.remove(kernel_id)
-            raise errors[0]
-        record: dict[str, Any] = results[0]
-        return record
+        return await asyncio.to_thread(self._prepare_files, kernel_id, config)
 
     def _prepare_files(self, kernel_id: str, config: KernelConfig) -> dict[str, Any]:
         kdir = self.kernel_dir(kernel_id)
@@ -216,6 +200,12 @@ class Runtime:
             return self.adopt(kernel_id)
         layers.check_image_name(config.image)
         network.check_mode(config.network)
+        for what, value in (("kernel_uid", config.uid), ("kernel_gid", config.gid)):
+            if value == CONTAINER_ROOT:
+                raise ConfigError(
+                    what, str(value),
+                    "is the host id that root inside every kernel maps to; choose another",
+                )  # fmt: skip
         cwd = check_cwd(config.cwd)
         prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
         image_layers = layers.image_layers(config.image)
@@ -234,7 +224,6 @@ class Runtime:
             record: dict[str, Any] = {
                 "kernel_id": kernel_id,
                 "container_id": container_id(kernel_id),
-                "netns": f"{paths.PREFIX}{kernel_id}",  # made by prepare()
                 "hostname": f"kernel-{kernel_id[:8]}",
                 "image": config.image,
                 "layers": [points, *image_layers],
@@ -303,7 +292,6 @@ class Runtime:
                 uid=uid,
                 gid=gid,
                 hostname=record["hostname"],
-                netns=network.netns_path(record["netns"]),
                 cgroups_path=f"/{paths.cgroup_parent()}/{record['container_id']}",
                 limits=Limits.from_dict(record["limits"]),
                 fsize=Limits.from_dict(record["limits"]).disk,
@@ -311,37 +299,23 @@ class Runtime:
                 binds=self._binds(kdir, record),
                 memory_swap=cgroups.swap_limit_supported(),
                 criu_config=kdir / "criu.conf",
+                root_id=CONTAINER_ROOT,
+                cgroup_binds=_cgroup_binds(record),
             )
         )
-        (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
+        _criu_config(kdir)
         write_json(kdir / "config.json", spec)
-        addr = network.Addresses.of(record["index"])
         self._mount(kdir, record)
         try:
-            if not network.exists(record["netns"]):
-                await network.add_namespace(record["netns"])
-            # runc and the network set-up run side by side (see network.configure).
             noted = (record.get("started_from"), record.get("base_note"))
             if record.get("base") and not record.get("started_from"):
-                launch = asyncio.ensure_future(self._start_from_base(kernel_id, record))
+                pid = await self._start_from_base(kernel_id, record)
             else:
                 if record.get("base") or record.get("base_note"):
                     record["started_from"] = "cold"  # a restart, or a base that did not fit
-                launch = asyncio.ensure_future(
-                    runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
-                )
-            steps: list[asyncio.Future[Any]] = [launch]
-            if not network.configured(addr):
-                egress = record["network"] == "egress"
-                steps.append(
-                    asyncio.ensure_future(network.configure(record["netns"], addr, egress))
-                )
-            for result in await asyncio.gather(*steps, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    raise result
+                pid = await self._run(kernel_id, record)
             if (record.get("started_from"), record.get("base_note")) != noted:
                 write_json(kdir / "record.json", record)
-            pid: int = launch.result()
             return pid
         except BaseException:
             # Undo what was done; the error that stopped the start is the one raised.
@@ -357,7 +331,6 @@ class Runtime:
         ``base_note`` and the kernel's log); a restart always starts cold.
         """
         kdir = self.kernel_dir(kernel_id)
-        pid_file = kdir / "container.pid"
         try:
             criu = checkpoint.criu_binary()
             await asyncio.to_thread(bases.verify, record["base"])
@@ -367,7 +340,7 @@ class Runtime:
             log = self.log_path(kernel_id)
             log.touch(mode=0o600)
             os.chown(log, record["uid"], record["gid"])
-            pid = await runc.restore(record["container_id"], criu, kdir, images, work, pid_file)
+            pid = await self._restore_images(kernel_id, record, criu, images, work)
             record["started_from"] = "base"
             return pid
         except SandboxError as err:
@@ -376,7 +349,7 @@ class Runtime:
             self.append_log(kernel_id, f"started cold: {record['base_note']}")
             with contextlib.suppress(SandboxError):
                 await runc.delete(record["container_id"])
-        return await runc.run_detached(record["container_id"], kdir, pid_file)
+        return await self._run(kernel_id, record)
 
     async def start_cold(self, kernel_id: str, note: str) -> int:
         """Replace kernel ``kernel_id``'s process by a cold start on the same files
@@ -388,7 +361,7 @@ class Runtime:
             record["started_from"], record["base_note"] = "cold", note
             write_json(kdir / "record.json", record)
             self.append_log(kernel_id, f"started cold: {note}")
-            return await runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
+            return await self._run(kernel_id, record)
 
     async def stop(self, kernel_id: str) -> None:
         """Kill and delete the container and unmount its filesystems.
@@ -418,9 +391,7 @@ class Runtime:
             errors.append(err)
         try:
             await network.destroy(
-                record["netns"],
-                network.Addresses.of(record["index"]),
-                egress=record["network"] == "egress",
+                network.Addresses.of(record["index"]), egress=record["network"] == "egress"
             )
         except SandboxError as err:
             errors.append(err)
@@ -535,17 +506,23 @@ class Runtime:
                     volume.snapshot_subvolume(layer_dir(kernel_id), draft.files, readonly=True)
                     if dump is not None:
                         criu, env, config = dump
-                        (kdir / "criu.conf").write_text(config)
+                        _criu_config(kdir, config)
                         try:
                             await runc.checkpoint(cid, criu, draft.criu_dir, work, env)
                             mode = "live"
+                            # A restore reads the images from inside the kernel's
+                            # user namespace, where only ids it maps have rights:
+                            # the folder runc made (root's, 0600) becomes the
+                            # kernel user's own. Its parents stay root's alone.
+                            os.chown(draft.criu_dir, record["uid"], record["gid"])
+                            draft.criu_dir.chmod(0o700)
                         except SandboxError as err:
                             if _out_of_space(str(err), work / "dump.log"):
                                 raise snapshots.StoreFull(name) from err
                             reason = f"CRIU could not dump this kernel: {err}"
                             shutil.rmtree(draft.criu_dir, ignore_errors=True)
                 finally:
-                    (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
+                    _criu_config(kdir)
                     await runc.resume(cid)
                 paused = time.monotonic() - frozen
                 parent = record.get("snapshot")
@@ -668,18 +645,16 @@ class Runtime:
         record["snapshot"] = name
         write_json(kdir / "record.json", record)
         self._mount(kdir, record)
-        pid_file = kdir / "container.pid"
         try:
             if criu is not None:
                 work = _fresh_work(kdir)
-                (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG)
                 images = snapshots.snapshot_dir(owner, name) / "criu"
                 lazy = None
                 if meta.get("memory_bytes", 0) >= lazy_restore_size():
                     lazy = snapshots.snapshot_dir(owner, name) / snapshots.SERVING
                 try:
-                    pid = await runc.restore(
-                        record["container_id"], criu, kdir, images, work, pid_file, lazy
+                    pid = await self._restore_images(
+                        kernel_id, record, criu, images, work, lazy_lock=lazy
                     )
                     self._restored(kernel_id)
                     return {"pid": pid, "mode": "live", "reason": "", "name": name}
@@ -687,12 +662,72 @@ class Runtime:
                     await runc.delete(record["container_id"])
                     mode, reason = "files", f"CRIU could not restore the memory: {err}"
                     self.append_log(kernel_id, f"restore of {name}: {reason}")
-            pid = await runc.run_detached(record["container_id"], kdir, pid_file)
+            pid = await self._run(kernel_id, record)
             self._restored(kernel_id)
             return {"pid": pid, "mode": mode, "reason": reason, "name": name}
         except BaseException:
             self._unmount(kdir)
             raise
+
+    async def _run(self, kernel_id: str, record: dict[str, Any]) -> int:
+        """Start the kernel's container from its bundle; return its init's host pid.
+
+        runc makes the namespaces, then the kernel's process starts while the
+        runtime joins its network namespace to the host (see ``network.attach``).
+
+        Raises:
+            CommandError: runc, ip or nft failed; the container is deleted again.
+        """
+        kdir = self.kernel_dir(kernel_id)
+        addr = network.Addresses.of(record["index"])
+        await _clear_veth(addr)
+        pid = await runc.create(record["container_id"], kdir, kdir / "container.pid")
+        try:
+            egress = record["network"] == "egress"
+            steps = [runc.start(record["container_id"]), network.attach(pid, addr, egress)]
+            for result in await asyncio.gather(*steps, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+        except BaseException:
+            with contextlib.suppress(SandboxError):
+                await runc.delete(record["container_id"])
+            raise
+        return pid
+
+    async def _restore_images(
+        self,
+        kernel_id: str,
+        record: dict[str, Any],
+        criu: str,
+        images: Path,
+        work: Path,
+        lazy_lock: Path | None = None,
+    ) -> int:
+        """``runc restore`` the kernel from the CRIU ``images``; return its init's pid.
+
+        CRIU brings back the kernel's namespaces; an action script joins its
+        network namespace to the host before the processes run again (see
+        ``network.restore_script``). The images may be another kernel's (a base).
+
+        Raises:
+            CommandError: the restore failed.
+        """
+        kdir = self.kernel_dir(kernel_id)
+        addr = network.Addresses.of(record["index"])
+        egress = record["network"] == "egress"
+        await _clear_veth(addr)
+        script = kdir / "criu-network.sh"
+        atomic_write(script, network.restore_script(addr, egress).encode(), mode=0o700)
+        _criu_config(kdir, f"action-script {script}\n")
+        try:
+            pid = await runc.restore(
+                record["container_id"], criu, kdir, images, work, kdir / "container.pid", lazy_lock
+            )
+        finally:
+            _criu_config(kdir)
+        if egress:
+            await network.allow_egress(addr.veth)
+        return pid
 
     def _restored(self, kernel_id: str) -> None:
         """Clear the note of a restore in progress: the kernel runs again."""
@@ -720,7 +755,7 @@ class Runtime:
             write_json(kdir / "record.json", record)
             self._mount(kdir, record)
             try:
-                pid = await runc.run_detached(record["container_id"], kdir, kdir / "container.pid")
+                pid = await self._run(kernel_id, record)
             except BaseException:
                 self._unmount(kdir)
                 raise
@@ -971,7 +1006,7 @@ class Runtime:
     @staticmethod
     def _binds(kdir: Path, record: dict[str, Any]) -> list[Bind]:
         binds = [Bind(Path("/usr"), "/usr")]
-        binds += [Bind(Path(p), p) for p in record["python_prefixes"]]
+        binds += [Bind(_prefix_point(kdir, i), p) for i, p in enumerate(record["python_prefixes"])]
         binds.append(Bind(kdir / "mnt/cwd", _inside(record), readonly=False))
         binds.append(Bind(kdir / "run", RUN_DIR, readonly=False))
         binds += [Bind(kdir / "etc" / n, f"/etc/{n}") for n in layers.PER_KERNEL_ETC]
@@ -979,15 +1014,28 @@ class Runtime:
 
     @staticmethod
     def _mount(kdir: Path, record: dict[str, Any]) -> None:
+        """Mount the kernel's root and working-folder overlays, and its Python prefixes,
+        under ``kdir``.
+
+        The prefixes are bound here first, because a restore opens the sources of the
+        container's binds from inside its user namespace: a prefix in a home folder
+        that only its owner may enter (``/root/.pyenv/...``) can be reached from there
+        only through a mount point in the kernel's own folder.
+        """
         lower = [layers.layer_path(d) for d in record["layers"]]
         layer = layer_dir(record["kernel_id"])
-        mount_overlay(kdir / "rootfs", lower, layer / "root", layer / "root.work")
         try:
+            mount_overlay(kdir / "rootfs", lower, layer / "root", layer / "root.work")
             mount_overlay(
                 kdir / "mnt/cwd", [Path(record["cwd"])], layer / "cwd", layer / "cwd.work"
             )
+            for i, prefix in enumerate(record["python_prefixes"]):
+                point = _prefix_point(kdir, i)
+                point.mkdir(exist_ok=True)
+                bind(Path(prefix), point)
         except BaseException:
-            unmount(kdir / "rootfs")
+            for point in mounts_under(kdir):
+                unmount(point)
             raise
 
     @staticmethod
@@ -1064,6 +1112,36 @@ def _host_resolv() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
+
+
+def _cgroup_binds(record: dict[str, Any]) -> list[Bind] | None:
+    """The kernel's own cgroup in each v1 hierarchy, bound at the hierarchy's path
+    inside (where a cgroup namespace would show it); None on a pure v2 machine,
+    whose cgroupfs a user namespace may mount itself."""
+    points = cgroups.hierarchies()
+    if not points:
+        return None
+    rel = f"{paths.cgroup_parent()}/{record['container_id']}"
+    return [Bind(point / rel, str(point)) for point in points]
+
+
+def _prefix_point(kdir: Path, index: int) -> Path:
+    """Where the kernel's Python prefix number ``index`` is bound (see ``_mount``)."""
+    return kdir / "mnt" / f"prefix-{index}"
+
+
+def _criu_config(kdir: Path, extra: str = "") -> None:
+    """Write the kernel's CRIU config (its bundle names it): the options of every
+    dump and restore, and ``extra``."""
+    (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG + extra)
+
+
+async def _clear_veth(addr: network.Addresses) -> None:
+    """Remove the host end of a kernel's veth that is still there, before the
+    kernel's namespace is made again: the kernel frees a dead namespace's devices a
+    little after its last process ends, and the new pair needs the name."""
+    if network.configured(addr):
+        await network.delete_veth(addr.veth)
 
 
 def _fresh_work(kdir: Path) -> Path:

@@ -15,7 +15,6 @@ def params(**changes: object) -> SpecParams:
         uid=1000,
         gid=1000,
         hostname="kernel-1234",
-        netns=Path("/var/run/netns/sk-1"),
         cgroups_path="/sandbox-kernel/sk-1",
         limits=Limits.parse(memory="1G", cpus="1.5", pids="100"),
         binds=[Bind(Path("/usr"), "/usr"), Bind(Path("/x/mnt"), "/work/nb", readonly=False)],
@@ -24,12 +23,24 @@ def params(**changes: object) -> SpecParams:
     return SpecParams(**base)  # type: ignore[arg-type]
 
 
-def test_namespaces_and_the_external_netns() -> None:
+def test_every_namespace_is_new_and_owned_by_the_user_namespace() -> None:
     spec = make_spec(params())
-    kinds = {ns["type"]: ns for ns in spec["linux"]["namespaces"]}
-    assert set(kinds) == {"pid", "network", "ipc", "uts", "mount", "cgroup"}
-    assert kinds["network"]["path"] == "/var/run/netns/sk-1"
+    kinds = [ns["type"] for ns in spec["linux"]["namespaces"]]
+    # The user namespace first, no namespace joined by path: CRIU dumps a user
+    # namespace only together with every namespace it owns.
+    assert kinds[0] == "user"
+    assert set(kinds) == {"user", "pid", "network", "ipc", "uts", "mount", "cgroup"}
+    assert not any("path" in ns for ns in spec["linux"]["namespaces"])
     assert spec["hostname"] == "kernel-1234"
+
+
+def test_root_inside_is_an_unprivileged_host_id_and_the_kernel_keeps_its_own() -> None:
+    linux = make_spec(params())["linux"]
+    root = {"containerID": 0, "hostID": bundle.CONTAINER_ROOT, "size": 1}
+    assert linux["uidMappings"] == [root, {"containerID": 1000, "hostID": 1000, "size": 1}]
+    assert linux["gidMappings"] == [root, {"containerID": 1000, "hostID": 1000, "size": 1}]
+    assert bundle.CONTAINER_ROOT != 0
+    assert bundle.id_mappings(7, 0) == [{"containerID": 0, "hostID": 7, "size": 1}]
 
 
 def test_unprivileged_process() -> None:
@@ -80,6 +91,21 @@ def test_proc_is_masked_and_sys_read_only() -> None:
     sysfs = next(m for m in spec["mounts"] if m["destination"] == "/sys")
     cgroup = next(m for m in spec["mounts"] if m["destination"] == "/sys/fs/cgroup")
     assert "ro" in sysfs["options"] and "ro" in cgroup["options"]
+    assert cgroup["type"] == "cgroup"
+
+
+def test_v1_cgroups_are_read_only_binds_of_the_kernels_own() -> None:
+    own = Bind(Path("/sys/fs/cgroup/memory/sandbox-kernel/sk-1"), "/sys/fs/cgroup/memory")
+    spec = make_spec(params(cgroup_binds=[own]))
+    cgroup = next(m for m in spec["mounts"] if m["destination"] == "/sys/fs/cgroup")
+    assert cgroup["type"] == "tmpfs"
+    assert "/sys/fs/cgroup" in spec["linux"]["readonlyPaths"]
+    memory = next(m for m in spec["mounts"] if m["destination"] == "/sys/fs/cgroup/memory")
+    assert memory["type"] == "bind" and memory["source"] == str(own.source)
+    assert "ro" in memory["options"]
+    # The tmpfs is mounted before the binds on it.
+    points = [m["destination"] for m in spec["mounts"]]
+    assert points.index("/sys/fs/cgroup") < points.index("/sys/fs/cgroup/memory")
 
 
 def test_seccomp_refuses_namespaces_keys_and_the_new_mount_api() -> None:
