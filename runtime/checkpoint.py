@@ -8,7 +8,12 @@ other capability, with CRIU's ``unprivileged`` option; the restore runs as root.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from sandbox_kernel.errors import RequirementMissing
@@ -88,3 +93,76 @@ def dump_command(uid: int, gid: int) -> tuple[str, dict[str, str], str]:
         atomic_write(wrapper, script.encode(), mode=0o755)
     env = {"SANDBOX_KERNEL_UID": str(uid), "SANDBOX_KERNEL_GID": str(gid)}
     return str(wrapper), env, "unprivileged\n"
+
+
+#: Who may open a userfaultfd that also catches the kernel's own faults: 0, only
+#: holders of CAP_SYS_PTRACE in the host's user namespace.
+UFFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+
+
+def _uffd_lock() -> Path:
+    """Held while :func:`userfaultfd_window` is open; it holds the sysctl's own value."""
+    return paths.state_dir() / "userfaultfd.lock"
+
+
+@contextlib.asynccontextmanager
+async def userfaultfd_window() -> AsyncIterator[None]:
+    """Let processes without privilege open userfaultfds for the time of a lazy restore.
+
+    In a lazy restore each restored process opens its own userfaultfd and hands it
+    to CRIU's lazy-pages daemon. The kernel's processes live in a user namespace,
+    so they lack CAP_SYS_PTRACE on the host, and this machine's
+    ``vm.unprivileged_userfaultfd`` of 0 refuses them. It is set to 1 only while a
+    lazy restore runs (a fraction of a second), one restore at a time, and set back.
+    The kernels themselves can never open one: their seccomp filter refuses the
+    syscall. The value to go back to is kept in the lock file, so if this process
+    dies in between, the next window or ``gc`` puts it back (:func:`close_stale_window`).
+    """
+    if not UFFD_SYSCTL.exists():
+        yield
+        return
+    lock = _uffd_lock()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        before = _saved_value(fd) or UFFD_SYSCTL.read_text().strip()
+        if before != "1":
+            os.pwrite(fd, before.encode(), 0)
+            os.fsync(fd)
+            UFFD_SYSCTL.write_text("1\n")
+        try:
+            yield
+        finally:
+            if before != "1":
+                UFFD_SYSCTL.write_text(f"{before}\n")
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _saved_value(fd: int) -> str:
+    """The sysctl value a window left in the lock file when its process died."""
+    return os.pread(fd, 16, 0).decode(errors="replace").strip()
+
+
+def close_stale_window() -> bool:
+    """Put ``vm.unprivileged_userfaultfd`` back if a process died inside
+    :func:`userfaultfd_window`; True if it did. A window still open is left alone."""
+    lock = _uffd_lock()
+    if not lock.exists() or not UFFD_SYSCTL.exists():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a restore is in its window right now
+        saved = _saved_value(fd)
+        if not saved:
+            return False
+        UFFD_SYSCTL.write_text(f"{saved}\n")
+        os.ftruncate(fd, 0)
+        return True
+    finally:
+        os.close(fd)

@@ -719,10 +719,13 @@ class Runtime:
         script = kdir / "criu-network.sh"
         atomic_write(script, network.restore_script(addr, egress).encode(), mode=0o700)
         _criu_config(kdir, f"action-script {script}\n")
+        window = checkpoint.userfaultfd_window() if lazy_lock else contextlib.nullcontext()
         try:
-            pid = await runc.restore(
-                record["container_id"], criu, kdir, images, work, kdir / "container.pid", lazy_lock
-            )
+            async with window:
+                pid = await runc.restore(
+                    record["container_id"], criu, kdir, images, work,
+                    kdir / "container.pid", lazy_lock,
+                )  # fmt: skip
         finally:
             _criu_config(kdir)
         if egress:
@@ -890,6 +893,8 @@ class Runtime:
                         for point in mounts_under(entry):
                             unmount(point)
                         shutil.rmtree(entry, ignore_errors=True)
+        if not dry_run and checkpoint.close_stale_window():
+            removed.append("vm.unprivileged_userfaultfd, left at 1 by a lazy restore cut short")
         for ns in network.leftover_namespaces():
             if ns not in containers:
                 removed.append(f"network namespace {ns}")
