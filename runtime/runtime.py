@@ -511,11 +511,14 @@ class Runtime:
                             await runc.checkpoint(cid, criu, draft.criu_dir, work, env)
                             mode = "live"
                             # A restore reads the images from inside the kernel's
-                            # user namespace, where only ids it maps have rights:
-                            # the folder runc made (root's, 0600) becomes the
-                            # kernel user's own. Its parents stay root's alone.
+                            # user namespace, where only ids it maps have rights,
+                            # and CRIU reads the first one (timens) before it has
+                            # even written the namespace's maps: the folder runc
+                            # made (root's, 0600) becomes the kernel user's, and
+                            # searchable by all. The images are 0644, and the
+                            # snapshot's own folder stays root's alone (0700).
                             os.chown(draft.criu_dir, record["uid"], record["gid"])
-                            draft.criu_dir.chmod(0o700)
+                            draft.criu_dir.chmod(0o711)
                         except SandboxError as err:
                             if _out_of_space(str(err), work / "dump.log"):
                                 raise snapshots.StoreFull(name) from err
