@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def run_checks() -> Iterator[Check]:
-    """Check root, runc, overlayfs, cgroup controllers, netns, nftables and CRIU."""
+    """Check root, runc, overlayfs, cgroup controllers, user and network namespaces,
+    nftables and CRIU."""
     root = os.geteuid() == 0
     yield Check("root", root, "running as root" if root else f"running as uid {os.geteuid()}",
                 "run the Jupyter server (and this command) as root")  # fmt: skip
@@ -77,16 +77,23 @@ def run_checks() -> Iterator[Check]:
     )
 
     ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")
-    ns_ok, ns_detail = False, "iproute2 not found"
-    if ip and root:
-        name = f"sk-doctor-{uuid.uuid4().hex[:8]}"
-        made = _run([ip, "netns", "add", name])
+    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
+    ns_ok, ns_detail, ns_fix = False, "iproute2 not found", "apt-get install -y iproute2"
+    if not (unshare and nsenter):
+        ns_detail, ns_fix = "unshare or nsenter not found", "apt-get install -y util-linux"
+    elif ip and root:
+        # A user namespace that owns a network namespace: what runc makes per kernel.
+        made = _run([unshare, "--user", "--map-root-user", "--net", ip, "link", "show", "lo"])
         ns_ok = made.returncode == 0
-        ns_detail = "ip netns add works" if ns_ok else made.stderr.strip()
-        _run([ip, "netns", "del", name])
+        ns_detail = (
+            "a user namespace can own a network namespace"
+            if ns_ok
+            else (made.stderr.strip() or "unshare failed")
+        )
+        ns_fix = "sysctl user.max_user_namespaces=15000 (it is 0, or user namespaces are off)"
     elif ip:
         ns_detail = "needs root"
-    yield Check("network namespaces", ns_ok, ns_detail, "apt-get install -y iproute2")
+    yield Check("user and network namespaces", ns_ok, ns_detail, ns_fix)
 
     nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
     nft_ok, nft_detail = False, "nft not found"

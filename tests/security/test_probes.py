@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.runtime import Runtime, volume
+from sandbox_kernel.runtime import Runtime, bundle, volume
 from sandbox_kernel.runtime.mounts import mounts_under
 
 from ..integration.probe import run_cell
@@ -199,6 +199,35 @@ async def test_06_no_user_namespace_and_no_release_agent(pair) -> None:
     assert r["unshare"] == "EPERM", r
     assert r.get("unshare -Urm", 1) != 0, f"unshare -Urm worked: {r}"
     assert not r["release_agent_writable"], r
+
+
+async def test_06_root_inside_is_an_unprivileged_host_uid(pair) -> None:
+    # The hardening behind probes 5 to 18: a user namespace. Root inside maps to an
+    # unused host uid; the kernel's own uid and gid map to themselves, so its files
+    # keep their owner on the host.
+    _, km, kc, _, _ = pair
+    r = await probe(
+        kc,
+        """
+        import json, os
+        print(json.dumps({
+            "uid": os.getuid(), "gid": os.getgid(),
+            "uid_map": open("/proc/self/uid_map").read().split(),
+            "gid_map": open("/proc/self/gid_map").read().split(),
+            "setgroups": open("/proc/self/setgroups").read().strip(),
+        }))
+    """,
+    )
+    root, uid, gid = str(bundle.CONTAINER_ROOT), str(r["uid"]), str(r["gid"])
+    assert r["uid_map"] == ["0", root, "1", uid, uid, "1"], f"uid map: {r}"
+    assert r["gid_map"] == ["0", root, "1", gid, gid, "1"], f"gid map: {r}"
+    pid = await Runtime().container_pid(km.kernel_id)
+    assert pid is not None
+    # Every namespace of the kernel is its own (none is the host's); the user
+    # namespace is not the host's.
+    for kind in ("user", "net", "mnt", "pid", "ipc", "uts", "cgroup"):
+        inside = os.readlink(f"/proc/{pid}/ns/{kind}")
+        assert inside != os.readlink(f"/proc/self/ns/{kind}"), f"{kind} namespace is the host's"
 
 
 async def test_07_processes_outside_are_invisible(pair) -> None:
