@@ -128,23 +128,22 @@ def configured(addr: Addresses) -> bool:
     return Path(f"/sys/class/net/{addr.veth}").exists()
 
 
-def _pair_commands(addr: Addresses, pid: int | str) -> str:
-    """``ip -batch`` lines, run on the host, that make the veth pair with ``eth0`` in
-    the network namespace of ``pid``. The host end stays down (see :func:`attach`)."""
-    return f"link add {addr.veth} type veth peer name eth0 address {addr.mac} netns {pid}\n"
+def _inside_commands(addr: Addresses, egress: bool, host: int) -> str:
+    """``ip -batch`` lines, run in the kernel's namespace, that make the veth pair
+    (``eth0`` here, ``addr.veth`` in the network namespace of process ``host``, this
+    one) and address ``eth0``. The host end stays down (see :func:`attach`)."""
+    lines = (
+        f"link add eth0 address {addr.mac} type veth peer name {addr.veth} netns {host}\n"
+        f"link set lo up\naddr add {addr.kernel_ip}/30 dev eth0\nlink set eth0 up\n"
+    )
+    if egress:
+        lines += f"route add default via {addr.host_ip}\n"
+    return lines
 
 
 def _host_commands(addr: Addresses) -> str:
     """``ip -batch`` lines that address and raise the host end of the veth."""
     return f"addr add {addr.host_ip}/30 dev {addr.veth}\nlink set {addr.veth} up\n"
-
-
-def _inside_commands(addr: Addresses, egress: bool) -> str:
-    """``ip -batch`` lines, run in the kernel's namespace, that address ``eth0``."""
-    lines = f"link set lo up\naddr add {addr.kernel_ip}/30 dev eth0\nlink set eth0 up\n"
-    if egress:
-        lines += f"route add default via {addr.host_ip}\n"
-    return lines
 
 
 def _enter(pid: int | str) -> list[str]:
@@ -167,12 +166,11 @@ async def attach(pid: int, addr: Addresses, egress: bool) -> None:
     Raises:
         CommandError: ``ip``, ``nsenter`` or ``nft`` failed; the veth is removed again.
     """
-    ip = paths.ip_binary()
     try:
         await ensure_firewall()
-        await run([ip, "-batch", "-"], stdin=_pair_commands(addr, pid))
-        await run([*_enter(pid), "-batch", "-"], stdin=_inside_commands(addr, egress))
-        await run([ip, "-batch", "-"], stdin=_host_commands(addr))
+        inside = _inside_commands(addr, egress, os.getpid())
+        await run([*_enter(pid), "-batch", "-"], stdin=inside)
+        await run([paths.ip_binary(), "-batch", "-"], stdin=_host_commands(addr))
         if egress:
             await allow_egress(addr.veth)
     except BaseException:
@@ -196,17 +194,16 @@ def restore_script(addr: Addresses, egress: bool) -> str:
     on every address and its connections are closed on restore (``tcp-close``), so
     a base restored into another kernel takes that kernel's address as well.
     """
-    # CRIU runs the script from inside the namespace it restored, so the host's
-    # network is entered by the path of this process's own.
-    host = " ".join(_enter(os.getpid()))
+    # Both namespaces are named by a process in them: the restored init (CRIU
+    # passes its pid), and this process for the host's.
     inside = " ".join(_enter('"$CRTOOLS_INIT_PID"'))
+    host = " ".join(_enter(os.getpid()))
     return (
         "#!/bin/sh\n"
         "# Written by sandbox-kernel: the network of a restored kernel (network.py).\n"
         f'[ "$CRTOOLS_SCRIPT_ACTION" = {RESTORE_ACTION} ] || exit 0\n'
         "set -e\n"
-        f"{host} -batch - <<EOF\n{_pair_commands(addr, '$CRTOOLS_INIT_PID')}EOF\n"
-        f"{inside} -batch - <<'EOF'\n{_inside_commands(addr, egress)}EOF\n"
+        f"{inside} -batch - <<'EOF'\n{_inside_commands(addr, egress, os.getpid())}EOF\n"
         f"{host} -batch - <<'EOF'\n{_host_commands(addr)}EOF\n"
     )
 
