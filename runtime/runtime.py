@@ -675,8 +675,9 @@ class Runtime:
     async def _run(self, kernel_id: str, record: dict[str, Any]) -> int:
         """Start the kernel's container from its bundle; return its init's host pid.
 
-        runc makes the namespaces, then the kernel's process starts while the
-        runtime joins its network namespace to the host (see ``network.attach``).
+        runc makes the namespaces; the runtime sets up the namespace's side of
+        the network, then the kernel's process starts while the host's side is
+        done (see ``network.attach``).
 
         Raises:
             CommandError: runc, ip or nft failed; the container is deleted again.
@@ -687,7 +688,8 @@ class Runtime:
         pid = await runc.create(record["container_id"], kdir, kdir / "container.pid")
         try:
             egress = record["network"] == "egress"
-            steps = [runc.start(record["container_id"]), network.attach(pid, addr, egress)]
+            await network.attach(pid, addr, egress)
+            steps = [runc.start(record["container_id"]), network.attach_host(addr, egress)]
             for result in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
