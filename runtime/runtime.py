@@ -36,7 +36,7 @@ from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissin
 
 from . import bases, cgroups, checkpoint, dedupe, layers, network, paths, runc, snapshots, volume
 from .bundle import CONTAINER_ROOT, RUN_DIR, Bind, SpecParams, make_spec
-from .fsutil import atomic_write, read_json, write_json
+from .fsutil import read_json, write_json
 from .limits import Limits, format_size, parse_size
 from .mounts import bind, mount_overlay, mounts_under, unmount
 from .pyenv import home_template, merge_prefixes, package_dirs, python_prefixes
@@ -722,7 +722,12 @@ class Runtime:
         egress = record["network"] == "egress"
         await _clear_veth(addr)
         script = kdir / "criu-network.sh"
-        atomic_write(script, network.restore_script(addr, egress).encode(), mode=0o700)
+        text = network.restore_script(addr, egress)
+        if not script.exists() or script.read_text() != text:
+            # Written again whenever it changes (it names this process); nothing
+            # is lost if a crash cuts the write short, so there is no fsync.
+            script.write_text(text)
+            script.chmod(0o700)
         _criu_config(kdir, f"action-script {script}\n")
         window = checkpoint.userfaultfd_window() if lazy_lock else contextlib.nullcontext()
         try:
@@ -1124,15 +1129,23 @@ def _host_resolv() -> str:
         return ""
 
 
+#: The v1 controllers whose files tell a kernel its limits and use (Python tools
+#: read the CPU quota and the memory limit there); the others are not bound.
+SHOWN_CONTROLLERS = {"memory", "cpu", "cpuacct", "cpuset", "pids"}
+
+
 def _cgroup_binds(record: dict[str, Any]) -> list[Bind] | None:
-    """The kernel's own cgroup in each v1 hierarchy, bound at the hierarchy's path
-    inside (where a cgroup namespace would show it); None on a pure v2 machine,
-    whose cgroupfs a user namespace may mount itself."""
+    """The kernel's own cgroup in the v1 hierarchies of :data:`SHOWN_CONTROLLERS`,
+    each bound at the hierarchy's path inside (where a cgroup namespace would show
+    it); None on a pure v2 machine, whose cgroupfs a user namespace may mount.
+    Every bind is one more mount for runc at each start and for CRIU at each dump
+    and restore, hence only these."""
     points = cgroups.hierarchies()
     if not points:
         return None
     rel = f"{paths.cgroup_parent()}/{record['container_id']}"
-    return [Bind(point / rel, str(point)) for point in points]
+    shown = [p for p in points if set(p.name.split(",")) & SHOWN_CONTROLLERS]
+    return [Bind(point / rel, str(point)) for point in shown]
 
 
 def _prefix_point(kdir: Path, index: int) -> Path:
