@@ -155,7 +155,7 @@ class Phases:
         (runc, "resume", "runc resume"),
         (runc, "delete", "runc delete"),
         (runc, "restore", "CRIU restore (runc restore)"),
-        (runc, "run_detached", "runc run (files fallback!)"),
+        (runc, "create", "runc create (files fallback!)"),
         (volume, "snapshot_subvolume", "btrfs snapshot"),
         (volume, "delete_subvolume", "btrfs delete subvolume"),
         (snapshots, "check_folder", "verify (read or sha256 every image)"),

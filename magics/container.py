@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import zmq
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
@@ -98,7 +97,6 @@ class ContainerMagics(Magics):
         self.channel = Channel() if available() else None
         self._subscribed = threading.Event()
         self._watch_subscriptions()
-        self._hand_over_reconnects()
         self._restored = threading.Event()
         self._pause = threading.Event()  # never set: waits between retries
         if self.channel is not None:
@@ -274,33 +272,6 @@ class ContainerMagics(Magics):
             original(frames)
 
         thread.io_loop.add_callback(stream.on_recv, handle)
-
-    def _hand_over_reconnects(self) -> None:
-        """Let a frontend that reconnects take its place on the kernel's ROUTER
-        sockets at once (``ROUTER_HANDOVER``).
-
-        jupyter_client connects with the same routing id every time. A restored
-        kernel still holds the connections of the snapshot's moment, which CRIU
-        closed; until ZeroMQ has noticed, a frontend that reconnects with its id
-        would be refused as a duplicate, and the replies meant for it lost. Each
-        option is set from the thread that owns the socket.
-        """
-        kernel = self._kernel()
-        for name, owner in (
-            ("shell_stream", "shell_channel_thread"), ("control_stream", "control_thread"),
-        ):  # fmt: skip
-            stream = getattr(kernel, name, None)
-            if stream is None:
-                continue
-            set_option = functools.partial(stream.socket.setsockopt, zmq.ROUTER_HANDOVER, 1)
-            loop = getattr(getattr(kernel, owner, None), "io_loop", None)
-            if loop is not None:
-                loop.add_callback(set_option)
-            else:
-                set_option()
-        stdin = getattr(kernel, "stdin_socket", None)
-        if stdin is not None:  # used by the main thread, this one
-            stdin.setsockopt(zmq.ROUTER_HANDOVER, 1)
 
     def _established(self) -> set[str]:
         """Which of the kernel's shell and iopub ports have a live TCP connection from

@@ -17,11 +17,6 @@ from .limits import CPU_PERIOD, Limits
 from .process import run, wait_exit
 
 
-async def run_detached(container_id: str, bundle: Path, pid_file: Path) -> int:
-    """Create and start ``container_id`` from ``bundle``; return its init's host pid."""
-    return await _launch(["run", "--detach"], container_id, bundle, pid_file)
-
-
 async def create(container_id: str, bundle: Path, pid_file: Path) -> int:
     """Create ``container_id`` from ``bundle`` without starting its process; return
     its init's host pid. Its namespaces exist from now on; :func:`start` runs it.
