@@ -18,7 +18,7 @@ from pathlib import Path
 from sandbox_kernel.errors import ConfigError, SandboxError
 
 from . import paths
-from .process import run, run_sync
+from .process import run
 
 NETWORK_MODES = ("none", "egress")
 NETNS_DIR = Path("/var/run/netns")
@@ -109,18 +109,13 @@ def reservations() -> dict[int, str]:
     return found
 
 
-def remove_stale_veth(addr: Addresses) -> bool:
-    """Remove a veth a crashed kernel left at ``addr`` before a new kernel takes the
-    address (its end on the host would make the new kernel's set-up look done).
-    True if there was one.
-
-    Raises:
-        CommandError: ``ip`` could not remove it.
-    """
-    if not configured(addr):
-        return False
-    run_sync([paths.ip_binary(), "link", "del", addr.veth], timeout=30)
-    return True
+async def remove_stale_veth(addr: Addresses) -> None:
+    """Remove a host end of ``addr``'s veth that is still there, before a kernel's
+    namespace is joined to the host at that address: a crash may have left one, and
+    the kernel frees a dead namespace's devices a little after its last process
+    ends. The new pair needs the name; an old one is never reused."""
+    if configured(addr):
+        await delete_veth(addr.veth)
 
 
 def configured(addr: Addresses) -> bool:

@@ -219,7 +219,6 @@ class Runtime:
         try:
             index = network.reserve_index(kernel_id)
             addr = network.Addresses.of(index)
-            network.remove_stale_veth(addr)  # never reuse what a crash left
             user = _user_name(config.uid)
             record: dict[str, Any] = {
                 "kernel_id": kernel_id,
@@ -684,7 +683,7 @@ class Runtime:
         """
         kdir = self.kernel_dir(kernel_id)
         addr = network.Addresses.of(record["index"])
-        await _clear_veth(addr)
+        await network.remove_stale_veth(addr)
         pid = await runc.create(record["container_id"], kdir, kdir / "container.pid")
         try:
             egress = record["network"] == "egress"
@@ -720,7 +719,7 @@ class Runtime:
         kdir = self.kernel_dir(kernel_id)
         addr = network.Addresses.of(record["index"])
         egress = record["network"] == "egress"
-        await _clear_veth(addr)
+        await network.remove_stale_veth(addr)
         script = kdir / "criu-network.sh"
         text = network.restore_script(addr, egress)
         if not script.exists() or script.read_text() != text:
@@ -1049,8 +1048,7 @@ class Runtime:
                 point.mkdir(exist_ok=True)
                 bind(Path(prefix), point)
         except BaseException:
-            for point in mounts_under(kdir):
-                unmount(point)
+            Runtime._unmount(kdir)
             raise
 
     @staticmethod
@@ -1157,14 +1155,6 @@ def _criu_config(kdir: Path, extra: str = "") -> None:
     """Write the kernel's CRIU config (its bundle names it): the options of every
     dump and restore, and ``extra``."""
     (kdir / "criu.conf").write_text(checkpoint.BASE_CONFIG + extra)
-
-
-async def _clear_veth(addr: network.Addresses) -> None:
-    """Remove the host end of a kernel's veth that is still there, before the
-    kernel's namespace is made again: the kernel frees a dead namespace's devices a
-    little after its last process ends, and the new pair needs the name."""
-    if network.configured(addr):
-        await network.delete_veth(addr.veth)
 
 
 def _fresh_work(kdir: Path) -> Path:
