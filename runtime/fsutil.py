@@ -18,10 +18,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file, never half.
 
-    The temp file is made in the same directory, fsynced, renamed over ``path``,
+    The file is the runtime's own (mode 0600 unless ``mode`` says otherwise): records
+    and metas name other tenants' folders, users and addresses. The temp file is made
+    in the same directory, fsynced, renamed over ``path``,
     then the directory is fsynced. On any error the temp file is removed.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -38,7 +40,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
+def write_json(path: Path, data: Any, mode: int = 0o600) -> None:
     """:func:`atomic_write` of ``data`` as indented JSON."""
     atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode)
 

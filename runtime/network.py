@@ -78,11 +78,12 @@ def reserve_index(kernel_id: str) -> int:
     Raises:
         SandboxError: every /30 of the subnet is taken.
     """
-    paths.net_dir().mkdir(parents=True, exist_ok=True)
+    paths.net_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(paths.net_dir(), 0o700)  # which kernel has which address is root's to know
     count = kernel_subnet().num_addresses // 4
     for index in range(1, count):
         try:
-            fd = os.open(paths.net_dir() / str(index), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(paths.net_dir() / str(index), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
             continue
         with os.fdopen(fd, "w") as handle:

@@ -34,7 +34,19 @@ from typing import Any
 
 from sandbox_kernel.errors import ConfigError, KernelNotFound, RequirementMissing, SandboxError
 
-from . import bases, cgroups, checkpoint, dedupe, layers, network, paths, runc, snapshots, volume
+from . import (
+    bases,
+    cgroups,
+    checkpoint,
+    dedupe,
+    hostpath,
+    layers,
+    network,
+    paths,
+    runc,
+    snapshots,
+    volume,
+)
 from .bundle import CONTAINER_ROOT, RUN_DIR, Bind, SpecParams, make_spec
 from .fsutil import read_json, write_json
 from .limits import Limits, format_size, parse_size
@@ -119,21 +131,31 @@ def layer_dir(kernel_id: str) -> Path:
     return volume.volume_dir() / "kernels" / kernel_id
 
 
-def check_cwd(cwd: str) -> Path:
-    """Validate a kernel's working directory.
+def check_cwd(cwd: str, uid: int, gid: int) -> tuple[Path, hostpath.Identity]:
+    """Validate a kernel's working directory at its first start; return it and the
+    identity every later mount of it is checked against (see ``hostpath.py``).
 
     Raises:
-        ConfigError: it is relative, missing, or a system folder.
+        ConfigError: it is relative, missing, a symlink, a system folder, or a folder
+            the kernel's user could not list and enter by themselves.
     """
     path = Path(cwd)
-    if not path.is_absolute() or not path.is_dir():
+    if not path.is_absolute():
         raise ConfigError("working directory", cwd, "is not an existing absolute folder")
-    real = path.resolve()
+    identity, real = hostpath.first_use(cwd, "working directory")
     if real in FORBIDDEN_CWDS or any(real.is_relative_to(p) for p in FORBIDDEN_CWDS[1:]):
         raise ConfigError("working directory", cwd, "is a system folder; start from your notebooks")
     if real.is_relative_to(paths.state_dir()):
         raise ConfigError("working directory", cwd, "is inside the runtime's state")
-    return path
+    if not hostpath.reachable_by(real, uid, gid):
+        # The merged folder's top belongs to the kernel's user: mounted by root, a
+        # folder that user may not enter would be listed to them all the same.
+        raise ConfigError(
+            "working directory", cwd,
+            f"cannot be listed and entered by the kernel's user (uid {uid}); "
+            "start from a folder that user can read",
+        )  # fmt: skip
+    return path, identity
 
 
 class Runtime:
@@ -206,15 +228,24 @@ class Runtime:
                     what, str(value),
                     "is the host id that root inside every kernel maps to; choose another",
                 )  # fmt: skip
-        cwd = check_cwd(config.cwd)
+        cwd, cwd_identity = check_cwd(config.cwd, config.uid, config.gid)
         prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
+        prefix_identities = [
+            hostpath.first_use(str(p), "Python prefix")[0].to_dict() for p in prefixes
+        ]
         image_layers = layers.image_layers(config.image)
         base, why_cold, inside = _fitting_base(config, [str(p) for p in prefixes])
         points = layers.mountpoint_layer([*prefixes, Path(inside)])
         if base is not None and base["layers"] != [points, *image_layers]:
             base, why_cold, inside = None, "its image's files differ from this kernel's", str(cwd)
             points = layers.mountpoint_layer([*prefixes, cwd])
-        kdir.mkdir(parents=True)
+        paths.state_dir().mkdir(parents=True, exist_ok=True)
+        _private_folder(paths.kernels_dir())
+        if kdir.exists():
+            raise ConfigError(
+                "kernel id", kernel_id, "has a folder but no record; run `sandbox-kernel gc`"
+            )
+        _private_folder(kdir)
         index = None
         try:
             index = network.reserve_index(kernel_id)
@@ -230,10 +261,15 @@ class Runtime:
                 "python_prefixes": [str(p) for p in prefixes],
                 "executable": config.executable,
                 "cwd": str(cwd),
+                "cwd_identity": cwd_identity.to_dict(),
+                "prefix_identities": prefix_identities,
                 "cwd_inside": inside,  # where the kernel sees it; see bases.py
                 "base": base["id"] if base else None,
                 "base_note": why_cold,
                 "limits": config.limits.to_dict(),
+                # What the kernel may raise its limits back up to: the kernelspec's.
+                # Only an operator goes above (see update_limits).
+                "ceiling": config.limits.to_dict(),
                 "network": config.network,
                 "index": index,
                 "kernel_ip": addr.kernel_ip,
@@ -422,6 +458,7 @@ class Runtime:
         """
         record = self.record(kernel_id)
         record["owner"] = owner_token()
+        _upgrade_record(record)
         write_json(self.kernel_dir(kernel_id) / "record.json", record)
         return record
 
@@ -809,19 +846,27 @@ class Runtime:
     @staticmethod
     def _in_lower(record: dict[str, Any], part: str, rel: str) -> bool:
         if part == "cwd":
-            return (Path(record["cwd"]) / rel).exists()
+            with _checked_cwd(record) as cwd:
+                return hostpath.lookup(cwd, rel)
         return any((layers.layer_path(d) / rel).exists() for d in record["layers"])
 
     # ---- limits and usage ----------------------------------------------------------
 
-    async def update_limits(self, kernel_id: str, limits: Limits) -> Limits:
+    async def update_limits(self, kernel_id: str, limits: Limits, operator: bool = False) -> Limits:
         """Change the limits of a running kernel; only the limits ``limits`` sets.
 
         Returns the kernel's limits after the change, which also apply after a
         restart. The disk size can only be set at start.
 
+        The kernel itself (through its control server, ``operator`` False) may lower
+        a limit, or raise it back up to its ceiling: the kernelspec's values, kept in
+        the kernel's record where the kernel cannot reach. An operator (the CLI as
+        root) may go above; the ceiling then rises with the new value.
+
         Raises:
-            ConfigError: a disk size was given, or memory below what the kernel uses.
+            ConfigError: a disk size was given, memory below what the kernel uses, or
+                (not ``operator``) a limit above the ceiling or an unlimited ceiling
+                asked for by the kernel.
             CommandError: runc refused the change.
         """
         if limits.disk is not None:
@@ -831,6 +876,9 @@ class Runtime:
                 "can only be set when the kernel starts; reinstall the kernelspec",
             )
         record = self.record(kernel_id)
+        ceiling = Limits.from_dict(record.get("ceiling") or record["limits"])
+        if not operator:
+            _check_ceiling(limits, ceiling)
         use = self.usage(kernel_id)
         if limits.memory and use and use.memory and limits.memory < use.memory:
             raise ConfigError(
@@ -841,6 +889,7 @@ class Runtime:
         await runc.update(record["container_id"], limits, cgroups.swap_limit_supported())
         new = Limits.from_dict(record["limits"]).merged(limits)
         record["limits"] = new.to_dict()
+        record["ceiling"] = _raised(ceiling, limits).to_dict()
         write_json(self.kernel_dir(kernel_id) / "record.json", record)
         return new
 
@@ -1040,13 +1089,16 @@ class Runtime:
         layer = layer_dir(record["kernel_id"])
         try:
             mount_overlay(kdir / "rootfs", lower, layer / "root", layer / "root.work")
-            mount_overlay(
-                kdir / "mnt/cwd", [Path(record["cwd"])], layer / "cwd", layer / "cwd.work"
-            )
+            # The user's folders are mounted through descriptors checked against the
+            # kernel's first start, never by path (see hostpath.py).
+            with _checked_cwd(record) as cwd:
+                mount_overlay(kdir / "mnt/cwd", [cwd], layer / "cwd", layer / "cwd.work")
             for i, prefix in enumerate(record["python_prefixes"]):
                 point = _prefix_point(kdir, i)
                 point.mkdir(exist_ok=True)
-                bind(Path(prefix), point)
+                identity = hostpath.Identity.from_dict(record["prefix_identities"][i])
+                with hostpath.checked(prefix, identity, "Python prefix") as source:
+                    bind(source, point)
         except BaseException:
             Runtime._unmount(kdir)
             raise
@@ -1144,6 +1196,75 @@ def _cgroup_binds(record: dict[str, Any]) -> list[Bind] | None:
     rel = f"{paths.cgroup_parent()}/{record['container_id']}"
     shown = [p for p in points if set(p.name.split(",")) & SHOWN_CONTROLLERS]
     return [Bind(point / rel, str(point)) for point in shown]
+
+
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` if needed, closed to every host user but root.
+
+    Below it are other tenants' records, bundles, logs and connection files. It is
+    root's, with group :data:`CONTAINER_ROOT` allowed to pass through (0710): runc
+    and CRIU reach a kernel's bind sources from inside its user namespace, whose
+    root is that host id, and no host user has it (``prepare`` refuses it as a
+    kernel's uid or gid).
+    """
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chown(folder, 0, CONTAINER_ROOT)
+    os.chmod(folder, 0o710)
+
+
+def _upgrade_record(record: dict[str, Any]) -> None:
+    """Fill in what records of an older version lack: the identities of the user's
+    folders (taken now, the first use this version sees) and the limits' ceiling."""
+    if "cwd_identity" not in record:
+        record["cwd_identity"] = hostpath.first_use(record["cwd"], "working directory")[0].to_dict()
+    if "prefix_identities" not in record:
+        record["prefix_identities"] = [
+            hostpath.first_use(p, "Python prefix")[0].to_dict() for p in record["python_prefixes"]
+        ]
+    record.setdefault("ceiling", record["limits"])
+
+
+#: What each limit is called in messages, and how its value is shown.
+_LIMIT_NAMES = {"memory": "memory limit", "cpus": "cpu limit", "pids": "pids limit"}
+
+
+def _show(key: str, value: float | None) -> str:
+    if value is None:
+        return "unlimited"
+    return format_size(int(value)) if key == "memory" else f"{value:g}"
+
+
+def _check_ceiling(change: Limits, ceiling: Limits) -> None:
+    """Refuse a change a kernel asked for that goes above its ceiling.
+
+    Raises:
+        ConfigError: naming the limit, the value, the ceiling and who can go above.
+    """
+    for key, what in _LIMIT_NAMES.items():
+        wanted, top = getattr(change, key), getattr(ceiling, key)
+        if wanted is not None and top is not None and wanted > top:
+            raise ConfigError(
+                what, _show(key, wanted),
+                f"is above this kernel's ceiling of {_show(key, top)} (its kernelspec's); "
+                "a kernel may lower its limits or raise them back up to that. An operator "
+                "can go above it with `sandbox-kernel limits KERNEL_ID`",
+            )  # fmt: skip
+
+
+def _raised(ceiling: Limits, change: Limits) -> Limits:
+    """The ceiling after an operator's change: raised to any value above it."""
+    higher = {}
+    for key in _LIMIT_NAMES:
+        wanted, top = getattr(change, key), getattr(ceiling, key)
+        if wanted is not None and top is not None and wanted > top:
+            higher[key] = wanted
+    return ceiling.merged(Limits(**higher))
+
+
+def _checked_cwd(record: dict[str, Any]) -> contextlib.AbstractContextManager[Path]:
+    """The kernel's working folder, checked against its first start (see hostpath.py)."""
+    identity = hostpath.Identity.from_dict(record["cwd_identity"])
+    return hostpath.checked(record["cwd"], identity, "working directory")
 
 
 def _prefix_point(kdir: Path, index: int) -> Path:

@@ -89,11 +89,16 @@ def ensure_volume() -> Path:
         if not image.exists():
             mkfs = _binary("mkfs.btrfs")
             partial = image.with_suffix(".partial")
-            with open(partial, "wb") as handle:
+            partial.unlink(missing_ok=True)
+            # 0600 from its first byte: the raw image holds every tenant's files and
+            # the CRIU images of their memory (connection keys included).
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
                 handle.truncate(volume_size())
             run_sync([mkfs, "-q", str(partial)], timeout=120)
             partial.rename(image)
-        target.mkdir(exist_ok=True)
+        os.chmod(image, 0o600)  # a volume made by an older version was 0644
+        target.mkdir(mode=0o700, exist_ok=True)
         run_sync(["mount", "-o", "loop", str(image), str(target)], timeout=60)
         _direct_io(target)
         _set_up(target)
@@ -105,9 +110,17 @@ _READY: set[str] = set()
 
 
 def _set_up(target: Path) -> None:
-    """The volume's folders, its compressed store and its quotas, where missing."""
-    for sub in ("kernels", "snapshots"):
-        (target / sub).mkdir(exist_ok=True)
+    """The volume's folders, its compressed store and its quotas, where missing.
+
+    The volume's root and its folders are root's alone (0700): every kernel's layer,
+    snapshots and bases are below, and no other host user may read or plant files
+    there. Modes are set again on a volume an older version made.
+    """
+    os.chmod(image_path(), 0o600)
+    os.chmod(target, 0o700)
+    for sub in ("kernels", "snapshots", "bases"):
+        (target / sub).mkdir(mode=0o700, exist_ok=True)
+        os.chmod(target / sub, 0o700)
     compress(target / "snapshots")
     _enable_quotas(target)
     _READY.add(str(target))

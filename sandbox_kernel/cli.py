@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -223,7 +224,9 @@ def _limits(args: argparse.Namespace) -> int:
     if change == Limits():
         limits = Limits.from_dict(runtime.record(args.kernel_id)["limits"])
     else:
-        limits = asyncio.run(runtime.update_limits(args.kernel_id, change))
+        # The operator (root) may go above the kernelspec's ceiling; a kernel may not.
+        operator = os.geteuid() == 0
+        limits = asyncio.run(runtime.update_limits(args.kernel_id, change, operator=operator))
     print(f"kernel {args.kernel_id}: {limits.describe()}")
     return 0
 
