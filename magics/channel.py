@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 CREDENTIALS = Path("/run/sandbox/control.json")
+#: Bytes in a request, newline not counted: the control server closes the connection
+#: at a longer line (``runtime/control.py``'s ``MAX_LINE``, which this must equal; it
+#: is not imported so that this module stays free of the runtime's imports).
+MAX_REQUEST = 64 * 1024
 
 
 class ChannelError(Exception):
@@ -64,7 +68,8 @@ class Channel:
         runtime sends meanwhile go to ``on_progress``.
 
         Raises:
-            ChannelError: the runtime refused or failed (its message says why).
+            ChannelError: the runtime refused or failed (its message says why), or
+                the request is over :data:`MAX_REQUEST` bytes.
             Interrupted: the connection broke before the reply came.
         """
         try:
@@ -82,10 +87,18 @@ class Channel:
         body = json.dumps(message, sort_keys=True)
         key = bytes.fromhex(creds["token"])
         message["mac"] = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+        data = json.dumps(message).encode()
+        if len(data) > MAX_REQUEST:
+            # Refused here: the server would only close the connection, which reads
+            # as an Interrupted request.
+            raise ChannelError(
+                f"the {op!r} request is {len(data)} bytes, over the control channel's "
+                f"{MAX_REQUEST}; shorten its arguments (a snapshot's message, say)"
+            )
         try:
             with socket.create_connection((creds["host"], creds["port"]), timeout=10) as conn:
                 conn.settimeout(timeout)
-                conn.sendall(json.dumps(message).encode() + b"\n")
+                conn.sendall(data + b"\n")
                 with conn.makefile("rb") as stream:
                     while True:
                         reply = stream.readline()

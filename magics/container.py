@@ -99,7 +99,10 @@ class ContainerMagics(Magics):
         self._watch_subscriptions()
         self._restored = threading.Event()
         self._pause = threading.Event()  # never set: waits between retries
+        self._identity_lock = threading.Lock()
+        self._identity_start = _start_time()
         if self.channel is not None:
+            self._sign_with_current_key()
             # A new kernel process: was it started by a reset, or by a restore that
             # could only bring the files back? Then a cell waits for its reply.
             threading.Thread(target=self._answer_pending, daemon=True).start()
@@ -178,9 +181,15 @@ class ContainerMagics(Magics):
         print(f"Restored the files of {args.name}; the kernel restarts.")
 
     def _list(self, line: str) -> None:
-        metas = self._call("list")
+        listed = self._call("list")
+        metas, store = listed["snapshots"], listed["store"]
+        usage = (
+            f"Your snapshots: {store['count']} of {store['quota_count']}, "
+            f"{_size(store['bytes'])} of {_size(store['quota_bytes'])}."
+        )
         if not metas:
             print("No snapshots yet: `%container snapshot NAME` takes one.")
+            print(usage)
             return
         rows = [["NAME", "TIME", "MODE", "MEMORY", "FILES", "PARENT", "MESSAGE"]]
         for m in metas:
@@ -190,6 +199,7 @@ class ContainerMagics(Magics):
                 m["parent"] or "-", m["message"],
             ])  # fmt: skip
         print(_table(rows))
+        print(usage)
 
     def _delete(self, line: str) -> None:
         args = _parse("delete", line)
@@ -332,7 +342,7 @@ class ContainerMagics(Magics):
             except Interrupted:
                 if _start_time() != started:
                     started = _start_time()
-                    self._take_identity()
+                    self._check_identity()
                     # The subscription remembered from before the snapshot is gone
                     # with the connection that carried it.
                     self._subscribed.clear()
@@ -348,6 +358,40 @@ class ContainerMagics(Magics):
                 continue
             failures += 1  # the runtime went away: try a few times, then stop
             self._pause.wait(1.0)
+
+    def _sign_with_current_key(self) -> None:
+        """Make every message this process signs or checks use its kernel's current key.
+
+        A process restored from another kernel's snapshot (a base, or a snapshot of
+        an earlier kernel of the same owner and folder) wakes up holding that
+        kernel's key, and any thread may send first: the iopub thread flushing
+        output, a status, the restored cell's reply. So the session's ``sign`` (which
+        also checks incoming messages) first notices a restore, by this process's
+        start time, and takes the new key before it signs anything.
+        """
+        kernel = self._kernel()
+        session = getattr(kernel, "session", None)
+        if session is None:
+            return
+        sign = session.sign
+
+        def sign_with_current_key(msg_list: list[bytes]) -> bytes:
+            self._check_identity()
+            signed: bytes = sign(msg_list)
+            return signed
+
+        session.sign = sign_with_current_key
+
+    def _check_identity(self) -> None:
+        """Take the kernel's current key if this process was restored since it last
+        looked (see :meth:`_sign_with_current_key`). Costs one small /proc read."""
+        now = _start_time()
+        if now == self._identity_start:
+            return
+        with self._identity_lock:
+            if now != self._identity_start:
+                self._take_identity()
+                self._identity_start = now
 
     def _take_identity(self) -> None:
         """After a restore: sign with the kernel's current connection key.

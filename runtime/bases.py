@@ -39,7 +39,7 @@ from .fsutil import fsync_dir, read_json, write_json
 from .volume import delete_subvolume, ensure_volume, snapshot_subvolume
 
 _FICLONE = (1 << 30) | (4 << 16) | (0x94 << 8) | 9  # _IOW(0x94, 9, int)
-_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_ID_RE = re.compile(r"[0-9a-f]{16}")  # whole ids: fullmatch
 
 
 def bases_dir() -> Path:
@@ -53,7 +53,7 @@ def base_dir(base_id: str) -> Path:
     Raises:
         ConfigError: ``base_id`` is not a base id.
     """
-    if not _ID_RE.match(base_id):
+    if not isinstance(base_id, str) or not _ID_RE.fullmatch(base_id):
         raise ConfigError(
             "base", base_id,
             "is not a base id; install the kernelspec again with --base SNAPSHOT",
@@ -161,7 +161,7 @@ def listing() -> list[dict[str, Any]]:
     folder = bases_dir()
     if not folder.is_dir():
         return []
-    found = [p for p in sorted(folder.iterdir()) if _ID_RE.match(p.name)]
+    found = [p for p in sorted(folder.iterdir()) if _ID_RE.fullmatch(p.name)]
     return [read_json(p / "meta.json") for p in found if (p / "meta.json").exists()]
 
 

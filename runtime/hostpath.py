@@ -13,6 +13,7 @@ the path names a moment later.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -71,31 +72,6 @@ def real_path(fd: int) -> Path:
     return Path(os.readlink(f"/proc/self/fd/{fd}"))
 
 
-def _allows(st: os.stat_result, uid: int, gid: int, want: int) -> bool:
-    """Whether mode bits ``want`` (of ``r``=4, ``x``=1) are granted to ``uid``/``gid``."""
-    if st.st_uid == uid:
-        shift = 6
-    elif st.st_gid == gid:
-        shift = 3
-    else:
-        shift = 0
-    return (st.st_mode >> shift) & want == want
-
-
-def reachable_by(real: Path, uid: int, gid: int) -> bool:
-    """Whether user ``uid`` (group ``gid``) could list and enter folder ``real`` by
-    itself: search on every folder above it, read and search on it (mode bits; the
-    runtime as root must not show a user what they could not see themselves)."""
-    if uid == 0:
-        return True
-    try:
-        if not _allows(os.stat(real), uid, gid, 5):
-            return False
-        return all(_allows(os.stat(parent), uid, gid, 1) for parent in real.parents)
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def checked(path: str, expected: Identity, what: str) -> Iterator[Path]:
     """Open folder ``path`` and check it is still the folder of ``expected``; yield
@@ -105,7 +81,16 @@ def checked(path: str, expected: Identity, what: str) -> Iterator[Path]:
         ConfigError: the folder is gone, is now a symlink, or is another folder (or
             has another owner) than at the kernel's first start; nothing was used.
     """
-    fd = open_folder(path, what)
+    try:
+        fd = os.open(path, _FLAGS)
+    except OSError as err:
+        now = "a symlink or a file" if err.errno in (errno.ENOTDIR, errno.ELOOP) else err.strerror
+        raise ConfigError(
+            what, path,
+            f"was moved or replaced since the kernel first started (it is now {now}); "
+            "nothing was mounted. Put the folder back, or start a new kernel in the "
+            "folder you want to use",
+        ) from None  # fmt: skip
     try:
         found = Identity.of(fd)
         if found != expected:
@@ -113,9 +98,9 @@ def checked(path: str, expected: Identity, what: str) -> Iterator[Path]:
             change = "owned by another user" if same else "another folder"
             raise ConfigError(
                 what, path,
-                f"is now {change}, not what it was when the kernel first started (it was moved or "
-                "replaced); nothing was mounted. Start a new kernel in the folder you "
-                "want to use",
+                f"was moved or replaced since the kernel first started (it is now {change}); "
+                "nothing was mounted. Put the folder back, or start a new kernel in the "
+                "folder you want to use",
             )  # fmt: skip
         yield Path(f"/proc/self/fd/{fd}")
     finally:

@@ -191,7 +191,13 @@ def check_image_name(name: str) -> str:
         ConfigError: the name has characters other than letters, digits, ``.-_``.
         ImageNotFound: no image of that name exists.
     """
-    if not name or not all(c.isalnum() or c in ".-_" for c in name) or name.startswith("."):
+    # ASCII only: str.isalnum() also takes letters and digits of every other script.
+    if (
+        not name
+        or not name.isascii()
+        or not all(c.isalnum() or c in ".-_" for c in name)
+        or name.startswith(".")
+    ):
         raise ConfigError("image name", name, "is not valid; use letters, digits, '.', '-', '_'")
     if name not in image_names():
         raise ImageNotFound(name, image_names())

@@ -24,7 +24,7 @@ NETWORK_MODES = ("none", "egress")
 NETNS_DIR = Path("/var/run/netns")
 TABLE = "sandbox_kernel"
 #: Marks the table's rules; a table with another mark is replaced.
-FIREWALL_VERSION = "sandbox-kernel firewall 2"
+FIREWALL_VERSION = "sandbox-kernel firewall 3"
 #: The port of each kernel's control server, on the host end of its veth.
 CONTROL_PORT = 50100
 VETH_PREFIX = "skv"
@@ -256,7 +256,7 @@ def firewall_rules() -> str:
 
     - input: a kernel may only answer connections the host opened (the ZMQ ports)
       and open connections to its own control server (the control port on its own
-      veth's host address); it reaches no other host service.
+      veth's host address), at most 16 at once; it reaches no other host service.
     - forward: no kernel reaches another kernel, nothing outside opens a connection
       into a kernel, no kernel reaches link-local metadata services, and only the
       veths in the ``egress`` set may go out.
@@ -264,13 +264,19 @@ def firewall_rules() -> str:
     """
     subnet = kernel_subnet()
     v = f'"{VETH_PREFIX}*"'
+    # Concurrent control connections per kernel address: twice the control server's
+    # own cap (control.MAX_CONNECTIONS, 8), so that the server's cap is what
+    # normally acts; this one keeps a flood off the host's accept queue.
+    over_cap = "add @ctl_conns { ip saddr ct count over 16 }"
     return f"""
 table inet {TABLE} {{
   comment "{FIREWALL_VERSION}"
   set egress {{ type ifname; }}
+  set ctl_conns {{ type ipv4_addr; flags dynamic; size 65535; }}
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname {v} ct state established,related accept
+    iifname {v} tcp dport {CONTROL_PORT} ct state new {over_cap} reject with tcp reset
     iifname {v} tcp dport {CONTROL_PORT} fib daddr . iif type local accept
     iifname {v} drop
   }}

@@ -126,18 +126,75 @@ def container_id(kernel_id: str) -> str:
     return f"{paths.PREFIX}{kernel_id}"
 
 
+#: The kernel's run folder (its log) holds at most this many bytes: a btrfs quota,
+#: on the volume rather than the host's root filesystem.
+LOG_CAP = 64 << 20
+#: Past this size the log is trimmed to its last :data:`LOG_KEEP` bytes.
+LOG_TRIM_AT = 48 << 20
+LOG_KEEP = 8 << 20
+
+
+def run_dir(kernel_id: str) -> Path:
+    """Kernel ``kernel_id``'s run folder: a subvolume of the volume, held to
+    :data:`LOG_CAP` bytes, bound at ``kernels/<id>/run`` and from there at
+    /run/sandbox inside. It outlives restarts, restores and resets."""
+    return volume.volume_dir() / "run" / kernel_id
+
+
+def _make_run_dir(record: dict[str, Any]) -> None:
+    """Make the kernel's run folder with an empty log that the kernel's user owns."""
+    folder = run_dir(record["kernel_id"])
+    volume.delete_subvolume(folder)
+    volume.create_subvolume(folder)
+    os.chmod(folder, 0o755)  # entered from the kernel's user namespace, through its bind
+    volume.limit_subvolume(folder, LOG_CAP)
+    log = folder / "kernel.log"
+    log.touch(0o600)
+    os.chown(log, record["uid"], record["gid"])
+
+
+def _trim_log(log: Path) -> bool:
+    """Keep the last :data:`LOG_KEEP` bytes of ``log`` once it passes
+    :data:`LOG_TRIM_AT`, in place: the kernel appends to the same inode, and what
+    it writes meanwhile lands after the kept tail."""
+    try:
+        if log.stat().st_size <= LOG_TRIM_AT:
+            return False
+    except OSError:
+        return False
+    # At its quota btrfs refuses even a truncate (it needs metadata room): the cap
+    # is lifted for the moment of the trim.
+    with contextlib.suppress(SandboxError):
+        volume.limit_subvolume(log.parent, 2 * LOG_CAP)
+    try:
+        with open(log, "r+b") as handle:
+            handle.seek(-LOG_KEEP, os.SEEK_END)
+            tail = handle.read(LOG_KEEP)
+            handle.truncate(0)
+        # Appended, as the kernel's own writes are: neither overwrites the other.
+        with open(log, "ab") as handle:
+            stamp = time.strftime("%H:%M:%S")
+            note = f"[sandbox-kernel {stamp}] log trimmed to its last {format_size(LOG_KEEP)}\n"
+            handle.write(note.encode() + tail[tail.find(b"\n") + 1 :])
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(SandboxError):
+            volume.limit_subvolume(log.parent, LOG_CAP)
+    return True
+
+
 def layer_dir(kernel_id: str) -> Path:
     """Kernel ``kernel_id``'s writable layer: a subvolume of the runtime's btrfs volume."""
     return volume.volume_dir() / "kernels" / kernel_id
 
 
-def check_cwd(cwd: str, uid: int, gid: int) -> tuple[Path, hostpath.Identity]:
+def check_cwd(cwd: str) -> tuple[Path, hostpath.Identity]:
     """Validate a kernel's working directory at its first start; return it and the
     identity every later mount of it is checked against (see ``hostpath.py``).
 
     Raises:
-        ConfigError: it is relative, missing, a symlink, a system folder, or a folder
-            the kernel's user could not list and enter by themselves.
+        ConfigError: it is relative, missing, a symlink or a system folder.
     """
     path = Path(cwd)
     if not path.is_absolute():
@@ -147,14 +204,6 @@ def check_cwd(cwd: str, uid: int, gid: int) -> tuple[Path, hostpath.Identity]:
         raise ConfigError("working directory", cwd, "is a system folder; start from your notebooks")
     if real.is_relative_to(paths.state_dir()):
         raise ConfigError("working directory", cwd, "is inside the runtime's state")
-    if not hostpath.reachable_by(real, uid, gid):
-        # The merged folder's top belongs to the kernel's user: mounted by root, a
-        # folder that user may not enter would be listed to them all the same.
-        raise ConfigError(
-            "working directory", cwd,
-            f"cannot be listed and entered by the kernel's user (uid {uid}); "
-            "start from a folder that user can read",
-        )  # fmt: skip
     return path, identity
 
 
@@ -200,7 +249,20 @@ class Runtime:
     def log_path(self, kernel_id: str) -> Path:
         """The kernel's log on the host (its stdout and stderr)."""
         self.record(kernel_id)
-        return self.kernel_dir(kernel_id) / "run" / "kernel.log"
+        return run_dir(kernel_id) / "kernel.log"
+
+    def run_dir(self, kernel_id: str) -> Path:
+        """The kernel's run folder on the host (/run/sandbox inside): its connection
+        file, control credentials and log. See :func:`run_dir`."""
+        self.kernel_dir(kernel_id)
+        return run_dir(kernel_id)
+
+    def trim_log(self, kernel_id: str) -> bool:
+        """Keep the kernel's log under its cap: past :data:`LOG_TRIM_AT` bytes only the
+        last :data:`LOG_KEEP` are kept. True if it was trimmed. Cheap otherwise (one
+        stat); called by the provisioner's ``poll`` and before the runtime writes
+        there."""
+        return _trim_log(run_dir(kernel_id) / "kernel.log")
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -228,7 +290,7 @@ class Runtime:
                     what, str(value),
                     "is the host id that root inside every kernel maps to; choose another",
                 )  # fmt: skip
-        cwd, cwd_identity = check_cwd(config.cwd, config.uid, config.gid)
+        cwd, cwd_identity = check_cwd(config.cwd)
         prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
         prefix_identities = [
             hostpath.first_use(str(p), "Python prefix")[0].to_dict() for p in prefixes
@@ -282,6 +344,7 @@ class Runtime:
             }
             write_json(kdir / "record.json", record)
             volume.ensure_volume()
+            _make_run_dir(record)
             self._make_layer(kdir, record)
         except BaseException:
             self._remove_folder(kdir)
@@ -306,7 +369,8 @@ class Runtime:
         uid, gid = record["uid"], record["gid"]
         inside = {k: v.decode() if isinstance(v, bytes) else v for k, v in connection.items()}
         inside["ip"] = "0.0.0.0"
-        conn_path = kdir / "run" / "connection.json"
+        _trim_log(run_dir(kernel_id) / "kernel.log")  # room for the files below
+        conn_path = run_dir(kernel_id) / "connection.json"
         conn_path.unlink(missing_ok=True)
         write_json(conn_path, inside, mode=0o400)
         os.chown(conn_path, uid, gid)
@@ -372,9 +436,6 @@ class Runtime:
             work = _fresh_work(kdir)
             images = bases.base_dir(record["base"]) / "criu"
             # The restored process has its stdio open on the log (see bundle.py).
-            log = self.log_path(kernel_id)
-            log.touch(mode=0o600)
-            os.chown(log, record["uid"], record["gid"])
             pid = await self._restore_images(kernel_id, record, criu, images, work)
             record["started_from"] = "base"
             return pid
@@ -523,6 +584,8 @@ class Runtime:
         started = time.monotonic()
         async with self._exclusive(kernel_id):
             record = self.record(kernel_id)
+            snapshots.check_name(name)
+            await asyncio.to_thread(snapshots.check_quota, str(record["uid"]), name)
             draft = snapshots.Draft(str(record["uid"]), name)
             try:
                 mode, reason = "files", "" if live else "asked for files only"
@@ -567,11 +630,15 @@ class Runtime:
                 parent = record.get("snapshot")
                 shared = 0
                 like = None  # images whose unchanged pages the new ones share (dedupe.py)
-                with contextlib.suppress(ConfigError):
+                shared_with: dict[str, Any] = {}  # and whose they are (snapshots.charged_bytes)
+                with contextlib.suppress(ConfigError, OSError):
                     if parent:
                         like = snapshots.snapshot_dir(draft.owner, parent) / "criu"
+                        created = snapshots.load(draft.owner, parent)["created"]
+                        shared_with = {"kind": "snapshot", "name": parent, "created": created}
                     elif record.get("started_from") == "base" and record.get("base"):
                         like = bases.base_dir(record["base"]) / "criu"
+                        shared_with = {"kind": "base", "id": record["base"]}
                 memory = _tree_bytes(draft.criu_dir) if draft.criu_dir.is_dir() else 0
                 say(f"saved files and {format_size(memory)} of memory ({paused:.2f} s frozen)")
                 if mode == "live" and like is not None:
@@ -582,6 +649,7 @@ class Runtime:
                     "message": message,
                     "parent": parent,
                     "shared_bytes": shared,
+                    "shared_with": shared_with if shared else {},
                     "mode": mode,
                     "reason": reason,
                     "image": record["image"],
@@ -593,11 +661,17 @@ class Runtime:
                     "executable": record["executable"],
                     "python_prefixes": record["python_prefixes"],
                     "cwd_inside": _inside(record),
+                    # The host folder: kernels elsewhere do not see this snapshot.
+                    "cwd": record["cwd"],
                     "file_bytes": await asyncio.to_thread(_tree_bytes, draft.files),
+                    # Blocks of the files: what a restore brings against `disk`.
+                    "layer_bytes": await asyncio.to_thread(_allocated_bytes, draft.files),
+                    "memory_bytes": memory,
                     "paused_seconds": round(paused, 4),
                     "seconds": 0.0,
                 }
                 meta["seconds"] = round(time.monotonic() - started, 4)
+                await asyncio.to_thread(snapshots.check_quota, draft.owner, name, meta)
                 say(f"checksumming and syncing {format_size(memory)}")
                 meta = await asyncio.to_thread(draft.commit, meta)
             except OSError as err:
@@ -657,13 +731,14 @@ class Runtime:
         record = self.record(kernel_id)
         kdir = self.kernel_dir(kernel_id)
         owner = str(record["uid"])
+        # Only a snapshot this kernel may see (same owner, image and folder).
+        snapshots.load_visible(record, name)
         meta = await asyncio.to_thread(snapshots.verify, owner, name)
-        if meta["layers"] != record["layers"]:
-            raise ConfigError(
-                "snapshot", name,
-                f"was taken from another image or folder (image {meta['image']}); "
-                "restore it in a kernel started from the same kernelspec and folder",
-            )  # fmt: skip
+        inherited = await asyncio.to_thread(
+            _inherited_bytes, meta, snapshots.snapshot_dir(owner, name)
+        )
+        _check_disk(record, inherited, f"snapshot {name!r}")
+        _check_folders(record)  # before the kernel is stopped (checked again at the mount)
         mode, reason = meta["mode"], meta.get("reason", "")
         criu = None
         if mode == "live":
@@ -680,7 +755,7 @@ class Runtime:
         volume.delete_subvolume(layer_dir(kernel_id))
         files = snapshots.snapshot_dir(owner, name) / "files"
         volume.snapshot_subvolume(files, layer_dir(kernel_id), readonly=False)
-        _limit_layer(record)
+        _limit_layer(record, inherited)
         record["snapshot"] = name
         write_json(kdir / "record.json", record)
         self._mount(kdir, record)
@@ -797,6 +872,7 @@ class Runtime:
         async with self._exclusive(kernel_id):
             record = self.record(kernel_id)
             kdir = self.kernel_dir(kernel_id)
+            _check_folders(record)  # before the kernel is stopped (checked again at the mount)
             await runc.delete(record["container_id"])
             self._unmount(kdir)
             await asyncio.to_thread(self._make_layer, kdir, record, True)
@@ -809,6 +885,27 @@ class Runtime:
                 self._unmount(kdir)
                 raise
             return {"pid": pid}
+
+    def snapshot_listing(self, kernel_id: str) -> dict[str, Any]:
+        """The snapshots kernel ``kernel_id`` may see (see ``snapshots.visible_to``),
+        oldest first, and its owner's use of the store against the limit:
+        ``{"snapshots": [meta, ...], "store": snapshots.usage(...)}``."""
+        record = self.record(kernel_id)
+        return {
+            "snapshots": snapshots.visible_listing(record),
+            "store": snapshots.usage(str(record["uid"])),
+        }
+
+    def delete_snapshot(self, kernel_id: str, name: str) -> None:
+        """Delete snapshot ``name`` on behalf of kernel ``kernel_id``: only one that
+        kernel may see. It may wait for a lazy restore's page server.
+
+        Raises:
+            SnapshotNotFound: no such snapshot, or one the kernel may not see.
+        """
+        record = self.record(kernel_id)
+        snapshots.load_visible(record, name)
+        snapshots.delete(str(record["uid"]), name)
 
     def diff(self, kernel_id: str, name: str | None = None) -> dict[str, Any]:
         """Files added, changed and deleted since snapshot ``name`` (default: the
@@ -823,7 +920,7 @@ class Runtime:
         current = layer_dir(kernel_id)
         base = snapshots.snapshot_dir(str(record["uid"]), since) / "files" if since else None
         if since:
-            snapshots.load(str(record["uid"]), since)
+            snapshots.load_visible(record, since)
         changes: dict[str, Any] = {"since": since, "added": [], "changed": [], "deleted": []}
         for part, mount in (("root", "/"), ("cwd", _inside(record))):
             now = _entries(current / part)
@@ -908,6 +1005,7 @@ class Runtime:
 
     def append_log(self, kernel_id: str, line: str) -> None:
         """Append a line from the runtime to the kernel's log, marked as such."""
+        self.trim_log(kernel_id)
         with open(self.log_path(kernel_id), "a") as log:
             log.write(f"[sandbox-kernel {time.strftime('%H:%M:%S')}] {line}\n")
 
@@ -990,11 +1088,13 @@ class Runtime:
                     removed.append(f"kernel folder {entry}")
                     if not dry_run:
                         self._remove_folder(entry)
-        layers_root = volume.volume_dir() / "kernels"
-        if layers_root.is_dir():
-            for entry in layers_root.iterdir():
+        for sub, what in (("kernels", "writable layer"), ("run", "run folder")):
+            root = volume.volume_dir() / sub
+            if not root.is_dir():
+                continue
+            for entry in root.iterdir():
                 if entry.name not in live and not (paths.kernels_dir() / entry.name).exists():
-                    removed.append(f"writable layer {entry}")
+                    removed.append(f"{what} {entry}")
                     if not dry_run:
                         volume.delete_subvolume(entry)
         removed += self._gc_layers(dry_run)
@@ -1035,8 +1135,9 @@ class Runtime:
         if record.get("base") and not fresh:
             layer = layer_dir(record["kernel_id"])
             volume.delete_subvolume(layer)
-            volume.snapshot_subvolume(bases.base_dir(record["base"]) / "files", layer, False)
-            _limit_layer(record)
+            folder = bases.base_dir(record["base"])
+            volume.snapshot_subvolume(folder / "files", layer, False)
+            _limit_layer(record, _inherited_bytes(bases.load(record["base"]), folder))
             return
         Runtime._empty_layer(record)
         home = layer_dir(record["kernel_id"]) / "root" / record["home"].lstrip("/")
@@ -1049,9 +1150,6 @@ class Runtime:
             shutil.copytree(template, home, symlinks=True)
         for path in [home, *home.rglob("*")]:
             os.lchown(path, uid, gid)
-        log = kdir / "run" / "kernel.log"
-        log.touch(0o600)
-        os.chown(log, uid, gid)
 
     @staticmethod
     def _empty_layer(record: dict[str, Any]) -> None:
@@ -1089,6 +1187,7 @@ class Runtime:
         layer = layer_dir(record["kernel_id"])
         try:
             mount_overlay(kdir / "rootfs", lower, layer / "root", layer / "root.work")
+            bind(run_dir(record["kernel_id"]), kdir / "run")
             # The user's folders are mounted through descriptors checked against the
             # kernel's first start, never by path (see hostpath.py).
             with _checked_cwd(record) as cwd:
@@ -1113,6 +1212,7 @@ class Runtime:
         for point in mounts_under(kdir):
             unmount(point)
         volume.delete_subvolume(layer_dir(kdir.name))
+        volume.delete_subvolume(run_dir(kdir.name))
         shutil.rmtree(kdir, ignore_errors=True)
 
 
@@ -1261,6 +1361,22 @@ def _raised(ceiling: Limits, change: Limits) -> Limits:
     return ceiling.merged(Limits(**higher))
 
 
+def _check_folders(record: dict[str, Any]) -> None:
+    """Check the user's folders of a running kernel before an operation stops it, so
+    that one which could not mount them again leaves the kernel running.
+
+    Raises:
+        ConfigError: a folder was moved or replaced (see hostpath.py).
+    """
+    with _checked_cwd(record):
+        pass
+    for prefix, identity in zip(
+        record["python_prefixes"], record["prefix_identities"], strict=True
+    ):
+        with hostpath.checked(prefix, hostpath.Identity.from_dict(identity), "Python prefix"):
+            pass
+
+
 def _checked_cwd(record: dict[str, Any]) -> contextlib.AbstractContextManager[Path]:
     """The kernel's working folder, checked against its first start (see hostpath.py)."""
     identity = hostpath.Identity.from_dict(record["cwd_identity"])
@@ -1295,11 +1411,51 @@ def lazy_restore_size() -> int:
     return parse_size(value, "lazy restore size")
 
 
-def _limit_layer(record: dict[str, Any]) -> None:
-    """Hold the kernel's writable layer to its ``disk`` size (btrfs quota)."""
+def _limit_layer(record: dict[str, Any], inherited: int = 0) -> None:
+    """Hold the kernel's writable layer to its ``disk`` size (btrfs quota).
+
+    A layer made from a snapshot or a base starts with ``inherited`` bytes of files
+    that simple quotas charge to the layer that first wrote them, not to this one:
+    they are taken off the limit, so restores cannot grow a kernel's files past
+    ``disk`` one snapshot at a time.
+    """
     disk = Limits.from_dict(record["limits"]).disk
     if disk:
-        volume.limit_subvolume(layer_dir(record["kernel_id"]), disk)
+        volume.limit_subvolume(layer_dir(record["kernel_id"]), max(disk - inherited, 1 << 20))
+
+
+def _check_disk(record: dict[str, Any], inherited: int, what: str) -> None:
+    """Refuse to bring ``inherited`` bytes of files into a kernel whose ``disk`` they
+    fill.
+
+    Raises:
+        ConfigError: naming both sizes; nothing was touched.
+    """
+    disk = Limits.from_dict(record["limits"]).disk
+    if disk and inherited >= disk:
+        raise ConfigError(
+            what, format_size(inherited),
+            f"holds that much in files, more than this kernel's disk size "
+            f"({format_size(disk)}); nothing was restored. Use a kernelspec with a larger "
+            "--disk",
+        )  # fmt: skip
+
+
+def _allocated_bytes(root: Path) -> int:
+    """Bytes of blocks the files and folders below ``root`` take (sparse holes excluded)."""
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.lstat().st_blocks * 512
+    return total
+
+
+def _inherited_bytes(meta: dict[str, Any], folder: Path) -> int:
+    """The blocks of the files of the snapshot or base in ``folder`` (from its meta,
+    or counted for one taken before the meta kept them)."""
+    if "layer_bytes" in meta:
+        return int(meta["layer_bytes"])
+    return _allocated_bytes(folder / "files")
 
 
 def _out_of_space(error: str, log: Path) -> bool:

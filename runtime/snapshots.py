@@ -30,12 +30,13 @@ from typing import Any
 from sandbox_kernel.errors import ConfigError, SandboxError
 
 from .fsutil import fsync_dir, read_json, write_json
+from .limits import format_size, parse_size
 from .volume import compress, delete_subvolume, ensure_volume, is_subvolume
 
 #: A file in a snapshot's folder that a lazy restore's page server holds locked
 #: (flock) while it reads the images; deleting the snapshot waits for it.
 SERVING = ".serving"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole names: fullmatch
 MODES = ("live", "files")
 
 
@@ -73,6 +74,18 @@ class StoreFull(SandboxError):
         )
 
 
+class QuotaExceeded(SandboxError):
+    """A snapshot would take its owner past the store's limit; nothing of it was kept."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(
+            f"snapshot {name!r} was not taken: {problem}. Nothing was saved and the "
+            "kernel runs on; delete snapshots you no longer need (`%container delete NAME`)"
+        )
+
+
 def check_name(name: str) -> str:
     """Validate a snapshot name.
 
@@ -80,7 +93,7 @@ def check_name(name: str) -> str:
         ConfigError: not 1-64 letters, digits, ``.``, ``-`` or ``_`` starting with a
             letter or digit.
     """
-    if not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(
             "snapshot name", name,
             "is not valid; use 1-64 letters, digits, '.', '-' or '_', e.g. before-training",
@@ -134,6 +147,146 @@ def load(owner: str, name: str) -> dict[str, Any]:
 def listing(owner: str) -> list[dict[str, Any]]:
     """Every snapshot's meta, oldest first."""
     return [load(owner, name) for name in names(owner)]
+
+
+# ---- who sees which snapshot -------------------------------------------------------
+
+
+def visible_to(meta: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether the kernel of ``record`` may see and act on snapshot ``meta``.
+
+    The rule for ``list``, ``diff``, ``delete`` and ``restore`` from inside a kernel:
+    the same owner (the store is per uid), the same image and mount points (its
+    layers), and the same host working folder. Kernels of one uid in other folders
+    (on a root server, every kernel whose folder is root's runs as 65534) see none of
+    each other's snapshots. Snapshots from before the folder was kept in the meta
+    are matched by their layers, which name the folder's mount point.
+    """
+    if str(meta.get("owner")) != str(record["uid"]):
+        return False
+    if meta.get("layers") != record["layers"]:
+        return False
+    return bool(meta.get("cwd", record["cwd"]) == record["cwd"])
+
+
+def visible_listing(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metas of the snapshots the kernel of ``record`` may see, oldest first."""
+    return [m for m in listing(str(record["uid"])) if visible_to(m, record)]
+
+
+def load_visible(record: dict[str, Any], name: str) -> dict[str, Any]:
+    """The meta of snapshot ``name`` if the kernel of ``record`` may see it.
+
+    Raises:
+        SnapshotNotFound: no such snapshot, or one the kernel may not see (the
+            message lists only the ones it may).
+    """
+    owner = str(record["uid"])
+    check_name(name)
+    try:
+        meta = load(owner, name)
+    except SnapshotNotFound:
+        meta = None
+    if meta is None or not visible_to(meta, record):
+        raise SnapshotNotFound(name, [m["name"] for m in visible_listing(record)])
+    return meta
+
+
+# ---- the per-owner limit -------------------------------------------------------------
+
+
+#: Defaults of the store's per-owner limits (see :func:`quota`).
+DEFAULT_QUOTA_BYTES = 20 << 30
+DEFAULT_QUOTA_COUNT = 100
+
+
+def quota() -> tuple[int, int]:
+    """The most bytes and snapshots one owner may keep: ``$SANDBOX_KERNEL_SNAPSHOT_QUOTA``
+    (a size, default 20G) and ``$SANDBOX_KERNEL_SNAPSHOT_COUNT`` (default 100). Set by
+    the operator in the server's environment; a kernel cannot change them.
+
+    Raises:
+        ConfigError: a value is not a size or a whole number.
+    """
+    size = parse_size(
+        os.environ.get("SANDBOX_KERNEL_SNAPSHOT_QUOTA", str(DEFAULT_QUOTA_BYTES)),
+        "SANDBOX_KERNEL_SNAPSHOT_QUOTA",
+    )
+    text = os.environ.get("SANDBOX_KERNEL_SNAPSHOT_COUNT", str(DEFAULT_QUOTA_COUNT))
+    try:
+        count = int(text)
+    except ValueError:
+        raise ConfigError(
+            "SANDBOX_KERNEL_SNAPSHOT_COUNT", text, "is not a whole number; use e.g. 100"
+        ) from None
+    return size, count
+
+
+def charged_bytes(meta: dict[str, Any], metas: dict[str, dict[str, Any]]) -> int:
+    """What snapshot ``meta`` counts against its owner's limit: its memory images
+    less the pages it shares with its parent while that parent is still kept (once
+    the parent is deleted the shared pages are this snapshot's alone), plus every
+    block of its files (``layer_bytes``; a snapshot shares unchanged file blocks
+    too, but counting them keeps a deleted parent from hiding bytes).
+
+    ``metas`` are the owner's snapshots by name.
+    """
+    memory = int(meta.get("memory_bytes", 0))
+    shared = int(meta.get("shared_bytes", 0))
+    parent = metas.get(meta.get("parent") or "")
+    like = meta.get("shared_with") or {}
+    if like.get("kind") == "snapshot":
+        still_there = parent is not None and parent.get("created") == like.get("created")
+    elif like.get("kind") == "base":
+        still_there = (store_dir().parent / "bases" / str(like.get("id")) / "meta.json").exists()
+    else:
+        still_there = False
+    files = int(meta.get("layer_bytes", meta.get("file_bytes", 0)))
+    return memory - (shared if still_there else 0) + files
+
+
+def usage(owner: str) -> dict[str, int]:
+    """What ``owner`` keeps against the limit: ``bytes``, ``count``, and the limits
+    ``quota_bytes`` and ``quota_count``."""
+    metas = {m["name"]: m for m in listing(owner)}
+    size, count = quota()
+    return {
+        "bytes": sum(charged_bytes(m, metas) for m in metas.values()),
+        "count": len(metas),
+        "quota_bytes": size,
+        "quota_count": count,
+    }
+
+
+def check_quota(owner: str, name: str, adding: dict[str, Any] | None = None) -> None:
+    """Refuse a snapshot that takes ``owner`` past the limit: before it is taken
+    (``adding`` None: the count, and bytes already at the limit), or once its meta
+    is known (``adding``: its bytes too).
+
+    Raises:
+        QuotaExceeded: naming the limit and the use.
+    """
+    use = usage(owner)
+    if adding is None:
+        if use["count"] >= use["quota_count"]:
+            raise QuotaExceeded(
+                name, f"you keep {use['count']} snapshots, the limit of {use['quota_count']}"
+            )
+        if use["bytes"] >= use["quota_bytes"]:
+            raise QuotaExceeded(
+                name,
+                f"your snapshots take {format_size(use['bytes'])}, the limit of "
+                f"{format_size(use['quota_bytes'])}",
+            )
+        return
+    metas = {m["name"]: m for m in listing(owner)}
+    more = charged_bytes(adding, metas)
+    if use["bytes"] + more > use["quota_bytes"]:
+        raise QuotaExceeded(
+            name,
+            f"it takes {format_size(more)} and your snapshots already take "
+            f"{format_size(use['bytes'])}, past the limit of {format_size(use['quota_bytes'])}",
+        )
 
 
 class Draft:

@@ -118,7 +118,7 @@ def _set_up(target: Path) -> None:
     """
     os.chmod(image_path(), 0o600)
     os.chmod(target, 0o700)
-    for sub in ("kernels", "snapshots", "bases"):
+    for sub in ("kernels", "snapshots", "bases", "run"):
         (target / sub).mkdir(mode=0o700, exist_ok=True)
         os.chmod(target / sub, 0o700)
     compress(target / "snapshots")

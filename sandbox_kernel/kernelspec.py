@@ -16,7 +16,9 @@ from .runtime.limits import Limits, format_size
 from .runtime.network import check_mode
 
 PROVISIONER_NAME = "sandbox-provisioner"
-_NAME_RE = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
+# ASCII only, and whole names (fullmatch): with IGNORECASE alone, [a-z] also takes
+# the Kelvin sign and the long s.
+_NAME_RE = re.compile(r"[a-z0-9._-]+", re.IGNORECASE | re.ASCII)
 
 
 def provisioner_config(image: str, limits: Limits, network: str) -> dict[str, Any]:
@@ -49,7 +51,7 @@ def install(
     Raises:
         ConfigError: the name is not a valid kernelspec name.
     """
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ConfigError("kernel name", name, "is not valid; use letters, digits, '.', '-', '_'")
     overrides = {
         "display_name": display_name or f"Python {sys.version_info[0]} (sandbox)",

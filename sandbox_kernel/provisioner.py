@@ -180,7 +180,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         record = await self.runtime.prepare(self.kernel_id, config)
         if self.control is None:
             host = Addresses.of(record["index"]).host_ip
-            run_dir = self.runtime.kernel_dir(self.kernel_id) / "run"
+            run_dir = self.runtime.run_dir(self.kernel_id)
             token = write_credentials(run_dir, host, self.kernel_id, record["uid"], record["gid"])
             self.control = ControlServer(
                 self.runtime, self.kernel_id, host, record["kernel_ip"], token, self._adopt
@@ -299,6 +299,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             return 0
         if not self._exited():
             await self.runtime.thaw_if_stale(self.kernel_id)
+            self.runtime.trim_log(self.kernel_id)
             return None
         if await self._follow_restore():
             return None

@@ -50,11 +50,14 @@ def make_spec(spec_prefix: Path) -> Callable[..., str]:
     """Install a sandbox kernelspec with these limits; return its name."""
     made: dict[tuple[Any, ...], str] = {}
 
-    def make(memory: str = "1G", cpus: str = "1", pids: str = "256", network: str = "none") -> str:
-        key = (memory, cpus, pids, network)
+    def make(
+        memory: str = "1G", cpus: str = "1", pids: str = "256", network: str = "none",
+        disk: str = "1G",
+    ) -> str:  # fmt: skip
+        key = (memory, cpus, pids, network, disk)
         if key not in made:
             name = f"sbx-{len(made)}"
-            limits = Limits.parse(memory=memory, cpus=cpus, pids=pids, disk="1G")
+            limits = Limits.parse(memory=memory, cpus=cpus, pids=pids, disk=disk)
             install(
                 name, name, provisioner_config("host", limits, network), prefix=str(spec_prefix)
             )

@@ -27,6 +27,7 @@ def snapshot() -> dict[str, set[str]]:
         "kernel folders": {p.name for p in kernels.iterdir()} if kernels.is_dir() else set(),
         "unfinished snapshots": {str(p) for p in snapshots.leftovers()},
         "writable layers": {p.name for p in (volume.ensure_volume() / "kernels").iterdir()},
+        "run folders": {p.name for p in (volume.ensure_volume() / "run").iterdir()},
         "bases": {b["id"] for b in bases.listing()},
         "snapshots": {f"{o}/{n}" for o in snapshots.owners() for n in snapshots.names(o)},
     }
