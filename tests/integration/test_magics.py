@@ -92,7 +92,8 @@ async def test_bad_input_raises_usage_errors(kernels: Kernels, make_spec) -> Non
 
 
 async def test_limits_and_status_from_the_notebook(kernels: Kernels, make_spec) -> None:
-    _, kc = await kernels.start(make_spec(memory="512M"))
+    # Within the kernelspec's 1G and 512 pids: a kernel may not go above them.
+    _, kc = await kernels.start(make_spec(memory="1G", pids="512"))
     out = (await run_cell(kc, "%container limits --memory 600M --pids 300")).check()
     assert out.strip() == "memory 600.0M, cpus 1.0, pids 300"
     out = (

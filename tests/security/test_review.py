@@ -403,7 +403,9 @@ async def test_8_the_kernel_log_is_capped_and_keeps_its_tail(
     assert log.stat().st_size <= LOG_CAP
     # The provisioner's poll keeps the tail; then the kernel can write again.
     await wait_until(lambda: log.stat().st_size < LOG_CAP // 2, 30, "the log to be trimmed")
-    (await run_cell(kc, "open('/run/sandbox/kernel.log', 'a').write('the-tail-marker\\n')")).check()
+    (
+        await run_cell(kc, "open('/run/sandbox/kernel.log', 'a').write('\\nthe-tail-marker\\n')")
+    ).check()
     done = await run_cli("logs", km.kernel_id, "--tail", "1")
     assert done.stdout.strip() == "the-tail-marker", done
 

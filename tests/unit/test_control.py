@@ -108,7 +108,8 @@ LOCAL = "127.0.0.1"
 
 
 class FakeRuntime:
-    """Enough of the runtime for ``resume`` and ``status``; ``fail`` breaks ``record``."""
+    """Enough of the runtime for ``resume`` and ``status``; ``fail`` breaks ``record``
+    (and so every call that reads it)."""
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
@@ -117,6 +118,13 @@ class FakeRuntime:
         if self.fail:
             raise RuntimeError("/var/lib/sandbox-kernel/secret is broken")
         return {"uid": 1000, "limits": {}}
+
+    def usage(self, kernel_id: str) -> None:
+        self.record(kernel_id)
+
+    def snapshot_listing(self, kernel_id: str) -> dict[str, Any]:
+        self.record(kernel_id)
+        return {"snapshots": [], "store": {"bytes": 0, "count": 0}}
 
 
 def live_server(kernel_id: str = "kernel-1", runtime: Any = None, **options: Any) -> ControlServer:
