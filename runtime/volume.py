@@ -246,7 +246,7 @@ def _vol_args(name: str, fd: int = 0, flags: int = 0, v2: bool = False) -> bytea
 
 
 def _in_parent(path: Path, request: int, args: bytearray) -> None:
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.ioctl(fd, request, args)
     except OSError as err:
@@ -270,7 +270,8 @@ def snapshot_subvolume(source: Path, target: Path, readonly: bool) -> None:
     Raises:
         SandboxError: the kernel refused.
     """
-    src = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+    # The runtime's own folders, never a symlink: a base's or snapshot's files.
+    src = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         flags = _RDONLY if readonly else 0
         _in_parent(target, _SNAP_CREATE_V2, _vol_args(target.name, src, flags, v2=True))
