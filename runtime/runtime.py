@@ -962,8 +962,7 @@ class Runtime:
 
         Raises:
             ConfigError: a disk size was given, memory below what the kernel uses, or
-                (not ``operator``) a limit above the ceiling or an unlimited ceiling
-                asked for by the kernel.
+                (not ``operator``) a limit above the ceiling.
             CommandError: runc refused the change.
         """
         if limits.disk is not None:
