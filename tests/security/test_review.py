@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
 import pwd
@@ -227,8 +228,9 @@ async def test_3_4_another_host_user_reads_and_plants_nothing(
         st = folder.stat()
         assert (st.st_uid, st.st_mode & 0o777) == (0, 0o710), folder
         with pytest.raises(KeyError):
-            # The group that may pass through is root-inside-a-kernel's; no host user has it.
-            pwd.getpwuid(st.st_gid)
+            # The group that may pass through is root-inside-a-kernel's: no host group.
+            grp.getgrgid(st.st_gid)
+        assert all(st.st_gid not in os.getgrouplist(u.pw_name, u.pw_gid) for u in pwd.getpwall())
     # Snapshot, restore and a live kernel still work behind the closed folders.
     out = (await run_cell(kc, f"%container restore {name}", timeout=120)).check()
     assert "Restored to snapshot" in out
