@@ -392,7 +392,9 @@ class ControlServer:
                 "usage": None if use is None else use.__dict__,
                 "limits": runtime.record(kid)["limits"],
                 "snapshots": len(listed["snapshots"]),
-                "snapshot_bytes": listed["store"]["bytes"],
+                "snapshot_bytes": sum(
+                    m["memory_bytes"] + m["file_bytes"] for m in listed["snapshots"]
+                ),
                 "store": listed["store"],
                 "current": runtime.record(kid).get("snapshot"),
             }

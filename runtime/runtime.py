@@ -369,7 +369,7 @@ class Runtime:
         uid, gid = record["uid"], record["gid"]
         inside = {k: v.decode() if isinstance(v, bytes) else v for k, v in connection.items()}
         inside["ip"] = "0.0.0.0"
-        _trim_log(run_dir(kernel_id) / "kernel.log")  # room for the files below
+        self.trim_log(kernel_id)  # room for the files below
         conn_path = run_dir(kernel_id) / "connection.json"
         conn_path.unlink(missing_ok=True)
         write_json(conn_path, inside, mode=0o400)
@@ -1191,11 +1191,10 @@ class Runtime:
             # kernel's first start, never by path (see hostpath.py).
             with _checked_cwd(record) as cwd:
                 mount_overlay(kdir / "mnt/cwd", [cwd], layer / "cwd", layer / "cwd.work")
-            for i, prefix in enumerate(record["python_prefixes"]):
+            for i in range(len(record["python_prefixes"])):
                 point = _prefix_point(kdir, i)
                 point.mkdir(exist_ok=True)
-                identity = hostpath.Identity.from_dict(record["prefix_identities"][i])
-                with hostpath.checked(prefix, identity, "Python prefix") as source:
+                with _checked_prefix(record, i) as source:
                     bind(source, point)
         except BaseException:
             Runtime._unmount(kdir)
@@ -1369,10 +1368,8 @@ def _check_folders(record: dict[str, Any]) -> None:
     """
     with _checked_cwd(record):
         pass
-    for prefix, identity in zip(
-        record["python_prefixes"], record["prefix_identities"], strict=True
-    ):
-        with hostpath.checked(prefix, hostpath.Identity.from_dict(identity), "Python prefix"):
+    for i in range(len(record["python_prefixes"])):
+        with _checked_prefix(record, i):
             pass
 
 
@@ -1380,6 +1377,12 @@ def _checked_cwd(record: dict[str, Any]) -> contextlib.AbstractContextManager[Pa
     """The kernel's working folder, checked against its first start (see hostpath.py)."""
     identity = hostpath.Identity.from_dict(record["cwd_identity"])
     return hostpath.checked(record["cwd"], identity, "working directory")
+
+
+def _checked_prefix(record: dict[str, Any], index: int) -> contextlib.AbstractContextManager[Path]:
+    """The kernel's Python prefix number ``index``, checked against its first start."""
+    identity = hostpath.Identity.from_dict(record["prefix_identities"][index])
+    return hostpath.checked(record["python_prefixes"][index], identity, "Python prefix")
 
 
 def _prefix_point(kdir: Path, index: int) -> Path:

@@ -245,10 +245,15 @@ def charged_bytes(meta: dict[str, Any], metas: dict[str, dict[str, Any]]) -> int
     return memory - (shared if still_there else 0) + files
 
 
-def usage(owner: str) -> dict[str, int]:
+def _by_name(owner: str) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in listing(owner)}
+
+
+def usage(owner: str, metas: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
     """What ``owner`` keeps against the limit: ``bytes``, ``count``, and the limits
-    ``quota_bytes`` and ``quota_count``."""
-    metas = {m["name"]: m for m in listing(owner)}
+    ``quota_bytes`` and ``quota_count``. ``metas``: the owner's snapshots by name,
+    if the caller has read them already."""
+    metas = _by_name(owner) if metas is None else metas
     size, count = quota()
     return {
         "bytes": sum(charged_bytes(m, metas) for m in metas.values()),
@@ -266,7 +271,8 @@ def check_quota(owner: str, name: str, adding: dict[str, Any] | None = None) -> 
     Raises:
         QuotaExceeded: naming the limit and the use.
     """
-    use = usage(owner)
+    metas = _by_name(owner)
+    use = usage(owner, metas)
     if adding is None:
         if use["count"] >= use["quota_count"]:
             raise QuotaExceeded(
@@ -279,7 +285,6 @@ def check_quota(owner: str, name: str, adding: dict[str, Any] | None = None) -> 
                 f"{format_size(use['quota_bytes'])}",
             )
         return
-    metas = {m["name"]: m for m in listing(owner)}
     more = charged_bytes(adding, metas)
     if use["bytes"] + more > use["quota_bytes"]:
         raise QuotaExceeded(
@@ -300,7 +305,7 @@ class Draft:
         self.owner = owner
         self.name = check_name(name)
         base = owner_dir(owner)
-        base.mkdir(parents=True, exist_ok=True)
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)  # behind the volume's 0700 too
         compress(base)  # made before the store was compressed, perhaps
         if (base / name).exists():
             raise ConfigError(
