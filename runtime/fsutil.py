@@ -1,10 +1,14 @@
-"""Durable file writes: temp file, fsync, rename, fsync of the directory."""
+"""Durable file writes (temp file, fsync, rename, fsync of the directory) and locks."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +52,34 @@ def write_json(path: Path, data: Any, mode: int = 0o600) -> None:
 def read_json(path: Path) -> Any:
     """Parse a JSON file written by :func:`write_json`."""
     return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def flocked(path: Path, *, blocking: bool = True) -> Iterator[int | None]:
+    """Hold an exclusive ``flock`` on ``path`` (made 0600 if missing) for the block.
+
+    Yields the descriptor, or None when ``blocking`` is False and another holder has
+    it. The lock goes with its descriptor, so a holder that dies releases it; that
+    is why every cross-process lock of the runtime is one of these.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.asynccontextmanager
+async def aflocked(path: Path) -> AsyncIterator[int]:
+    """:func:`flocked` for async code: the wait for the lock runs off the event loop."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
