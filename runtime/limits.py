@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -78,19 +79,6 @@ def parse_pids(value: str | int) -> int:
     if pids < MIN_PIDS:
         raise ConfigError("pids limit", value, f"is too small; use at least {MIN_PIDS}, e.g. 512")
     return pids
-
-
-def format_size(size: int | None) -> str:
-    """Format bytes for people: ``format_size(3 << 30) == '3G'``; None is ``-``."""
-    if size is None:
-        return "-"
-    for unit in ("T", "G", "M", "K"):
-        factor = _FACTORS[unit]
-        if size >= factor:
-            scaled = size / factor
-            text = f"{scaled:.1f}".rstrip("0").rstrip(".")
-            return f"{text}{unit}"
-    return f"{size}B"
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, SandboxError
 
 from .fsutil import fsync_dir, read_json, write_json
-from .limits import format_size, parse_size
+from .limits import parse_size
 from .volume import compress, delete_subvolume, ensure_volume, is_subvolume
 
 #: A file in a snapshot's folder that a lazy restore's page server holds locked

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
+from .display import format_size
 from .errors import ConfigError, ImageNotFound, KernelNotFound, SandboxError
 from .runtime import Limits, Runtime
-from .runtime.limits import format_size
 from .runtime.network import NETWORK_MODES
 
 

@@ -10,9 +10,10 @@ from typing import Any
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 
+from .display import format_size
 from .errors import ConfigError
 from .runtime.layers import check_image_name
-from .runtime.limits import Limits, format_size
+from .runtime.limits import Limits
 from .runtime.network import check_mode
 
 PROVISIONER_NAME = "sandbox-provisioner"

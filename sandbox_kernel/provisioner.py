@@ -26,12 +26,12 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Enum, Float, Int, List, Unicode, Union, default, validate
 
+from .display import format_size
 from .errors import KernelStateError, SandboxError
 from .runtime import KernelConfig, Limits, Runtime
 from .runtime.bundle import CONNECTION_FILE
 from .runtime.control import ControlServer, write_credentials
 from .runtime.layers import check_image_name
-from .runtime.limits import format_size
 from .runtime.network import NETWORK_MODES, Addresses
 from .runtime.process import wait_exit
 from .runtime.runtime import KERNEL_PORTS, default_uid, describe

@@ -2,8 +2,9 @@
 
 import pytest
 
+from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError
-from sandbox_kernel.runtime.limits import Limits, format_size, parse_cpus, parse_pids, parse_size
+from sandbox_kernel.runtime.limits import Limits, parse_cpus, parse_pids, parse_size
 
 
 @pytest.mark.parametrize(

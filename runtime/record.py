@@ -1,0 +1,167 @@
+"""What one kernel is: the typed record kept in ``kernels/<id>/record.json``.
+
+Only :mod:`~sandbox_kernel.runtime.store` reads and writes the file; everything
+else holds a :class:`KernelRecord`. The JSON keeps the field names of earlier
+versions, so a server upgraded while kernels run adopts them (see
+:meth:`KernelRecord.from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hostpath import Identity, first_use
+from .limits import Limits
+
+
+class Start(enum.Enum):
+    """How the kernel's current process was started. The state machine:
+
+    - ``PENDING``: prepared, never started. With a base that fits, the first start
+      restores the base (``BASE``) or, if that fails, starts cold (``COLD``, with the
+      reason in :attr:`KernelRecord.base_note`); without one it starts from the image.
+    - ``IMAGE``: a cold start of a kernel that has no base.
+    - ``BASE``: restored from its base's memory.
+    - ``COLD``: a kernel with a base (or one that did not fit) that started without
+      it: a restart, or a base that failed.
+    """
+
+    PENDING = "pending"
+    IMAGE = "image"
+    BASE = "base"
+    COLD = "cold"
+
+
+@dataclass
+class KernelRecord:
+    """One kernel: what it is made of, where it lives, what limits it has.
+
+    Attributes:
+        kernel_id, container_id, hostname: Jupyter's id; runc's id (also the cgroup's
+            name); the hostname inside.
+        image, layers: the image's name and the read-only layers (ids), lowest last.
+        snapshot: the snapshot the files came from (the next snapshot's parent).
+        restoring: set while a restore has stopped the old process and the new one
+            is not yet running (see ``Snapshotting.finish_restore``).
+        executable, python_prefixes, prefix_identities: the kernel's Python and the
+            host folders bound read-only, each with its identity at the first start.
+        cwd, cwd_identity, cwd_inside: the host working folder, its identity at the
+            first start, and where the kernel sees it (another path for a base).
+        base, start, base_note: the base snapshot's id, how the process started
+            (:class:`Start`) and why not from the base, if so.
+        limits, ceiling: the kernel's limits now, and what it may raise them back
+            up to (the kernelspec's; only an operator goes above).
+        network, index, kernel_ip: ``none`` or ``egress``; the /30 it has; its address.
+        uid, gid, user, home: who the kernel runs as.
+        created: seconds since the epoch.
+        owner: the process that owns the kernel: ``{"pid", "start"}``.
+    """
+
+    kernel_id: str
+    container_id: str
+    hostname: str
+    image: str
+    layers: list[str]
+    executable: str
+    python_prefixes: list[str]
+    prefix_identities: list[Identity]
+    cwd: str
+    cwd_identity: Identity
+    cwd_inside: str
+    limits: Limits
+    ceiling: Limits
+    network: str
+    index: int
+    kernel_ip: str
+    uid: int
+    gid: int
+    user: str
+    home: str
+    created: float
+    owner: dict[str, int]
+    base: str | None = None
+    start: Start = Start.PENDING
+    base_note: str = ""
+    snapshot: str | None = None
+    restoring: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- the start's state machine ------------------------------------------------
+
+    @property
+    def wants_base(self) -> bool:
+        """Whether the next start restores the base: its first start, with a base."""
+        return self.start is Start.PENDING and self.base is not None
+
+    def started_from_base(self) -> None:
+        """The base was restored."""
+        self.start = Start.BASE
+
+    def started_cold(self, note: str | None = None) -> None:
+        """A cold start; ``note`` says why the base was not used (kept if None)."""
+        self.start = Start.COLD if self.base or self.base_note or note else Start.IMAGE
+        if note is not None:
+            self.base_note = note
+
+    # ---- JSON ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as ``record.json`` holds it."""
+        data = {**self.extra}
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                data[f.name] = getattr(self, f.name)
+        data["limits"] = self.limits.to_dict()
+        data["ceiling"] = self.ceiling.to_dict()
+        data["cwd_identity"] = self.cwd_identity.to_dict()
+        data["prefix_identities"] = [i.to_dict() for i in self.prefix_identities]
+        data["start"] = self.start.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KernelRecord:
+        """A record from ``record.json``, including those of earlier versions: their
+        ``started_from`` is read as :attr:`start`, and the identities of the user's
+        folders, which they lack, are taken now (the first use this version sees).
+        Keys this version does not know are kept in :attr:`extra` and written back.
+
+        Raises:
+            KeyError, TypeError, ValueError: the data is no kernel record.
+        """
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "start" not in data:
+            data["start"] = _legacy_start(data)
+        if "cwd_identity" not in data:
+            data["cwd_identity"] = first_use(data["cwd"], "working directory")[0].to_dict()
+        if "prefix_identities" not in data:
+            data["prefix_identities"] = [
+                first_use(p, "Python prefix")[0].to_dict() for p in data["python_prefixes"]
+            ]
+        data.setdefault("ceiling", data["limits"])
+        data.setdefault("cwd_inside", data["cwd"])
+        data.pop("started_from", None)
+        values = {k: v for k, v in data.items() if k in known}
+        values["limits"] = Limits.from_dict(data["limits"])
+        values["ceiling"] = Limits.from_dict(data["ceiling"] or data["limits"])
+        values["cwd_identity"] = Identity.from_dict(data["cwd_identity"])
+        values["prefix_identities"] = [Identity.from_dict(i) for i in data["prefix_identities"]]
+        values["start"] = Start(data["start"])
+        values["base_note"] = data.get("base_note") or ""
+        values["cwd_inside"] = data["cwd_inside"] or data["cwd"]
+        record = cls(**values)
+        record.extra = {k: v for k, v in data.items() if k not in known}
+        return record
+
+
+def _legacy_start(data: dict[str, Any]) -> str:
+    """:attr:`KernelRecord.start` of a record written before it existed."""
+    started = data.get("started_from")
+    if started in ("base", "cold"):
+        return str(started)
+    # No mark: never started, or started from the image (the mark was only set for
+    # kernels with a base). Both start the same way next time.
+    return Start.PENDING.value
