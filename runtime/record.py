@@ -106,6 +106,13 @@ class KernelRecord:
         if note is not None:
             self.base_note = note
 
+    def describe(self) -> str:
+        """One line about the kernel for logs: id, image, limits, network."""
+        return (
+            f"kernel {self.kernel_id} (image {self.image}, {self.limits.describe()}, "
+            f"network {self.network})"
+        )
+
     # ---- JSON ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
