@@ -313,7 +313,7 @@ async def measure_ours(
     try:
         await km.start_kernel(cwd=str(cwd))
         kernel_id = km.kernel_id
-        owner = str(runtime.record(kernel_id)["uid"])
+        owner = str(runtime.record(kernel_id).uid)
         work = runtime.kernel_dir(kernel_id) / "criu-work"  # CRIU's logs and stats
         kc = km.client()
         kc.start_channels()
