@@ -38,6 +38,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.runtime import Limits, Runtime, bases, snapshots
+from sandbox_kernel.runtime.record import Start
 
 COLD, BASE = "bench-cold", "bench-base"
 TARGET = 0.5  # base start at most this many times the cold start (with the code run)
@@ -95,8 +96,8 @@ async def start_once(name: str, ksm: KernelSpecManager, cwd: Path, code: str) ->
         else:
             times["ready"] = times["kernel_info"]
             record = Runtime().record(km.kernel_id)
-            if record.get("started_from") != "base":
-                raise RuntimeError(f"the kernel started cold: {record.get('base_note')}")
+            if record.start is not Start.BASE:
+                raise RuntimeError(f"the kernel started cold: {record.base_note}")
             if await run(kc, "print(BENCH_MARK)") != "base":
                 raise RuntimeError("the base kernel lacks the base's state")
         return times
@@ -117,7 +118,7 @@ async def make_base(ksm: KernelSpecManager, cwd: Path, code: str, tmp: Path) -> 
         await kc.wait_for_ready(timeout=TIMEOUT)
         await run(kc, f"{code}\nBENCH_MARK = 'base'")
         runtime = Runtime()
-        owner = str(runtime.record(km.kernel_id)["uid"])
+        owner = str(runtime.record(km.kernel_id).uid)
         name = f"bench-base-{uuid.uuid4().hex[:8]}"
         await runtime.snapshot(km.kernel_id, name)
         return owner, name

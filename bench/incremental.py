@@ -96,7 +96,7 @@ async def measure_ours(size: int, count: int, tmp: Path) -> dict[str, Any]:
     made: list[str] = []
     try:
         await km.start_kernel(cwd=str(cwd))
-        owner = str(runtime.record(km.kernel_id)["uid"])
+        owner = str(runtime.record(km.kernel_id).uid)
         kc = km.client()
         kc.start_channels()
         await kc.wait_for_ready(timeout=60)

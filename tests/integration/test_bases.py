@@ -15,6 +15,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
 from sandbox_kernel.runtime import Runtime, bases, snapshots
+from sandbox_kernel.runtime.record import Start
 
 from .conftest import Kernels, run_cli
 from .probe import run_cell
@@ -83,7 +84,7 @@ async def test_new_kernels_start_from_the_base_with_their_own_key_and_folder(
     runtime = Runtime()
     for km in (km1, km2):
         record = runtime.record(km.kernel_id)
-        assert record["started_from"] == "base", record.get("base_note")
+        assert record.start is Start.BASE, record.base_note
         assert km.session.key.decode() != base_key  # each kernel signs with its own key
     out = await run_cell(
         kc1,
@@ -116,8 +117,8 @@ async def test_a_kernel_whose_base_is_gone_starts_cold_and_says_why(
     kernels.ksm = ksm
     km, kc = await kernels.start(spec)
     record = Runtime().record(km.kernel_id)
-    assert record["started_from"] == "cold"
-    assert "does not exist on this machine" in record["base_note"]
+    assert record.start is Start.COLD
+    assert "does not exist on this machine" in record.base_note
     out = await run_cell(kc, "print('marker' in globals(), 1 + 1)")
     assert out.stdout.strip() == "False 2"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel.runtime import Runtime, paths
-from sandbox_kernel.runtime.runtime import layer_dir
+from sandbox_kernel.runtime.rootfs import layer_dir
 
 from .conftest import Kernels, unique, wait_until
 from .leftovers import kernel_objects

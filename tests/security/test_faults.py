@@ -114,7 +114,10 @@ async def test_f6_the_runtime_killed_mid_restore_leaves_the_kernel_restored_whol
     # Once the old process is gone (the record notes the restore then), kill the
     # runtime with runc and CRIU under it.
     await wait_until(
-        lambda: "restoring" in runtime.record(km.kernel_id), 30, "the old kernel to go", 0.001
+        lambda: runtime.record(km.kernel_id).restoring is not None,
+        30,
+        "the old kernel to go",
+        0.001,
     )
     os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
@@ -123,7 +126,7 @@ async def test_f6_the_runtime_killed_mid_restore_leaves_the_kernel_restored_whol
     await kc.wait_for_ready(timeout=60)
     out = await run_cell(kc, "print(x, int(big[:4].sum()))")
     assert out.check().strip() == "snap 4"
-    assert "restoring" not in runtime.record(km.kernel_id)
+    assert runtime.record(km.kernel_id).restoring is None
     assert "finishing the restore" in runtime.log_path(km.kernel_id).read_text()
     state = await runc.state(f"sk-{km.kernel_id}")
     assert state is not None and state["status"] == "running"
@@ -173,7 +176,7 @@ async def test_f9_a_veth_left_by_a_crash_is_removed_not_reused(kernels: Kernels,
         before = Path(f"/sys/class/net/{stale.veth}/ifindex").read_text()
         km, kc = await kernels.start(make_spec())
         record = Runtime().record(km.kernel_id)
-        assert record["index"] == index, "the test meant the kernel to get the stale address"
+        assert record.index == index, "the test meant the kernel to get the stale address"
         assert not Path(f"/sys/class/net/{stale.veth}x").exists(), "the stale pair is still there"
         assert Path(f"/sys/class/net/{stale.veth}/ifindex").read_text() != before
         assert (await run_cell(kc, "print('reached')")).check().strip() == "reached"

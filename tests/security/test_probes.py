@@ -126,7 +126,7 @@ async def test_04_other_kernels_and_host_services_are_unreachable(pair) -> None:
     _, km_a, kc, km_b, _ = pair
     listener = socket.create_server(("0.0.0.0", 0))  # a host service on every address
     host_port = listener.getsockname()[1]
-    gateway = Runtime().record(km_a.kernel_id)["kernel_ip"].rsplit(".", 1)[0]
+    gateway = Runtime().record(km_a.kernel_id).kernel_ip.rsplit(".", 1)[0]
     gateway += "." + str(int(km_a.ip.rsplit(".", 1)[1]) - 1)
     targets = [(km_b.ip, km_b.shell_port), (km_b.ip, km_b.iopub_port), (gateway, host_port),
                ("127.0.0.1", host_port)]  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from sandbox_kernel.runtime import Runtime, paths, snapshots, volume
-from sandbox_kernel.runtime.runtime import LOG_CAP, run_dir
+from sandbox_kernel.runtime.rootfs import LOG_CAP, run_dir
 
 from ..integration.conftest import OWNER, Kernels, fresh, run_cli, wait_until
 from ..integration.probe import run_cell
@@ -114,7 +114,7 @@ async def test_1_a_kernel_cannot_raise_its_limits_above_the_kernelspec(
         assert reply["ok"] is False and "ceiling" in reply["error"], reply
     assert cgroup_limits(km.kernel_id) == (512 << 20, 128)
     record = Runtime().record(km.kernel_id)
-    assert record["limits"]["cpus"] == 1.0 and record["ceiling"]["pids"] == 128
+    assert record.limits.cpus == 1.0 and record.ceiling.pids == 128
 
     # Lowering, and raising back up to the kernelspec's values, is the kernel's to do.
     (await run_cell(kc, "%container limits --pids 64 --memory 256M")).check()
@@ -367,7 +367,7 @@ async def test_7_kernels_of_one_uid_in_other_folders_share_no_snapshots(
     other.mkdir()
     other.chmod(0o755)
     km_b, kc_b = await kernels.start(make_spec(), cwd=other)
-    assert str(Runtime().record(km_b.kernel_id)["uid"]) == OWNER  # the same uid
+    assert str(Runtime().record(km_b.kernel_id).uid) == OWNER  # the same uid
     out = (await run_cell(kc_b, "%container list")).check()
     assert theirs not in out and "secret plan" not in out
     for command in (f"delete {theirs}", f"diff {theirs}", f"restore {theirs}"):
