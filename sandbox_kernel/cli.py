@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .display import format_size
+from .display import format_size, table
 from .errors import ConfigError, ImageNotFound, KernelNotFound, SandboxError
 from .runtime import Limits, Runtime
 from .runtime.network import NETWORK_MODES
@@ -106,14 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
 def _install(args: argparse.Namespace) -> int:
     from .kernelspec import install, provisioner_config
 
@@ -156,7 +148,7 @@ def _doctor(args: argparse.Namespace) -> int:
         if not check.ok:
             failed += 1
             rows.append(["", "", f"fix: {check.fix}"])
-    print(_table(rows))
+    print(table(rows))
     return 1 if failed else 0
 
 
@@ -174,30 +166,29 @@ def _ps(args: argparse.Namespace) -> int:
     if not records:
         print("no kernel containers")
         return 0
-    first = {r["kernel_id"]: runtime.usage(r) for r in records}
+    first = {r.kernel_id: runtime.usage(r) for r in records}
     start = time.monotonic()
     time.sleep(0.25)
     elapsed = time.monotonic() - start
     rows = [["KERNEL ID", "STATUS", "IMAGE", "MEMORY", "CPU", "PIDS", "NETWORK", "AGE"]]
     for record in records:
-        kid = record["kernel_id"]
+        kid = record.kernel_id
         use, before = runtime.usage(record), first[kid]
-        limits = Limits.from_dict(record["limits"])
         if use is None or before is None:
-            rows.append([kid, "stopped", record["image"], "-", "-", "-", record["network"],
-                         _age(record["created"])])  # fmt: skip
+            rows.append([kid, "stopped", record.image, "-", "-", "-", record.network,
+                         _age(record.created)])  # fmt: skip
             continue
         cpu = "-"
         if use.cpu_seconds is not None and before.cpu_seconds is not None:
             cpu = f"{(use.cpu_seconds - before.cpu_seconds) / elapsed * 100:.0f}%"
-        cpu += f" / {limits.cpus or '-'}"
+        cpu += f" / {record.limits.cpus or '-'}"
         rows.append([
-            kid, "running", record["image"],
+            kid, "running", record.image,
             f"{format_size(use.memory)} / {format_size(use.memory_limit)}",
-            cpu, f"{use.pids} / {use.pids_limit or '-'}", record["network"],
-            _age(record["created"]),
+            cpu, f"{use.pids} / {use.pids_limit or '-'}", record.network,
+            _age(record.created),
         ])  # fmt: skip
-    print(_table(rows))
+    print(table(rows))
     return 0
 
 
@@ -222,7 +213,7 @@ def _limits(args: argparse.Namespace) -> int:
     runtime = Runtime()
     change = Limits.parse(memory=args.memory, cpus=args.cpus, pids=args.pids)
     if change == Limits():
-        limits = Limits.from_dict(runtime.record(args.kernel_id)["limits"])
+        limits = runtime.record(args.kernel_id).limits
     else:
         # The operator (root) may go above the kernelspec's ceiling; a kernel may not.
         operator = os.geteuid() == 0
@@ -291,7 +282,7 @@ def _bases(args: argparse.Namespace) -> int:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"])),
             format_size(meta["memory_bytes"]), meta["cwd_inside"],
         ])  # fmt: skip
-    print(_table(rows) if len(rows) > 1 else "No base snapshots")
+    print(table(rows) if len(rows) > 1 else "No base snapshots")
     return 0
 
 
@@ -302,14 +293,14 @@ def _snapshots(args: argparse.Namespace) -> int:
     if args.delete:
         if not args.kernel_id:
             raise UsageError("--delete needs the KERNEL_ID whose owner has the snapshot")
-        owner = str(runtime.record(args.kernel_id)["uid"])
+        owner = str(runtime.record(args.kernel_id).uid)
         snapshots.delete(owner, args.delete)
         print(f"Deleted snapshot {args.delete}")
         return 0
     owners = (
-        [str(runtime.record(args.kernel_id)["uid"])]
+        [str(runtime.record(args.kernel_id).uid)]
         if args.kernel_id
-        else sorted({str(r["uid"]) for r in runtime.records()} | set(snapshots.owners()))
+        else sorted({str(r.uid) for r in runtime.records()} | set(snapshots.owners()))
     )
     rows = [["OWNER", "NAME", "CREATED", "MODE", "MEMORY", "FILES", "PARENT", "MESSAGE"]]
     for owner in owners:
@@ -320,7 +311,7 @@ def _snapshots(args: argparse.Namespace) -> int:
                 meta["mode"], format_size(meta["memory_bytes"]), format_size(meta["file_bytes"]),
                 meta["parent"] or "-", meta["message"],
             ])  # fmt: skip
-    print(_table(rows) if len(rows) > 1 else "no snapshots")
+    print(table(rows) if len(rows) > 1 else "no snapshots")
     return 0
 
 
