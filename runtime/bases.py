@@ -36,9 +36,9 @@ from sandbox_kernel.errors import ConfigError
 
 from . import snapshots
 from .fsutil import fsync_dir, read_json, write_json
+from .ioctl import FICLONE
 from .volume import delete_subvolume, ensure_volume, snapshot_subvolume
 
-_FICLONE = (1 << 30) | (4 << 16) | (0x94 << 8) | 9  # _IOW(0x94, 9, int)
 _ID_RE = re.compile(r"[0-9a-f]{16}")  # whole ids: fullmatch
 
 
@@ -183,7 +183,7 @@ def _clone(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` sharing its blocks (a reflink), keeping its owner."""
     st = source.stat()
     with open(source, "rb") as src, open(target, "wb") as dst:
-        fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
         os.fchown(dst.fileno(), st.st_uid, st.st_gid)
         os.fchmod(dst.fileno(), st.st_mode & 0o7777)
         os.fsync(dst.fileno())

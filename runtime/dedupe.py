@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ioctl import FIDEDUPERANGE
+
 PAGE = 4096
 #: How much is compared at once before looking page by page (equal blocks are common).
 _BLOCK = 256 * PAGE
@@ -34,7 +36,6 @@ _MAX_CALL = 16 << 20
 _PE_PRESENT = 1 << 2
 _IMG_MAGIC = 0x54564319
 _PAGEMAP_MAGIC = 0x56084025
-_FIDEDUPERANGE = (3 << 30) | (24 << 16) | (0x94 << 8) | 54  # _IOWR(0x94, 54, 24 bytes)
 _SAME = 0
 
 
@@ -159,7 +160,7 @@ def _dedupe(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> int:
             struct.pack("=QQHHI", src + shared, step, 1, 0, 0)
             + struct.pack("=qQQiI", dst_fd, dst + shared, 0, 0, 0)
         )
-        fcntl.ioctl(src_fd, _FIDEDUPERANGE, args)
+        fcntl.ioctl(src_fd, FIDEDUPERANGE, args)
         _fd, _off, done, status, _r = struct.unpack_from("=qQQiI", args, 24)
         if status != _SAME or done == 0:
             break  # changed since it was compared, or not sharable: keep our copy

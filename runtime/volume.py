@@ -24,30 +24,25 @@ from pathlib import Path
 from sandbox_kernel.errors import RequirementMissing, SandboxError
 
 from . import paths
+from .ioctl import (
+    BTRFS_IOC_FS_INFO,
+    BTRFS_IOC_QGROUP_LIMIT,
+    BTRFS_IOC_QUOTA_CTL,
+    BTRFS_IOC_SNAP_CREATE_V2,
+    BTRFS_IOC_SNAP_DESTROY,
+    BTRFS_IOC_SPACE_INFO,
+    BTRFS_IOC_SUBVOL_CREATE,
+    BTRFS_IOC_SYNC,
+    BTRFS_VOL_ARGS_SIZE,
+    LOOP_SET_DIRECT_IO,
+)
 from .limits import parse_size
 from .mounts import mounts_under
 from .process import run_sync
 
-_MAGIC = 0x94
-_VOL_ARGS = 4096  # struct btrfs_ioctl_vol_args and _v2 are both 4096 bytes
 _RDONLY = 1 << 1  # BTRFS_SUBVOL_RDONLY
-
-
-def _iow(number: int) -> int:
-    return (1 << 30) | (_VOL_ARGS << 16) | (_MAGIC << 8) | number
-
-
-_SNAP_CREATE_V2 = _iow(23)
-_SUBVOL_CREATE = _iow(14)
-_SNAP_DESTROY = _iow(15)
-_SYNC = (_MAGIC << 8) | 8  # BTRFS_IOC_SYNC: commit the running transaction
-_SPACE_INFO = (3 << 30) | (16 << 16) | (_MAGIC << 8) | 20  # BTRFS_IOC_SPACE_INFO
-_QUOTA_CTL = (3 << 30) | (16 << 16) | (_MAGIC << 8) | 40  # BTRFS_IOC_QUOTA_CTL
-_QGROUP_LIMIT = (2 << 30) | (48 << 16) | (_MAGIC << 8) | 43  # BTRFS_IOC_QGROUP_LIMIT
-_FS_INFO = (2 << 30) | (1024 << 16) | (_MAGIC << 8) | 31  # BTRFS_IOC_FS_INFO
 _ENABLE_SIMPLE_QUOTA = 4  # BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA (Linux 6.7)
 _LIMIT_MAX_EXCL = 1 << 1  # BTRFS_QGROUP_LIMIT_MAX_EXCL
-_LOOP_SET_DIRECT_IO = 0x4C08
 _COMPRESSION = "btrfs.compression"  # what `btrfs property set ... compression` sets
 _DATA, _METADATA = 1, 4  # BTRFS_BLOCK_GROUP_DATA, _METADATA
 
@@ -130,7 +125,7 @@ def _fsid(target: Path) -> str:
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
         info = bytearray(1024)
-        fcntl.ioctl(fd, _FS_INFO, info)
+        fcntl.ioctl(fd, BTRFS_IOC_FS_INFO, info)
     finally:
         os.close(fd)
     return str(uuid.UUID(bytes=bytes(info[16:32])))
@@ -160,7 +155,7 @@ def _enable_quotas(target: Path) -> None:
         return
     fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.ioctl(fd, _QUOTA_CTL, bytearray(struct.pack("=QQ", _ENABLE_SIMPLE_QUOTA, 0)))
+        fcntl.ioctl(fd, BTRFS_IOC_QUOTA_CTL, bytearray(struct.pack("=QQ", _ENABLE_SIMPLE_QUOTA, 0)))
     except OSError:
         pass
     finally:
@@ -180,7 +175,7 @@ def limit_subvolume(path: Path, size: int) -> bool:
     try:
         # qgroupid 0: the subvolume's own qgroup; then flags, max_rfer, max_excl, rsv x2.
         args = bytearray(struct.pack("=QQQQQQ", 0, _LIMIT_MAX_EXCL, 0, size, 0, 0))
-        fcntl.ioctl(fd, _QGROUP_LIMIT, args)
+        fcntl.ioctl(fd, BTRFS_IOC_QGROUP_LIMIT, args)
     except OSError as err:
         raise SandboxError(f"btrfs: cannot limit {path} to {size} bytes: {err.strerror}") from err
     finally:
@@ -221,7 +216,7 @@ def _direct_io(target: Path) -> None:
                 except OSError:
                     return
                 try:
-                    fcntl.ioctl(fd, _LOOP_SET_DIRECT_IO, 1)
+                    fcntl.ioctl(fd, LOOP_SET_DIRECT_IO, 1)
                 except OSError:
                     pass
                 finally:
@@ -242,7 +237,7 @@ def _vol_args(name: str, fd: int = 0, flags: int = 0, v2: bool = False) -> bytea
         raise SandboxError(f"bad subvolume name {name!r}")
     # v2: fd, transid, flags, 4 x u64 (qgroup inherit), then the name; v1: fd, name.
     head = struct.pack("=qQQ32x", fd, 0, flags) if v2 else struct.pack("=q", fd)
-    return bytearray(head + encoded + b"\0" * (_VOL_ARGS - len(head) - len(encoded)))
+    return bytearray(head + encoded + b"\0" * (BTRFS_VOL_ARGS_SIZE - len(head) - len(encoded)))
 
 
 def _in_parent(path: Path, request: int, args: bytearray) -> None:
@@ -261,7 +256,7 @@ def create_subvolume(path: Path) -> None:
     Raises:
         SandboxError: the kernel refused (for example ``path`` exists).
     """
-    _in_parent(path, _SUBVOL_CREATE, _vol_args(path.name))
+    _in_parent(path, BTRFS_IOC_SUBVOL_CREATE, _vol_args(path.name))
 
 
 def snapshot_subvolume(source: Path, target: Path, readonly: bool) -> None:
@@ -274,7 +269,7 @@ def snapshot_subvolume(source: Path, target: Path, readonly: bool) -> None:
     src = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         flags = _RDONLY if readonly else 0
-        _in_parent(target, _SNAP_CREATE_V2, _vol_args(target.name, src, flags, v2=True))
+        _in_parent(target, BTRFS_IOC_SNAP_CREATE_V2, _vol_args(target.name, src, flags, v2=True))
     finally:
         os.close(src)
 
@@ -291,7 +286,7 @@ def delete_subvolume(path: Path) -> None:
         return
     if mounts_under(path):
         raise SandboxError(f"cannot delete {path}: something is still mounted below it")
-    _in_parent(path, _SNAP_DESTROY, _vol_args(path.name))
+    _in_parent(path, BTRFS_IOC_SNAP_DESTROY, _vol_args(path.name))
 
 
 def is_subvolume(path: Path) -> bool:
@@ -312,12 +307,12 @@ def bytes_used(sync: bool = True) -> int:
     fd = os.open(ensure_volume(), os.O_RDONLY | os.O_DIRECTORY)
     try:
         if sync:
-            fcntl.ioctl(fd, _SYNC)
+            fcntl.ioctl(fd, BTRFS_IOC_SYNC)
         head = bytearray(struct.pack("=QQ", 0, 0))
-        fcntl.ioctl(fd, _SPACE_INFO, head)
+        fcntl.ioctl(fd, BTRFS_IOC_SPACE_INFO, head)
         count = struct.unpack("=QQ", head)[1]
         args = bytearray(struct.pack("=QQ", count, 0) + b"\0" * (24 * count))
-        fcntl.ioctl(fd, _SPACE_INFO, args)
+        fcntl.ioctl(fd, BTRFS_IOC_SPACE_INFO, args)
     finally:
         os.close(fd)
     used = 0
