@@ -28,14 +28,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sandbox_kernel.errors import ConfigError
 
 from . import snapshots
-from .fsutil import fsync_dir, read_json, write_json
+from .fsutil import DraftFolder, fsync_dir, read_json, write_json
 from .ioctl import FICLONE
 from .volume import delete_subvolume, ensure_volume, snapshot_subvolume
 
@@ -103,27 +102,23 @@ def make_base(owner: str, name: str) -> dict[str, Any]:
     if (target / "meta.json").exists():
         return load(base_id)
     target.parent.mkdir(exist_ok=True)
-    draft = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{base_id}."))
-    try:
-        (draft / "criu").mkdir()
+    # The files are a btrfs subvolume: purge deletes it with the draft.
+    with DraftFolder(target.parent, base_id, remove=snapshots.purge) as draft:
+        criu = draft.path / "criu"
+        criu.mkdir()
         for file in sorted((source / "criu").iterdir()):
-            _clone(file, draft / "criu" / file.name)
-        fsync_dir(draft / "criu")
-        snapshot_subvolume(source / "files", draft / "files", readonly=True)
+            _clone(file, criu / file.name)
+        fsync_dir(criu)
+        snapshot_subvolume(source / "files", draft.path / "files", readonly=True)
         # The copies are new inodes: give the manifest their stamps (see verify).
         entries: dict[str, dict[str, Any]] = json.loads(manifest)
         for rel, entry in entries.items():
-            st = (draft / "criu" / rel).stat()
+            st = (criu / rel).stat()
             entry["stamp"] = [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
-        write_json(draft / "manifest.json", entries)
+        write_json(draft.path / "manifest.json", entries)
         meta = {**meta, "id": base_id, "snapshot": name, "snapshot_owner": owner}
-        write_json(draft / "meta.json", meta)
-        os.rename(draft, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        delete_subvolume(draft / "files")
-        shutil.rmtree(draft, ignore_errors=True)
-        raise
+        write_json(draft.path / "meta.json", meta)
+        draft.commit(target)
     return meta
 
 

@@ -1,4 +1,5 @@
-"""Durable file writes (temp file, fsync, rename, fsync of the directory) and locks."""
+"""Durable file writes (temp file, fsync, rename, fsync of the directory), draft
+folders renamed into place whole, and locks."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +85,109 @@ async def aflocked(path: Path) -> AsyncIterator[int]:
         yield fd
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_held(path: Path) -> bool:
+    """Whether some holder has an ``flock`` on ``path`` right now; the probe keeps none.
+
+    Unlike :func:`flocked`, a missing file is not made: the callers (gc looking for
+    abandoned drafts, a delete waiting for a page server) probe locks that others
+    make, and a missing one means something of its own to them.
+
+    Raises:
+        FileNotFoundError: there is no ``path``.
+        OSError: it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock, if this probe took it
+    return False
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class DraftFolder:
+    """A folder built hidden beside its final place, then renamed into place whole.
+
+    The draft is ``parent/.<name>.XXXXXXXX`` (mode 0700, from ``mkdtemp``): listings
+    skip dot names, so a crash leaves nothing half-written in view, and gc finds
+    the leftovers by that pattern (``snapshots.leftovers``). The caller fills
+    :attr:`path` and fsyncs what it writes there; :meth:`commit` renames the draft
+    to its target and fsyncs the parent. :meth:`discard` removes it with
+    ``remove`` (default: the tree, errors ignored); a draft that holds a btrfs
+    subvolume needs one that deletes the subvolume first (``snapshots.purge``).
+
+    With ``lock``, an ``flock`` on ``<draft>/.lock`` is held from creation to commit
+    or discard, across calls: gc leaves a locked draft alone, and the lock goes
+    with this process if it dies. The lock file is removed on commit.
+
+    As a context manager, a draft not committed when the block ends is discarded.
+    Used by ``snapshots.Draft`` and ``bases.make_base``.
+
+    Raises:
+        OSError: ``parent`` is missing or not writable (from the constructor).
+    """
+
+    def __init__(
+        self,
+        parent: Path,
+        name: str,
+        *,
+        lock: bool = False,
+        remove: Callable[[Path], None] = _remove_tree,
+    ) -> None:
+        self.path = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+        self._remove = remove
+        self._lock = lock
+        self._held = contextlib.ExitStack()
+        self._done = self._committed = False
+        if lock:
+            try:
+                self._held.enter_context(flocked(self.path / ".lock"))
+            except BaseException:
+                _remove_tree(self.path)
+                raise
+
+    @property
+    def committed(self) -> bool:
+        """Whether the draft has been renamed into place."""
+        return self._committed
+
+    def commit(self, target: Path) -> None:
+        """Rename the draft to ``target`` and fsync ``target``'s parent.
+
+        Raises:
+            OSError: the rename failed (``target`` exists and is not an empty folder,
+                or is on another filesystem); the draft is left for the caller to
+                discard.
+        """
+        os.rename(self.path, target)
+        self._done = self._committed = True
+        try:
+            fsync_dir(target.parent)
+            if self._lock:
+                (target / ".lock").unlink(missing_ok=True)
+        finally:
+            self._held.close()  # releases the lock
+
+    def discard(self) -> None:
+        """Remove the draft and release its lock; after a commit or discard, nothing."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._remove(self.path)
+        finally:
+            self._held.close()  # releases the lock
+
+    def __enter__(self) -> DraftFolder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()

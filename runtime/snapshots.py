@@ -16,23 +16,24 @@ the hidden leftovers.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, SandboxError
 
-from .fsutil import fsync_dir, read_json, write_json
+from .fsutil import DraftFolder, fsync_dir, lock_held, read_json, write_json
 from .limits import parse_size
 from .volume import compress, delete_subvolume, ensure_volume, is_subvolume
+
+if TYPE_CHECKING:
+    from .record import KernelRecord
 
 #: A file in a snapshot's folder that a lazy restore's page server holds locked
 #: (flock) while it reads the images; deleting the snapshot waits for it.
@@ -153,7 +154,7 @@ def listing(owner: str) -> list[dict[str, Any]]:
 # ---- who sees which snapshot -------------------------------------------------------
 
 
-def visible_to(meta: dict[str, Any], record: dict[str, Any]) -> bool:
+def visible_to(meta: dict[str, Any], record: KernelRecord) -> bool:
     """Whether the kernel of ``record`` may see and act on snapshot ``meta``.
 
     The rule for ``list``, ``diff``, ``delete`` and ``restore`` from inside a kernel:
@@ -163,26 +164,26 @@ def visible_to(meta: dict[str, Any], record: dict[str, Any]) -> bool:
     each other's snapshots. Snapshots from before the folder was kept in the meta
     are matched by their layers, which name the folder's mount point.
     """
-    if str(meta.get("owner")) != str(record["uid"]):
+    if str(meta.get("owner")) != str(record.uid):
         return False
-    if meta.get("layers") != record["layers"]:
+    if meta.get("layers") != record.layers:
         return False
-    return bool(meta.get("cwd", record["cwd"]) == record["cwd"])
+    return bool(meta.get("cwd", record.cwd) == record.cwd)
 
 
-def visible_listing(record: dict[str, Any]) -> list[dict[str, Any]]:
+def visible_listing(record: KernelRecord) -> list[dict[str, Any]]:
     """The metas of the snapshots the kernel of ``record`` may see, oldest first."""
-    return [m for m in listing(str(record["uid"])) if visible_to(m, record)]
+    return [m for m in listing(str(record.uid)) if visible_to(m, record)]
 
 
-def load_visible(record: dict[str, Any], name: str) -> dict[str, Any]:
+def load_visible(record: KernelRecord, name: str) -> dict[str, Any]:
     """The meta of snapshot ``name`` if the kernel of ``record`` may see it.
 
     Raises:
         SnapshotNotFound: no such snapshot, or one the kernel may not see (the
             message lists only the ones it may).
     """
-    owner = str(record["uid"])
+    owner = str(record.uid)
     check_name(name)
     try:
         meta = load(owner, name)
@@ -312,13 +313,11 @@ class Draft:
             raise ConfigError(
                 "snapshot name", name, "is taken; choose another name or delete that snapshot"
             )
-        self.path = Path(tempfile.mkdtemp(dir=base, prefix=f".{name}."))
+        # Locked while it is written: gc leaves locked drafts alone.
+        self._folder = DraftFolder(base, name, lock=True, remove=purge)
+        self.path = self._folder.path
         self.criu_dir = self.path / "criu"
         self.files = self.path / "files"
-        # Held while the draft is written; gc leaves locked drafts alone, and the
-        # lock goes with this process if it dies.
-        self._lock = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Checksum, fsync and rename the draft into place; return the final meta.
@@ -344,21 +343,18 @@ class Draft:
         meta = {**meta, "name": self.name, "owner": self.owner, "memory_bytes": size}
         write_json(self.path / "manifest.json", manifest)
         write_json(self.path / "meta.json", meta)
-        target = owner_dir(self.owner) / self.name
         try:
-            os.rename(self.path, target)  # fails if the name was taken meanwhile
+            self._folder.commit(owner_dir(self.owner) / self.name)
         except OSError:
-            self.discard()
+            if self._folder.committed:
+                raise
+            self.discard()  # the rename failed: the name was taken meanwhile
             raise ConfigError("snapshot name", self.name, "is taken; choose another name") from None
-        fsync_dir(target.parent)
-        (target / ".lock").unlink(missing_ok=True)
-        os.close(self._lock)
         return meta
 
     def discard(self) -> None:
-        """Remove the draft; nothing is listed."""
-        purge(self.path)
-        os.close(self._lock)
+        """Remove the draft; nothing is listed. After a commit or discard, nothing."""
+        self._folder.discard()
 
 
 def verify(owner: str, name: str) -> dict[str, Any]:
@@ -436,25 +432,21 @@ def delete(owner: str, name: str) -> None:
 
 
 def _wait_for_page_server(folder: Path, timeout: float = 60) -> None:
-    """Wait (bounded) until no lazy restore still reads this snapshot's images."""
-    try:
-        fd = os.open(folder / SERVING, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    """Wait (bounded) until no lazy restore still reads this snapshot's images.
+
+    Raises:
+        SandboxError: the page server still holds its lock after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not lock_held(folder / SERVING):
                 return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SandboxError(
-                        f"snapshot {folder.name!r} is still being restored; try again"
-                    ) from None
-                time.sleep(0.01)
-    finally:
-        os.close(fd)
+        except FileNotFoundError:
+            return  # never restored lazily
+        if time.monotonic() > deadline:
+            raise SandboxError(f"snapshot {folder.name!r} is still being restored; try again")
+        time.sleep(0.01)
 
 
 def purge(folder: Path) -> None:
@@ -469,21 +461,14 @@ def leftovers() -> list[Path]:
     found = []
     for path in sorted(store_dir().glob("*/.*")):
         try:
-            fd = os.open(path / ".lock", os.O_RDWR)
+            if not lock_held(path / ".lock"):
+                found.append(path)
         except FileNotFoundError:
             # Half-deleted, or a draft a moment old that has no lock file yet.
             if time.time() - path.stat().st_mtime > 60:
                 found.append(path)
-            continue
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            found.append(path)
-        except BlockingIOError:
-            pass  # being written right now
-        finally:
-            os.close(fd)
     return found
 
 
