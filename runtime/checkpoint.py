@@ -8,9 +8,7 @@ other capability, with CRIU's ``unprivileged`` option; the restore runs as root.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fcntl
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -20,7 +18,7 @@ from sandbox_kernel.errors import RequirementMissing
 
 from . import paths
 from .criu import find_criu
-from .fsutil import atomic_write
+from .fsutil import aflocked, atomic_write, flocked
 
 #: Capability numbers and names, as setpriv spells them (linux/capability.h).
 CAPABILITIES = (
@@ -127,9 +125,7 @@ async def userfaultfd_window() -> AsyncIterator[None]:
         return
     lock = _uffd_lock()
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+    async with aflocked(lock) as fd:
         before = _saved_value(fd) or UFFD_SYSCTL.read_text().strip()
         if before != "1":
             os.pwrite(fd, before.encode(), 0)
@@ -141,8 +137,6 @@ async def userfaultfd_window() -> AsyncIterator[None]:
             if before != "1":
                 UFFD_SYSCTL.write_text(f"{before}\n")
                 os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _saved_value(fd: int) -> str:
@@ -156,11 +150,8 @@ def close_stale_window() -> bool:
     lock = _uffd_lock()
     if not lock.exists() or not UFFD_SYSCTL.exists():
         return False
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with flocked(lock, blocking=False) as fd:
+        if fd is None:
             return False  # a restore is in its window right now
         saved = _saved_value(fd)
         if not saved:
@@ -168,5 +159,3 @@ def close_stale_window() -> bool:
         UFFD_SYSCTL.write_text(f"{saved}\n")
         os.ftruncate(fd, 0)
         return True
-    finally:
-        os.close(fd)

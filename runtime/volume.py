@@ -24,6 +24,7 @@ from pathlib import Path
 from sandbox_kernel.errors import RequirementMissing, SandboxError
 
 from . import paths
+from .fsutil import flocked
 from .ioctl import (
     BTRFS_IOC_FS_INFO,
     BTRFS_IOC_QGROUP_LIMIT,
@@ -75,8 +76,7 @@ def ensure_volume() -> Path:
     if target.is_mount() and str(target) in _READY:
         return target
     paths.state_dir().mkdir(parents=True, exist_ok=True)
-    with open(paths.state_dir() / "volume.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with flocked(paths.state_dir() / "volume.lock"):
         if target.is_mount():
             _set_up(target)
             return target
