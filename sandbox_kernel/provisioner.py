@@ -16,8 +16,6 @@ Selected by a kernelspec's ``metadata.kernel_provisioner``::
 from __future__ import annotations
 
 import asyncio
-import os
-import select
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,15 +24,15 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Enum, Float, Int, List, Unicode, Union, default, validate
 
-from .display import format_size
-from .errors import KernelStateError, SandboxError
-from .runtime import KernelConfig, Limits, Runtime
+from .control_channel import ControlChannel
+from .errors import KernelStateError
+from .kernel_process import KernelProcess
+from .runtime import Limits, Runtime
 from .runtime.bundle import CONNECTION_FILE
-from .runtime.control import ControlServer, write_credentials
 from .runtime.layers import check_image_name
-from .runtime.network import NETWORK_MODES, Addresses
-from .runtime.process import wait_exit
-from .runtime.runtime import KERNEL_PORTS, default_uid, describe
+from .runtime.lifecycle import KERNEL_PORTS, KernelConfig, default_uid
+from .runtime.network import NETWORK_MODES
+from .runtime.record import Start
 
 #: How long a kernel restored from a base has to confirm it took its new key.
 BASE_CONFIRM_TIMEOUT = 10.0
@@ -47,12 +45,26 @@ DEFAULT_ENV_ALLOWLIST = ["LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "JPY_SESSION_
                          "PYTHONUNBUFFERED", "PYTHONHASHSEED", "MPLBACKEND"]  # fmt: skip
 
 
+def allowed_env(env: dict[str, str], allowlist: list[str], always: set[str]) -> dict[str, str]:
+    """The variables of ``env`` a kernel gets: those named in ``allowlist`` (a
+    trailing ``*`` matches a prefix) and those in ``always`` (the kernelspec's)."""
+    exact = {n for n in allowlist if not n.endswith("*")}
+    prefixes = tuple(n[:-1] for n in allowlist if n.endswith("*"))
+    return {
+        k: v
+        for k, v in env.items()
+        if k in always or k in exact or (prefixes and k.startswith(prefixes))
+    }
+
+
 class SandboxProvisioner(KernelProvisionerBase):
     """Runs each kernel in its own runc container with its own network namespace.
 
     The kernel binds its ZMQ ports on every interface of its namespace; the
     connection info the client gets points at the container's own address, which
-    only the host can reach.
+    only the host can reach. The runtime does the work; a :class:`KernelProcess`
+    follows the kernel's process and derives its exit status; a
+    :class:`ControlChannel` serves the kernel's ``%container`` magic.
     """
 
     base = Unicode(
@@ -107,32 +119,17 @@ class SandboxProvisioner(KernelProvisionerBase):
         # Per instance, never the base class's shared dict.
         self.connection_info: KernelConnectionInfo = {}
         self.runtime = Runtime()
-        self.pid: int | None = None
-        self._pidfd: int | None = None
+        self.process = KernelProcess(self.runtime, self.kernel_id, self.log)
+        self.control = ControlChannel(self.runtime, self.kernel_id, self.process.adopt)
         self._cwd: str = str(Path.cwd())
-        self._signalled: int | None = None
-        self._shutdown_requested = False
-        self._exit_status: int | None = None
         self._launched = False
-        self.control: ControlServer | None = None
 
     # ---- traits ------------------------------------------------------------------
 
-    @validate("memory", "disk")
-    def _check_size(self, proposal: dict[str, Any]) -> Any:
-        value = proposal["value"]
-        name = proposal["trait"].name
-        Limits.parse(**{name: value})
-        return value
-
-    @validate("cpus")
-    def _check_cpus(self, proposal: dict[str, Any]) -> Any:
-        Limits.parse(cpus=proposal["value"])
-        return proposal["value"]
-
-    @validate("pids")
-    def _check_pids(self, proposal: dict[str, Any]) -> Any:
-        Limits.parse(pids=proposal["value"])
+    @validate("memory", "cpus", "pids", "disk")
+    def _check_limit(self, proposal: dict[str, Any]) -> Any:
+        # Limits.parse raises ConfigError naming the value and its fix.
+        Limits.parse(**{proposal["trait"].name: proposal["value"]})
         return proposal["value"]
 
     @validate("image")
@@ -156,7 +153,13 @@ class SandboxProvisioner(KernelProvisionerBase):
 
     @property
     def has_process(self) -> bool:
-        return self.pid is not None
+        """Whether there is a kernel process to follow (jupyter_client's question)."""
+        return self.process.pid is not None
+
+    @property
+    def pid(self) -> int | None:
+        """The host pid of the kernel's init (the container's PID 1), or None."""
+        return self.process.pid
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Prepare the container and point the connection info at its address.
@@ -178,27 +181,19 @@ class SandboxProvisioner(KernelProvisionerBase):
             base=self.base,
         )
         record = await self.runtime.prepare(self.kernel_id, config)
-        if self.control is None:
-            host = Addresses.of(record["index"]).host_ip
-            run_dir = self.runtime.run_dir(self.kernel_id)
-            token = write_credentials(run_dir, host, self.kernel_id, record["uid"], record["gid"])
-            self.control = ControlServer(
-                self.runtime, self.kernel_id, host, record["kernel_ip"], token, self._adopt
-            )
+        self.control.open(record)
         extra_arguments = kwargs.pop("extra_arguments", [])
         if km is None:
             raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
         km.transport = "tcp"
-        km.ip = record["kernel_ip"]
+        km.ip = record.kernel_ip
         for name, port in KERNEL_PORTS.items():
             setattr(km, name, port)
         env = kwargs.get("env", {})
         km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
-        self._signalled = None
-        self._shutdown_requested = False
-        self._exit_status = None
+        self.process.launching()
         return await super().pre_launch(cmd=cmd, **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -211,7 +206,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         host_file = km.connection_file if km is not None else ""
         argv = [CONNECTION_FILE if arg == host_file else arg for arg in cmd]
         argv.append(f"--ext={MAGICS}")
-        env = self._kernel_env(kwargs.get("env", {}))
+        spec_env = set(self.kernel_spec.env) if self.kernel_spec else set()
+        env = allowed_env(kwargs.get("env", {}), self.env_allowlist, spec_env)
         try:
             pid = await self.runtime.start(self.kernel_id, argv, env, dict(self.connection_info))
         except BaseException:
@@ -222,14 +218,13 @@ class SandboxProvisioner(KernelProvisionerBase):
             raise
         self._launched = True
         self._track(pid)
-        if self.control is not None and not self.control.listening:
-            await self.control.start()
+        await self.control.listen()
         record = self.runtime.record(self.kernel_id)
-        if record.get("started_from") == "base":
+        if record.start is Start.BASE:
             await self._confirm_base_start()
-        elif record.get("base_note"):
-            self.log.warning("Kernel %s started cold: %s", self.kernel_id, record["base_note"])
-        self.log.info("Started sandboxed %s", describe(self.runtime.record(self.kernel_id)))
+        elif record.base_note:
+            self.log.warning("Kernel %s started cold: %s", self.kernel_id, record.base_note)
+        self.log.info("Started sandboxed %s", self.runtime.record(self.kernel_id).describe())
         return self.connection_info
 
     async def _confirm_base_start(self) -> None:
@@ -239,12 +234,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         magic reads the new one, then calls the control server with the new
         credentials. Without that call in time, the kernel starts cold instead.
         """
-        assert self.control is not None
-        try:
-            await asyncio.wait_for(self.control.heard.wait(), BASE_CONFIRM_TIMEOUT)
+        if await self.control.heard_within(BASE_CONFIRM_TIMEOUT):
             return
-        except TimeoutError:
-            pass
         note = (
             f"the kernel restored from base {self.base} did not take its new key within "
             f"{BASE_CONFIRM_TIMEOUT:.0f} s (is the sandbox_kernel.magics extension loaded?)"
@@ -252,41 +243,12 @@ class SandboxProvisioner(KernelProvisionerBase):
         self.log.warning("Kernel %s restarts cold: %s", self.kernel_id, note)
         self._track(await self.runtime.start_cold(self.kernel_id, note))
 
-    def _kernel_env(self, env: dict[str, str]) -> dict[str, str]:
-        spec_env = set(self.kernel_spec.env) if self.kernel_spec else set()
-        exact = {n for n in self.env_allowlist if not n.endswith("*")}
-        prefixes = tuple(n[:-1] for n in self.env_allowlist if n.endswith("*"))
-        return {
-            k: v
-            for k, v in env.items()
-            if k in spec_env or k in exact or (prefixes and k.startswith(prefixes))
-        }
-
-    async def _adopt(self, pid: int) -> None:
-        """Follow the kernel's new process after a restore or reset by its magic."""
-        self._track(pid)
-
     def _track(self, pid: int | None) -> None:
-        self._close_pidfd()
-        self.pid = pid
-        if pid is not None:
-            try:
-                self._pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                self._pidfd = None  # already gone: poll() reports the exit
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        """Follow ``pid`` as the kernel's process (see :meth:`KernelProcess.track`).
+        Also called by bench/snapshot.py after a restore it made itself."""
+        self.process.track(pid)
 
     # ---- process-like methods ----------------------------------------------------
-
-    def _exited(self) -> bool:
-        if self._pidfd is None:
-            return True
-        readable, _, _ = select.select([self._pidfd], [], [], 0)
-        return bool(readable)
 
     async def poll(self) -> int | None:
         """None while the container's kernel runs, else its exit status.
@@ -294,69 +256,15 @@ class SandboxProvisioner(KernelProvisionerBase):
         runc keeps no exit status for detached containers, so the status is
         derived: -9 for a kernel the OOM killer or ``kill`` ended, the signal's
         negative for other signals sent here, 0 after a requested shutdown, else 1.
+        A kernel restored in place (by the CLI or its magic) is followed, not
+        reported gone. While it runs, a freeze left by a crashed snapshot is thawed
+        and its log kept under its cap.
         """
-        if self.pid is None:
-            return 0
-        if not self._exited():
+        if self.process.running:
             await self.runtime.thaw_if_stale(self.kernel_id)
             self.runtime.trim_log(self.kernel_id)
             return None
-        if await self._follow_restore():
-            return None
-        return self._status()
-
-    async def _follow_restore(self) -> bool:
-        """After a restore (by the CLI or a magic) the container's init is a new
-        process: track it and report the kernel alive. False if the kernel is gone.
-        """
-        pid = None
-        if not self._shutdown_requested:
-            try:
-                pid = await self.runtime.finish_restore(self.kernel_id)
-            except SandboxError as err:
-                self.log.warning("Kernel %s: a cut-short restore failed: %s", self.kernel_id, err)
-        if pid is None:
-            pid = await self.runtime.container_pid(self.kernel_id)
-        if pid is None:
-            return False
-        if pid != self.pid:  # else the control server already followed it
-            self._track(pid)
-            self.log.info("Kernel %s was restored from a snapshot (pid %s)", self.kernel_id, pid)
-        return True
-
-    def _status(self) -> int:
-        if self._exit_status is not None:
-            return self._exit_status
-        if self.runtime.oom_killed(self.kernel_id):
-            limit = self.runtime.record(self.kernel_id)["limits"].get("memory")
-            message = (
-                f"The kernel ran out of memory: it used its whole memory limit "
-                f"({format_size(limit)}) and the OOM killer ended it. Use less memory "
-                "or raise the limit (`sandbox-kernel install --memory ...`)."
-            )
-            self.log.warning("Kernel %s: %s", self.kernel_id, message)
-            self.runtime.append_log(self.kernel_id, message)
-            status = -signal.SIGKILL
-        elif self._signalled is not None:
-            status = -self._signalled
-        elif self._shutdown_requested:
-            status = 0
-        else:
-            status = 1
-            # Died by itself: the restarter's message says nothing of why; its log does.
-            self.log.warning(
-                "Kernel %s exited by itself; the end of its log:\n%s",
-                self.kernel_id, self._log_tail(),
-            )  # fmt: skip
-        self._exit_status = status
-        return status
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.runtime.log_path(self.kernel_id).read_text(errors="replace")
-        except OSError as err:
-            return f"(no log: {err.strerror})"
-        return "\n".join(text.splitlines()[-lines:])
+        return await self.process.poll()
 
     async def wait(self) -> int | None:
         """Wait for the kernel to exit, without polling; return its status.
@@ -364,16 +272,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         Called by ``KernelManager.finish_shutdown`` and ``kill_kernel`` under their
         own timeouts. Afterwards ``has_process`` is False.
         """
-        if self.pid is None:
-            return 0
-        while self._pidfd is not None:
-            await wait_exit(self._pidfd)
-            if not await self._follow_restore():
-                break
-        status = self._status()
-        self._close_pidfd()
-        self.pid = None
-        return status
+        return await self.process.wait()
 
     async def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the kernel, the container's PID 1.
@@ -381,16 +280,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         Interrupt (SIGINT) raises KeyboardInterrupt in the running cell. The signal
         goes through a pidfd, so it can never reach a process that reused the pid.
         """
-        if self._exited() and not await self._follow_restore():
-            return
-        if self._pidfd is None:
-            return
-        try:
-            signal.pidfd_send_signal(self._pidfd, signum)
-        except ProcessLookupError:
-            return
-        if signum in (signal.SIGKILL, signal.SIGTERM):
-            self._signalled = signum
+        await self.process.send_signal(signum)
 
     async def kill(self, restart: bool = False) -> None:
         """SIGKILL the kernel. Called by ``KernelManager`` for an immediate shutdown."""
@@ -404,7 +294,7 @@ class SandboxProvisioner(KernelProvisionerBase):
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """Noted, so a kernel that then exits on its own reports status 0."""
-        self._shutdown_requested = True
+        self.process.shutdown_requested = True
 
     async def cleanup(self, restart: bool = False) -> None:
         """Take the container down. Called by ``KernelManager.cleanup_resources``.
@@ -412,14 +302,11 @@ class SandboxProvisioner(KernelProvisionerBase):
         On a restart the writable layer and the network stay, so the new kernel
         keeps its files and address. Otherwise nothing of the kernel is left.
         """
-        self._close_pidfd()
-        self.pid = None
+        self.process.forget()
         if restart:
             await self.runtime.stop(self.kernel_id)
             return
-        if self.control is not None:
-            await self.control.close()
-            self.control = None
+        await self.control.close()
         await self.runtime.remove(self.kernel_id)
 
     # ---- persistence -------------------------------------------------------------
@@ -440,6 +327,9 @@ class SandboxProvisioner(KernelProvisionerBase):
             KernelNotFound: the runtime no longer has the kernel (``gc`` removed it).
         """
         await super().load_provisioner_info(provisioner_info)
+        # The superclass took the kernel id from the info: follow that kernel.
+        self.process = KernelProcess(self.runtime, self.kernel_id, self.log)
+        self.control = ControlChannel(self.runtime, self.kernel_id, self.process.adopt)
         self._cwd = provisioner_info.get("cwd") or self._cwd
         await asyncio.to_thread(self.runtime.adopt, self.kernel_id)
         pid = await self.runtime.container_pid(self.kernel_id)
