@@ -422,27 +422,6 @@ _RESTORE_FIELDS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_time
                    4: "restore_time", 5: "pages_restored"}  # fmt: skip
 
 
-_varint = dedupe.read_varint
-
-
-def _pb_fields(data: bytes) -> dict[int, int | bytes]:
-    """The fields of a protobuf message: varints and length-delimited ones only."""
-    fields: dict[int, int | bytes] = {}
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            fields[number], pos = _varint(data, pos)
-        elif wire == 2:
-            size, pos = _varint(data, pos)
-            fields[number] = data[pos : pos + size]
-            pos += size
-        else:
-            raise ValueError(f"wire type {wire}")
-    return fields
-
-
 def criu_stats(path: Path) -> dict[str, float]:
     """CRIU's ``stats-dump`` or ``stats-restore`` image: times in s, page counts.
 
@@ -453,11 +432,11 @@ def criu_stats(path: Path) -> dict[str, float]:
         if int.from_bytes(data[4:8], "little") != _STATS_MAGIC:
             return {}
         size = int.from_bytes(data[8:12], "little")
-        entry = _pb_fields(data[12 : 12 + size])
+        entry = dedupe.message_fields(data[12 : 12 + size])
         for number, names in ((1, _DUMP_FIELDS), (2, _RESTORE_FIELDS)):
             inner = entry.get(number)
             if isinstance(inner, bytes):
-                found = {n: v for n, v in _pb_fields(inner).items() if isinstance(v, int)}
+                found = dedupe.varint_fields(inner)
                 return {
                     name: found[n] / 1e6 if name.endswith("_time") else float(found[n])
                     for n, name in names.items()

@@ -60,9 +60,18 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _fields(message: bytes) -> dict[int, int]:
-    """The varint fields of a protobuf message (the only kind pagemaps hold)."""
-    found: dict[int, int] = {}
+def message_fields(message: bytes) -> dict[int, int | bytes]:
+    """The fields of protobuf ``message`` by number: varints as ints, length-delimited
+    fields (strings, bytes, nested messages) as bytes; fixed-width ones are skipped.
+    A repeated field keeps its last value.
+
+    Used by :func:`read_pagemap`, and by ``bench/snapshot.py`` for CRIU's stats images.
+
+    Raises:
+        ValueError: a wire type other than 0, 1, 2 or 5 (not a message CRIU writes).
+        IndexError: the message ends inside a varint.
+    """
+    found: dict[int, int | bytes] = {}
     pos = 0
     while pos < len(message):
         key, pos = read_varint(message, pos)
@@ -71,12 +80,19 @@ def _fields(message: bytes) -> dict[int, int]:
             found[key >> 3], pos = read_varint(message, pos)
         elif kind == 2:
             length, pos = read_varint(message, pos)
+            found[key >> 3] = message[pos : pos + length]
             pos += length
         elif kind in (1, 5):
             pos += 8 if kind == 1 else 4
         else:
             raise ValueError(f"unexpected protobuf wire type {kind}")
     return found
+
+
+def varint_fields(message: bytes) -> dict[int, int]:
+    """The varint fields of protobuf ``message`` (the only kind pagemaps hold): the
+    ints of :func:`message_fields`."""
+    return {n: v for n, v in message_fields(message).items() if isinstance(v, int)}
 
 
 def read_pagemap(path: Path) -> tuple[int, list[Run]]:
@@ -91,7 +107,7 @@ def read_pagemap(path: Path) -> tuple[int, list[Run]]:
     pos, pages_id, runs, offset = 8, None, [], 0
     while pos < len(data):
         (length,) = struct.unpack_from("<I", data, pos)
-        fields = _fields(data[pos + 4 : pos + 4 + length])
+        fields = varint_fields(data[pos + 4 : pos + 4 + length])
         pos += 4 + length
         if pages_id is None:
             pages_id = fields.get(1, 0)

@@ -51,6 +51,26 @@ def test_read_pagemap_counts_only_stored_runs(tmp_path: Path) -> None:
     ]
 
 
+def test_message_fields_reads_varints_and_nested_messages() -> None:
+    inner = _varint(1 << 3) + _varint(300)  # field 1 = 300
+    message = (
+        _varint(2 << 3 | 0) + _varint(7)  # field 2, varint
+        + _varint(3 << 3 | 2) + _varint(len(inner)) + inner  # field 3, length-delimited
+        + _varint(4 << 3 | 1) + b"\0" * 8  # field 4, fixed64: skipped
+        + _varint(5 << 3 | 5) + b"\0" * 4  # field 5, fixed32: skipped
+        + _varint(6 << 3 | 0) + _varint(1 << 40)
+    )  # fmt: skip
+    fields = dedupe.message_fields(message)
+    assert fields == {2: 7, 3: inner, 6: 1 << 40}
+    assert dedupe.message_fields(inner) == {1: 300}
+    assert dedupe.varint_fields(message) == {2: 7, 6: 1 << 40}
+
+
+def test_message_fields_refuses_groups() -> None:
+    with pytest.raises(ValueError, match="wire type 3"):
+        dedupe.message_fields(_varint(1 << 3 | 3))
+
+
 def test_read_pagemap_refuses_other_images(tmp_path: Path) -> None:
     path = tmp_path / "core-1.img"
     path.write_bytes(struct.pack("<II", 0x54564319, 0x55105940) + b"\0" * 8)
