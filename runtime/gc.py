@@ -1,0 +1,206 @@
+"""Garbage collection: what crashed servers and kernels left behind.
+
+One sweep per kind of leftover. A kernel whose owning process is gone is removed
+whole first; then each sweep removes what no live kernel's record claims. Each
+sweep returns lines saying what it removed (or, dry, would remove).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from . import paths, snapshots
+from .drivers import Drivers
+from .fsutil import read_json
+from .lifecycle import owner_alive
+from .rootfs import Rootfs
+from .store import KernelStore
+
+#: Where runc keeps its containers' state.
+RUNC_ROOT = Path("/run/runc")
+
+
+class Collector:
+    """Runs the sweeps of :meth:`gc`."""
+
+    def __init__(
+        self,
+        drivers: Drivers,
+        store: KernelStore,
+        rootfs: Rootfs,
+        remove: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.drivers = drivers
+        self.store = store
+        self.rootfs = rootfs
+        #: Removes one kernel whole (``Lifecycle.remove``).
+        self.remove = remove
+
+    async def gc(self, dry_run: bool = False) -> list[str]:
+        """Remove what crashed servers and kernels left behind; return what was removed.
+
+        A kernel whose owning process is gone is removed whole. Then containers,
+        namespaces, veths, address reservations, mounts and cgroups that no kernel
+        record claims, and layers that no image or kernel references.
+        """
+        removed, live = await self._orphan_kernels(dry_run)
+        containers = {f"{paths.PREFIX}{k}" for k in live}
+        removed += await self._containers(containers, dry_run)
+        removed += await self._broken_runc_state(dry_run)
+        if not dry_run and self.drivers.criu.close_stale_window():
+            removed.append("vm.unprivileged_userfaultfd, left at 1 by a lazy restore cut short")
+        removed += await self._network(containers, live, dry_run)
+        removed += await asyncio.to_thread(self._mounts, live, dry_run)
+        removed += await asyncio.to_thread(self._cgroups, containers, dry_run)
+        removed += await asyncio.to_thread(self._kernel_folders, live, dry_run)
+        removed += await asyncio.to_thread(self._subvolumes, live, dry_run)
+        removed += await asyncio.to_thread(self._drafts, dry_run)
+        removed += await asyncio.to_thread(self._layers, dry_run)
+        return removed
+
+    async def _orphan_kernels(self, dry_run: bool) -> tuple[list[str], set[str]]:
+        """Kernels whose server is gone, removed whole; and the ids of those left."""
+        removed: list[str] = []
+        live: set[str] = set()
+        for record in self.store.records():
+            kid = record.kernel_id
+            if owner_alive(record.owner):
+                live.add(kid)
+                continue
+            removed.append(f"kernel {kid} (its server, pid {record.owner.get('pid')}, is gone)")
+            if dry_run:
+                live.add(kid)  # what removing it would take is not listed again below
+            else:
+                await self.remove(kid)
+        return removed, live
+
+    async def _containers(self, containers: set[str], dry_run: bool) -> list[str]:
+        removed = []
+        for info in await self.drivers.runc.list_containers():
+            cid = info.get("id", "")
+            if cid.startswith(paths.PREFIX) and cid not in containers:
+                removed.append(f"container {cid}")
+                if not dry_run:
+                    await self.drivers.runc.delete(cid)
+        return removed
+
+    async def _broken_runc_state(self, dry_run: bool) -> list[str]:
+        """runc's own state of a container whose checkpoint or restore was cut short
+        (a CRIU mount left inside it), which makes runc list fail to load it."""
+        if not RUNC_ROOT.is_dir():
+            return []
+        removed = []
+        listed = {info.get("id", "") for info in await self.drivers.runc.list_containers()}
+        for entry in RUNC_ROOT.iterdir():
+            if entry.name.startswith(paths.PREFIX) and entry.name not in listed:
+                removed.append(f"broken runc state {entry}")
+                if not dry_run:
+                    for point in self.drivers.mounts.mounts_under(entry):
+                        self.drivers.mounts.unmount(point)
+                    shutil.rmtree(entry, ignore_errors=True)
+        return removed
+
+    async def _network(self, containers: set[str], live: set[str], dry_run: bool) -> list[str]:
+        """Network namespaces, address reservations and veths of no live kernel."""
+        network = self.drivers.network
+        removed = []
+        for ns in network.leftover_namespaces():
+            if ns not in containers:
+                removed.append(f"network namespace {ns}")
+                if not dry_run:
+                    await network.delete_netns(ns)
+        held = network.reservations()
+        for index, kid in held.items():
+            if kid not in live:
+                removed.append(f"address reservation {index}")
+                if not dry_run:
+                    network.release_index(index)
+        for veth in network.leftover_veths():
+            number = veth.removeprefix(network.VETH_PREFIX)
+            if not number.isdigit() or held.get(int(number)) not in live:
+                removed.append(f"veth {veth}")
+                if not dry_run:
+                    await network.delete_veth(veth)
+        return removed
+
+    def _mounts(self, live: set[str], dry_run: bool) -> list[str]:
+        removed = []
+        for point in self.drivers.mounts.mounts_under(paths.kernels_dir()):
+            kid = point.relative_to(paths.kernels_dir()).parts[0]
+            if kid not in live:
+                removed.append(f"mount {point}")
+                if not dry_run:
+                    self.drivers.mounts.unmount(point)
+        return removed
+
+    def _cgroups(self, containers: set[str], dry_run: bool) -> list[str]:
+        removed = []
+        for group in self.drivers.cgroups.leftover_cgroups(paths.cgroup_parent()):
+            if group.name not in containers:
+                removed.append(f"cgroup {group}")
+                if not dry_run:
+                    try:
+                        self.drivers.cgroups.remove_cgroup(group)
+                    except OSError as err:
+                        removed[-1] += f" (not removed: {err.strerror})"
+        return removed
+
+    def _kernel_folders(self, live: set[str], dry_run: bool) -> list[str]:
+        """Kernel folders without a record (a prepare cut short)."""
+        if not paths.kernels_dir().is_dir():
+            return []
+        removed = []
+        for entry in paths.kernels_dir().iterdir():
+            if entry.name not in live and not (entry / "record.json").exists():
+                removed.append(f"kernel folder {entry}")
+                if not dry_run:
+                    self.rootfs.remove(entry)
+        return removed
+
+    def _subvolumes(self, live: set[str], dry_run: bool) -> list[str]:
+        """Writable layers and run folders of kernels that have no folder."""
+        removed = []
+        for sub, what in (("kernels", "writable layer"), ("run", "run folder")):
+            root = self.drivers.volume.volume_dir() / sub
+            if not root.is_dir():
+                continue
+            for entry in root.iterdir():
+                if entry.name not in live and not (paths.kernels_dir() / entry.name).exists():
+                    removed.append(f"{what} {entry}")
+                    if not dry_run:
+                        self.drivers.volume.delete_subvolume(entry)
+        return removed
+
+    @staticmethod
+    def _drafts(dry_run: bool) -> list[str]:
+        """Snapshots a crash left half-written or half-deleted."""
+        removed = []
+        for leftover in snapshots.leftovers():
+            removed.append(f"unfinished snapshot {leftover}")
+            if not dry_run:
+                snapshots.purge(leftover)
+        return removed
+
+    def _layers(self, dry_run: bool) -> list[str]:
+        """Image layers no image or kernel uses, and builds of them cut short."""
+        if not paths.layers_dir().is_dir():
+            return []
+        used: set[str] = set()
+        for image in paths.images_dir().glob("*.json"):
+            used.update(read_json(image).get("layers", []))
+        for record in self.store.records():
+            used.update(record.layers)
+        removed = []
+        for entry in paths.layers_dir().iterdir():
+            stale_build = entry.name.startswith(".building-") and (
+                time.time() - entry.stat().st_mtime > 600
+            )
+            if (entry.name.startswith("sha256-") and entry.name not in used) or stale_build:
+                removed.append(f"layer {entry.name}")
+                if not dry_run:
+                    shutil.rmtree(entry, ignore_errors=True)
+        return removed

@@ -1,0 +1,485 @@
+"""Snapshots of a running kernel: snapshot, restore, finish a restore, reset, diff.
+
+The store of snapshots (folders, metas, checksums, quotas) is ``snapshots.py``;
+this module moves a kernel in and out of it. Snapshots, restores and resets of
+one kernel take its operation lock (``KernelStore.exclusive``), so they run one at
+a time; the record is changed only through ``KernelStore.update``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandbox_kernel.display import format_size
+from sandbox_kernel.errors import ConfigError, RequirementMissing, SandboxError
+
+from . import bases, dedupe, hostpath, layers, paths, snapshots
+from .boot import Boot, fresh_work, lazy_restore_size
+from .drivers import Drivers
+from .record import KernelRecord, Start
+from .rootfs import (
+    Rootfs,
+    allocated_bytes,
+    check_disk,
+    check_folders,
+    checked_cwd,
+    inherited_bytes,
+    tree_bytes,
+)
+from .store import KernelStore
+
+
+@dataclass
+class Dump:
+    """What the frozen moment of a snapshot produced."""
+
+    mode: str  # "live" (files and memory) or "files"
+    reason: str  # why files only, or ""
+    paused: float  # seconds the kernel was frozen
+
+
+def _out_of_space(error: str, log: Path) -> bool:
+    """Whether a failed CRIU dump ran out of room on the volume."""
+    marks = ("No space left on device", "Disk quota exceeded")
+    with contextlib.suppress(OSError):
+        error += log.read_text(errors="replace")[-20000:]
+    return any(mark in error for mark in marks)
+
+
+class Snapshotting:
+    """Takes kernels in and out of the snapshot store."""
+
+    def __init__(self, drivers: Drivers, store: KernelStore, rootfs: Rootfs, boot: Boot) -> None:
+        self.drivers = drivers
+        self.store = store
+        self.rootfs = rootfs
+        self.boot = boot
+
+    # ---- snapshot -------------------------------------------------------------------
+
+    async def snapshot(
+        self,
+        kernel_id: str,
+        name: str,
+        message: str = "",
+        live: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Snapshot kernel ``kernel_id``'s files and live memory as ``name``; return its
+        meta. Four steps: freeze and dump, share pages with the parent, describe,
+        commit. A failure at any step keeps nothing.
+
+        The container is frozen while its writable layer is copied and CRIU dumps
+        its processes (leaving them running), so files and memory come from the same
+        moment; then it is thawed. Where CRIU is missing or fails, or ``live`` is
+        False, the snapshot keeps the files only (mode ``files``, with the reason).
+        ``progress`` is called with a line of text as each later step starts.
+
+        Raises:
+            ConfigError: the name is invalid or taken.
+            QuotaExceeded, StoreFull: the owner's limit, or the volume, is full.
+            KernelNotFound: no such kernel.
+            CommandError: the container could not be frozen or thawed.
+        """
+        started = time.monotonic()
+        say = progress or (lambda text: None)
+        async with self.store.exclusive(kernel_id):
+            record = self.store.load(kernel_id)
+            owner = str(record.uid)
+            snapshots.check_name(name)
+            await asyncio.to_thread(snapshots.check_quota, owner, name)
+            draft = snapshots.Draft(owner, name)
+            try:
+                dump = await self._freeze_and_dump(record, draft, live)
+                memory = tree_bytes(draft.criu_dir) if draft.criu_dir.is_dir() else 0
+                say(f"saved files and {format_size(memory)} of memory ({dump.paused:.2f} s frozen)")
+                shared_with, shared = await self._share_pages(record, draft, dump, say)
+                meta = await self._describe(record, draft, dump, message, memory)
+                meta.update(shared_bytes=shared, shared_with=shared_with if shared else {})
+                meta["seconds"] = round(time.monotonic() - started, 4)
+                await asyncio.to_thread(snapshots.check_quota, owner, name, meta)
+                say(f"checksumming and syncing {format_size(memory)}")
+                meta = await asyncio.to_thread(draft.commit, meta)
+            except OSError as err:
+                draft.discard()
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise snapshots.StoreFull(name) from err
+                raise
+            except BaseException:
+                draft.discard()
+                raise
+
+            def parent(current: KernelRecord) -> None:
+                current.snapshot = name  # the next snapshot's parent
+
+            await self.store.aupdate(kernel_id, parent)
+            return meta
+
+    async def _freeze_and_dump(
+        self, record: KernelRecord, draft: snapshots.Draft, live: bool
+    ) -> Dump:
+        """Freeze the kernel, snapshot its writable layer into the draft and, if
+        ``live``, dump its memory there; thaw it."""
+        kdir = self.store.kernel_dir(record.kernel_id)
+        mode, reason = "files", "" if live else "asked for files only"
+        dump: tuple[str, dict[str, str], str] | None = None
+        if live:
+            try:
+                dump = self.drivers.criu.dump_command(record.uid, record.gid)
+            except RequirementMissing as err:
+                reason = str(err)
+        work = fresh_work(kdir)
+        layer = self.rootfs.layer_dir(record.kernel_id)
+        # Nothing is said while the kernel is frozen: CRIU would dump the unread
+        # line with the kernel's control connection.
+        await self.drivers.runc.pause(record.container_id)
+        frozen = time.monotonic()
+        try:
+            await asyncio.to_thread(
+                self.drivers.volume.snapshot_subvolume, layer, draft.files, True
+            )
+            if dump is not None:
+                mode, reason = await self._dump(kdir, record, draft, dump, work)
+        finally:
+            self.boot.criu_config(kdir)
+            await self.drivers.runc.resume(record.container_id)
+        return Dump(mode, reason, time.monotonic() - frozen)
+
+    async def _dump(
+        self,
+        kdir: Path,
+        record: KernelRecord,
+        draft: snapshots.Draft,
+        dump: tuple[str, dict[str, str], str],
+        work: Path,
+    ) -> tuple[str, str]:
+        """CRIU-dump the frozen kernel into the draft: (mode, reason).
+
+        Raises:
+            StoreFull: the volume ran out of room.
+        """
+        criu, env, config = dump
+        self.boot.criu_config(kdir, config)
+        try:
+            await self.drivers.runc.checkpoint(record.container_id, criu, draft.criu_dir, work, env)
+        except SandboxError as err:
+            if _out_of_space(str(err), work / "dump.log"):
+                raise snapshots.StoreFull(draft.name) from err
+            shutil.rmtree(draft.criu_dir, ignore_errors=True)
+            return "files", f"CRIU could not dump this kernel: {err}"
+        # A restore reads the images from inside the kernel's user namespace, where
+        # only ids it maps have rights, and CRIU reads the first one (timens) before
+        # it has even written the namespace's maps: the folder runc made (root's,
+        # 0600) becomes the kernel user's, and searchable by all. The images are
+        # 0644, and the snapshot's own folder stays root's alone (0700).
+        if os.geteuid() == 0:
+            os.chown(draft.criu_dir, record.uid, record.gid)
+        draft.criu_dir.chmod(0o711)
+        return "live", ""
+
+    async def _share_pages(
+        self,
+        record: KernelRecord,
+        draft: snapshots.Draft,
+        dump: Dump,
+        say: Callable[[str], None],
+    ) -> tuple[dict[str, Any], int]:
+        """Share the new memory images' unchanged pages with those of the snapshot
+        the kernel's files came from (or its base): (whose, bytes shared)."""
+        if dump.mode != "live":
+            return {}, 0
+        like, shared_with = None, {}
+        with contextlib.suppress(ConfigError, OSError):
+            if record.snapshot:
+                like = snapshots.snapshot_dir(draft.owner, record.snapshot) / "criu"
+                created = snapshots.load(draft.owner, record.snapshot)["created"]
+                shared_with = {"kind": "snapshot", "name": record.snapshot, "created": created}
+            elif record.start is Start.BASE and record.base:
+                like = bases.base_dir(record.base) / "criu"
+                shared_with = {"kind": "base", "id": record.base}
+        if like is None:
+            return {}, 0
+        say(f"sharing unchanged pages with {record.snapshot or 'the base'}")
+        shared = await asyncio.to_thread(dedupe.share_with_parent, draft.criu_dir, like)
+        return shared_with, shared
+
+    @staticmethod
+    async def _describe(
+        record: KernelRecord, draft: snapshots.Draft, dump: Dump, message: str, memory: int
+    ) -> dict[str, Any]:
+        """The new snapshot's meta (without its timing and sharing)."""
+        return {
+            "created": time.time(),
+            "message": message,
+            "parent": record.snapshot,
+            "mode": dump.mode,
+            "reason": dump.reason,
+            "image": record.image,
+            "layers": record.layers,
+            "kernel_id": record.kernel_id,
+            # What a kernel started from this snapshot as a base must match.
+            "uid": record.uid,
+            "gid": record.gid,
+            "executable": record.executable,
+            "python_prefixes": record.python_prefixes,
+            "cwd_inside": record.cwd_inside,
+            # The host folder: kernels elsewhere do not see this snapshot.
+            "cwd": record.cwd,
+            "file_bytes": await asyncio.to_thread(tree_bytes, draft.files),
+            # Blocks of the files: what a restore brings against `disk`.
+            "layer_bytes": await asyncio.to_thread(allocated_bytes, draft.files),
+            "memory_bytes": memory,
+            "paused_seconds": round(dump.paused, 4),
+            "seconds": 0.0,
+        }
+
+    # ---- restore --------------------------------------------------------------------
+
+    async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+        """Bring kernel ``kernel_id`` back to snapshot ``name``, in place.
+
+        The kernel keeps its id, address and connection info. A ``live`` snapshot
+        is restored with CRIU: the processes continue from the snapshot's moment and
+        clients reconnect by themselves. A ``files`` snapshot (or a live one CRIU
+        cannot restore) brings the files back and starts the kernel afresh. Returns
+        ``{"pid", "mode", "reason", "name"}``; the provisioner picks up the new pid.
+
+        Raises:
+            SnapshotNotFound, SnapshotCorrupt, ConfigError: refused before anything
+                was touched; the kernel runs on as it was.
+            CommandError: the container could not be stopped or started.
+        """
+        async with self.store.exclusive(kernel_id):
+            return await self._restore(kernel_id, name)
+
+    async def finish_restore(self, kernel_id: str) -> int | None:
+        """Complete a restore whose runtime died in the middle; return the new pid.
+
+        A restore notes its snapshot in the kernel's record as soon as it has
+        stopped the kernel, and clears the note when the kernel runs again. A note
+        left behind means the old process is gone and the new one may not be whole:
+        the restore is done again from the start. None if no restore was cut short.
+        """
+        async with self.store.exclusive(kernel_id):
+            name = self.store.load(kernel_id).restoring
+            if not name:
+                return None
+            self.rootfs.append_log(kernel_id, f"finishing the restore of {name}, cut short")
+            try:
+                done = await self._restore(kernel_id, name)
+            except BaseException:
+                # Tried once: the kernel restarts instead.
+                await self.store.aupdate(kernel_id, _restore_done)
+                raise
+            pid: int = done["pid"]
+            return pid
+
+    async def _restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+        """:meth:`restore`, with the kernel's operation lock held."""
+        record = self.store.load(kernel_id)
+        kdir = self.store.kernel_dir(kernel_id)
+        owner = str(record.uid)
+        folder = snapshots.snapshot_dir(owner, name)
+        # Only a snapshot this kernel may see (same owner, image and folder).
+        snapshots.load_visible(record, name)
+        meta = await asyncio.to_thread(snapshots.verify, owner, name)
+        inherited = await asyncio.to_thread(inherited_bytes, meta, folder)
+        check_disk(record, inherited, f"snapshot {name!r}")
+        check_folders(record)  # before the kernel is stopped (checked again at the mount)
+        mode, reason, criu = meta["mode"], meta.get("reason", ""), None
+        if mode == "live":
+            try:
+                criu = self.drivers.criu.criu_binary()
+            except RequirementMissing as err:
+                mode, reason = "files", str(err)
+        await self.drivers.runc.delete(record.container_id)
+
+        def restoring(current: KernelRecord) -> None:
+            # The old process is gone: a restore cut short from here on is
+            # finished by whoever notices (see finish_restore).
+            current.restoring = name
+            current.snapshot = name
+
+        await self.store.aupdate(kernel_id, restoring)
+        await asyncio.to_thread(self._files_from, kdir, record, folder, meta)
+        try:
+            if criu is not None:
+                lazy = None
+                if meta.get("memory_bytes", 0) >= lazy_restore_size():
+                    lazy = folder / snapshots.SERVING
+                try:
+                    pid = await self.boot.restore(kdir, record, criu, folder / "criu", lazy)
+                    await self.store.aupdate(kernel_id, _restore_done)
+                    return {"pid": pid, "mode": "live", "reason": "", "name": name}
+                except SandboxError as err:
+                    await self.drivers.runc.delete(record.container_id)
+                    mode, reason = "files", f"CRIU could not restore the memory: {err}"
+                    self.rootfs.append_log(kernel_id, f"restore of {name}: {reason}")
+            pid = await self.boot.run(kdir, record)
+            await self.store.aupdate(kernel_id, _restore_done)
+            return {"pid": pid, "mode": mode, "reason": reason, "name": name}
+        except BaseException:
+            await asyncio.to_thread(self.rootfs.unmount, kdir)
+            raise
+
+    def _files_from(
+        self, kdir: Path, record: KernelRecord, folder: Path, meta: dict[str, Any]
+    ) -> None:
+        """Replace a stopped kernel's files by those of the snapshot in ``folder`` and
+        mount them. Blocks: called in a thread."""
+        self.rootfs.unmount(kdir)
+        self.rootfs.layer_from(record, folder, meta)
+        self.rootfs.mount(kdir, record)
+
+    async def reset(self, kernel_id: str) -> dict[str, Any]:
+        """Give kernel ``kernel_id`` a fresh start on the image's pristine files.
+
+        The teaching case: everything the kernel wrote is gone and a new kernel
+        process starts, with the same id, address and connection info. Snapshots
+        stay. Returns ``{"pid"}``; the provisioner picks up the new pid.
+
+        Raises:
+            ConfigError: a user's folder was moved or replaced; the kernel runs on.
+            CommandError: the container could not be stopped or started.
+        """
+        async with self.store.exclusive(kernel_id):
+            record = self.store.load(kernel_id)
+            kdir = self.store.kernel_dir(kernel_id)
+            check_folders(record)  # before the kernel is stopped (checked again at the mount)
+            await self.drivers.runc.delete(record.container_id)
+            await asyncio.to_thread(self._fresh_files, kdir, record)
+
+            def pristine(current: KernelRecord) -> None:
+                current.snapshot = None
+
+            await self.store.aupdate(kernel_id, pristine)
+            try:
+                await asyncio.to_thread(self.rootfs.mount, kdir, record)
+                pid = await self.boot.run(kdir, record)
+            except BaseException:
+                await asyncio.to_thread(self.rootfs.unmount, kdir)
+                raise
+            return {"pid": pid}
+
+    def _fresh_files(self, kdir: Path, record: KernelRecord) -> None:
+        """Give a stopped kernel a new, empty writable layer. Blocks."""
+        self.rootfs.unmount(kdir)
+        self.rootfs.make_layer(kdir, record, fresh=True)
+
+    async def thaw_if_stale(self, kernel_id: str) -> bool:
+        """Thaw a kernel left frozen by a snapshot whose runtime died; True if it was.
+
+        A frozen container whose operation lock nobody holds was frozen by a process
+        that is gone (the lock goes with its holder). Cheap when the kernel is not
+        frozen: one small cgroup file is read. Called by the provisioner's ``poll``.
+        """
+        cid = f"{paths.PREFIX}{kernel_id}"
+        if not self.drivers.cgroups.frozen(f"{paths.cgroup_parent()}/{cid}"):
+            return False
+        with self.store.busy(kernel_id) as held:
+            if held is None:
+                return False  # a snapshot is in progress
+            await self.drivers.runc.resume(cid)
+            self.rootfs.append_log(
+                kernel_id, "thawed: the snapshot that froze the kernel was cut short"
+            )
+            return True
+
+    # ---- the kernel's view of the store ---------------------------------------------
+
+    def listing(self, kernel_id: str) -> dict[str, Any]:
+        """The snapshots kernel ``kernel_id`` may see (see ``snapshots.visible_to``),
+        oldest first, and its owner's use of the store against the limit:
+        ``{"snapshots": [meta, ...], "store": snapshots.usage(...)}``."""
+        record = self.store.load(kernel_id)
+        return {
+            "snapshots": snapshots.visible_listing(record),
+            "store": snapshots.usage(str(record.uid)),
+        }
+
+    def delete(self, kernel_id: str, name: str) -> None:
+        """Delete snapshot ``name`` on behalf of kernel ``kernel_id``: only one that
+        kernel may see. It may wait for a lazy restore's page server.
+
+        Raises:
+            SnapshotNotFound: no such snapshot, or one the kernel may not see.
+        """
+        record = self.store.load(kernel_id)
+        snapshots.load_visible(record, name)
+        snapshots.delete(str(record.uid), name)
+
+    def diff(self, kernel_id: str, name: str | None = None) -> dict[str, Any]:
+        """Files added, changed and deleted since snapshot ``name`` (default: the
+        snapshot the kernel's files came from, else the kernel's start), like
+        ``docker diff``. Paths are as the kernel sees them. Walks the files: async
+        code calls it in a thread.
+
+        Raises:
+            SnapshotNotFound: no such snapshot, or one the kernel may not see.
+        """
+        record = self.store.load(kernel_id)
+        since = name or record.snapshot
+        current = self.rootfs.layer_dir(kernel_id)
+        base = snapshots.snapshot_dir(str(record.uid), since) / "files" if since else None
+        if since:
+            snapshots.load_visible(record, since)
+        changes: dict[str, Any] = {"since": since, "added": [], "changed": [], "deleted": []}
+        for part, mount in (("root", "/"), ("cwd", record.cwd_inside)):
+            now = _entries(current / part)
+            then = _entries(base / part) if base else {}
+            for rel, entry in sorted(now.items()):
+                path = str(Path(mount) / rel)
+                if entry == "whiteout":
+                    if base is None or then.get(rel, "whiteout") != "whiteout":
+                        changes["deleted"].append(path)
+                elif rel not in then or then[rel] == "whiteout":
+                    existed = base is None and _in_lower(record, part, rel)
+                    changes["changed" if existed else "added"].append(path)
+                elif then[rel] != entry:
+                    changes["changed"].append(path)
+            for rel, entry in sorted(then.items()):
+                if rel not in now and entry != "whiteout":
+                    changes["deleted"].append(str(Path(mount) / rel))
+        return changes
+
+
+def _restore_done(record: KernelRecord) -> None:
+    """Clear the note of a restore in progress: the kernel runs again, or it was
+    tried once and the kernel restarts instead."""
+    record.restoring = None
+
+
+def _in_lower(record: KernelRecord, part: str, rel: str) -> bool:
+    """Whether ``rel`` exists below the kernel's files: the host working folder
+    (walked without following symlinks) or the image's layers."""
+    if part == "cwd":
+        with checked_cwd(record) as cwd:
+            return hostpath.lookup(cwd, rel)
+    return any((layers.layer_path(d) / rel).exists() for d in record.layers)
+
+
+def _entries(root: Path) -> dict[str, Any]:
+    """Every entry below ``root``: a whiteout marker, or (type, size, mtime) to compare."""
+    found: dict[str, Any] = {}
+    if not root.is_dir():
+        return found
+    for path in root.rglob("*"):
+        st = path.lstat()
+        rel = path.relative_to(root).as_posix()
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            found[rel] = "whiteout"
+        elif stat.S_ISDIR(st.st_mode):
+            continue  # a folder is listed through what changed inside it
+        else:
+            found[rel] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
+    return found

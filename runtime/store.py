@@ -1,0 +1,132 @@
+"""The kernel store: the only code that knows ``kernels/<id>/record.json``.
+
+Two locks per kernel, both ``flock`` on files of its folder, so they hold across
+processes (the Jupyter server, the CLI, a later daemon) and go with a holder that
+dies:
+
+- ``record.lock``, held for the moment of one read-modify-write (:meth:`update`).
+  Every change of a record goes through it, so two writers never lose each
+  other's change: a limit changed from the CLI while a snapshot runs stays.
+- ``lock``, held for a whole snapshot, restore or reset (:meth:`exclusive`), so
+  those of one kernel run one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from sandbox_kernel.errors import ConfigError, KernelNotFound
+
+from . import paths
+from .bundle import CONTAINER_ROOT
+from .fsutil import aflocked, flocked, read_json, write_json
+from .record import KernelRecord
+
+T = TypeVar("T")
+
+
+def kernel_dir(kernel_id: str) -> Path:
+    """The folder of kernel ``kernel_id``.
+
+    Raises:
+        ConfigError: the id could name another folder.
+    """
+    if not kernel_id or "/" in kernel_id or kernel_id.startswith(".") or "\0" in kernel_id:
+        raise ConfigError("kernel id", kernel_id, "is not valid; use the id Jupyter gave")
+    return paths.kernels_dir() / kernel_id
+
+
+def private_folder(folder: Path) -> None:
+    """Make ``folder`` if needed, closed to every host user but root.
+
+    Below it are other tenants' records, bundles, logs and connection files. It is
+    root's, with group :data:`CONTAINER_ROOT` allowed to pass through (0710): runc
+    and CRIU reach a kernel's bind sources from inside its user namespace, whose
+    root is that host id, and no host user has it (``prepare`` refuses it as a
+    kernel's uid or gid). A process that is not root (the unit tests) keeps its own
+    ownership.
+    """
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(folder, 0, CONTAINER_ROOT)
+    os.chmod(folder, 0o710)
+
+
+class KernelStore:
+    """Records of kernels, and their locks. Keeps nothing in memory."""
+
+    def kernel_dir(self, kernel_id: str) -> Path:
+        """See :func:`kernel_dir`."""
+        return kernel_dir(kernel_id)
+
+    def exists(self, kernel_id: str) -> bool:
+        """Whether kernel ``kernel_id`` has a record."""
+        return (kernel_dir(kernel_id) / "record.json").exists()
+
+    def load(self, kernel_id: str) -> KernelRecord:
+        """The record of kernel ``kernel_id``.
+
+        Raises:
+            KernelNotFound: the runtime has no such kernel.
+        """
+        try:
+            data = read_json(kernel_dir(kernel_id) / "record.json")
+        except FileNotFoundError:
+            raise KernelNotFound(kernel_id) from None
+        return KernelRecord.from_dict(data)
+
+    def records(self) -> list[KernelRecord]:
+        """Records of every kernel, oldest first; unreadable ones are left out (gc
+        sweeps their folders)."""
+        found = []
+        if paths.kernels_dir().is_dir():
+            for entry in paths.kernels_dir().iterdir():
+                try:
+                    found.append(KernelRecord.from_dict(read_json(entry / "record.json")))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+        return sorted(found, key=lambda r: r.created)
+
+    def create(self, record: KernelRecord) -> None:
+        """Write a new kernel's first record; its folder exists already."""
+        with flocked(kernel_dir(record.kernel_id) / "record.lock"):
+            write_json(kernel_dir(record.kernel_id) / "record.json", record.to_dict())
+
+    def update(self, kernel_id: str, change: Callable[[KernelRecord], T]) -> T:
+        """Read the record, let ``change`` modify it, write it back; return what
+        ``change`` returned. Under the record's lock: no other change is lost.
+        Blocks for the moment another update takes; async code runs it in a thread.
+
+        Raises:
+            KernelNotFound: no such kernel. Anything ``change`` raises is raised and
+                nothing is written.
+        """
+        folder = kernel_dir(kernel_id)
+        if not folder.is_dir():
+            raise KernelNotFound(kernel_id)
+        with flocked(folder / "record.lock"):
+            record = self.load(kernel_id)
+            result = change(record)
+            write_json(folder / "record.json", record.to_dict())
+        return result
+
+    async def aupdate(self, kernel_id: str, change: Callable[[KernelRecord], T]) -> T:
+        """:meth:`update` off the event loop."""
+        return await asyncio.to_thread(self.update, kernel_id, change)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, kernel_id: str) -> AsyncIterator[None]:
+        """Hold kernel ``kernel_id``'s operation lock: one snapshot, restore or reset
+        of it at a time, across processes."""
+        async with aflocked(kernel_dir(kernel_id) / "lock"):
+            yield
+
+    def busy(self, kernel_id: str) -> contextlib.AbstractContextManager[int | None]:
+        """Try the operation lock without waiting: yields None while a snapshot,
+        restore or reset holds it."""
+        return flocked(kernel_dir(kernel_id) / "lock", blocking=False)
