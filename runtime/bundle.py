@@ -7,6 +7,7 @@ runc does that part.
 
 from __future__ import annotations
 
+import copy
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,88 @@ def resources(limits: Limits, memory_swap: bool = True) -> dict[str, Any]:
     return res
 
 
+#: The container's own filesystems, before the binds.
+_BASE_MOUNTS: list[dict[str, Any]] = [
+    {"destination": "/proc", "type": "proc", "source": "proc"},
+    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+     "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+    {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+     "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+    {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+     "options": ["nosuid", "noexec", "nodev"]},
+    {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+     "options": ["nosuid", "noexec", "nodev", "ro"]},
+    {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+     "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+]  # fmt: skip
+#: With ``cgroup_binds``: a small tmpfs at /sys/fs/cgroup for them, instead of cgroupfs.
+_CGROUP_TMPFS: dict[str, Any] = {
+    "destination": "/sys/fs/cgroup", "type": "tmpfs", "source": "cgroup",
+    "options": ["nosuid", "noexec", "nodev", "mode=755", "size=16k"],
+}  # fmt: skip
+_NAMESPACES = ("pid", "network", "ipc", "uts", "mount", "cgroup")
+
+
+def _mounts(p: SpecParams) -> tuple[list[dict[str, Any]], list[str]]:
+    """The spec's ``mounts`` and its read-only paths: the container's own filesystems,
+    then the binds, parents before what is mounted below them."""
+    mounts = copy.deepcopy(_BASE_MOUNTS)
+    binds = list(p.binds)
+    readonly = list(READONLY_PATHS)
+    if p.cgroup_binds is not None:
+        # Each hierarchy's own cgroup of the kernel, bound read-only onto a small
+        # tmpfs that is made read-only last: CRIU restores a v1 cgroup mount by
+        # mounting cgroupfs anew, which a user namespace may not; binds it can.
+        mounts[-1] = copy.deepcopy(_CGROUP_TMPFS)
+        binds += p.cgroup_binds
+        readonly.append("/sys/fs/cgroup")
+    for bind in sorted(binds, key=lambda b: len(Path(b.target).parts)):
+        options = ["rbind", "nosuid", "nodev", "rprivate"]
+        options.append("ro" if bind.readonly else "rw")
+        mounts.append(
+            {"destination": bind.target, "type": "bind", "source": str(bind.source),
+             "options": options}
+        )  # fmt: skip
+    return mounts, readonly
+
+
+def _process(p: SpecParams) -> dict[str, Any]:
+    """The spec's ``process``: ``p.uid``:``p.gid``, no capabilities, no_new_privs."""
+    no_caps: dict[str, list[str]] = {
+        k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+    }
+    return {
+        "terminal": False,
+        "user": {"uid": p.uid, "gid": p.gid},
+        "args": wrap_argv(p.argv, p.init),
+        "env": [f"{k}={v}" for k, v in sorted(p.env.items())],
+        "cwd": p.cwd,
+        "capabilities": no_caps,
+        "rlimits": rlimits(p.nofile, p.fsize),
+        "noNewPrivileges": True,
+    }
+
+
+def _linux(p: SpecParams, readonly: list[str]) -> dict[str, Any]:
+    """The spec's ``linux``: limits, namespaces (the user namespace first, with its
+    maps, unless ``p.root_id`` is 0), seccomp, and the masked and read-only paths."""
+    linux: dict[str, Any] = {
+        "resources": resources(p.limits, p.memory_swap),
+        "cgroupsPath": p.cgroups_path,
+        "namespaces": [{"type": kind} for kind in _NAMESPACES],
+        "seccomp": seccomp_profile(),
+        "maskedPaths": MASKED_PATHS,
+        "readonlyPaths": readonly,
+    }
+    if p.root_id:
+        linux["namespaces"].insert(0, {"type": "user"})
+        linux["uidMappings"] = id_mappings(p.root_id, p.uid)
+        linux["gidMappings"] = id_mappings(p.root_id, p.gid)
+    return linux
+
+
 def make_spec(p: SpecParams) -> dict[str, Any]:
     """The OCI config for a kernel container with the parameters ``p``.
 
@@ -176,78 +259,15 @@ def make_spec(p: SpecParams) -> dict[str, Any]:
     runtime moves one end of a veth pair into the network namespace once it exists.
     The process runs as ``p.uid``:``p.gid`` with no capabilities and no_new_privs.
     """
-    mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-    ]  # fmt: skip
-    binds = list(p.binds)
-    readonly = list(READONLY_PATHS)
-    if p.cgroup_binds is not None:
-        # Each hierarchy's own cgroup of the kernel, bound read-only onto a small
-        # tmpfs that is made read-only last: CRIU restores a v1 cgroup mount by
-        # mounting cgroupfs anew, which a user namespace may not; binds it can.
-        mounts[-1] = {
-            "destination": "/sys/fs/cgroup", "type": "tmpfs", "source": "cgroup",
-            "options": ["nosuid", "noexec", "nodev", "mode=755", "size=16k"],
-        }  # fmt: skip
-        binds += p.cgroup_binds
-        readonly.append("/sys/fs/cgroup")
-    for bind in sorted(binds, key=lambda b: len(Path(b.target).parts)):
-        options = ["rbind", "nosuid", "nodev", "rprivate"]
-        options.append("ro" if bind.readonly else "rw")
-        mounts.append(
-            {"destination": bind.target, "type": "bind", "source": str(bind.source),
-             "options": options}
-        )  # fmt: skip
-    no_caps: dict[str, list[str]] = {
-        k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
-    }
+    mounts, readonly = _mounts(p)
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {"uid": p.uid, "gid": p.gid},
-            "args": wrap_argv(p.argv, p.init),
-            "env": [f"{k}={v}" for k, v in sorted(p.env.items())],
-            "cwd": p.cwd,
-            "capabilities": no_caps,
-            "rlimits": rlimits(p.nofile, p.fsize),
-            "noNewPrivileges": True,
-        },
+        "process": _process(p),
         "root": {"path": "rootfs", "readonly": False},
         "hostname": p.hostname,
         "mounts": mounts,
-        "linux": {
-            "resources": resources(p.limits, p.memory_swap),
-            "cgroupsPath": p.cgroups_path,
-            "namespaces": [
-                {"type": "pid"},
-                {"type": "network"},
-                {"type": "ipc"},
-                {"type": "uts"},
-                {"type": "mount"},
-                {"type": "cgroup"},
-            ],
-            "seccomp": seccomp_profile(),
-            "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": readonly,
-        },
+        "linux": _linux(p, readonly),
     }
-    if p.root_id:
-        spec["linux"]["namespaces"].insert(0, {"type": "user"})
-        spec["linux"]["uidMappings"] = id_mappings(p.root_id, p.uid)
-        spec["linux"]["gidMappings"] = id_mappings(p.root_id, p.gid)
     if p.criu_config is not None:
         # runc passes this file to CRIU on checkpoint and restore; it must be in the
         # spec the container was created with.
