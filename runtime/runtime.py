@@ -3,7 +3,8 @@
 :class:`Runtime` is a facade. The work is done by the rooms behind it (see
 docs/design.md for the map): the kernel store (``store.py``), a kernel's
 filesystems (``rootfs.py``), booting a container (``boot.py``), a kernel's life
-(``lifecycle.py``), snapshots (``snapshotting.py``) and garbage collection
+(``lifecycle.py``), snapshots (``snapshotting.py``), restores (``restoring.py``)
+and garbage collection
 (``gc.py``), each driving runc, CRIU, the volume and the network through
 ``drivers.py``. Its methods take and return plain data and records, because a
 later version serves the same API from a privileged daemon over a local socket.
@@ -23,8 +24,9 @@ from .gc import Collector
 from .lifecycle import KernelConfig, Lifecycle
 from .limits import Limits
 from .record import KernelRecord
+from .restoring import Restorer
 from .rootfs import Rootfs
-from .snapshotting import Snapshotting
+from .snapshotting import Snapshotter
 from .store import KernelStore
 
 __all__ = ["KernelConfig", "Runtime"]
@@ -42,7 +44,8 @@ class Runtime:
         self.rootfs = rootfs or Rootfs(self.drivers)
         boot = Boot(self.drivers, self.rootfs)
         self.lifecycle = Lifecycle(self.drivers, self.store, self.rootfs, boot)
-        self.snapshots = Snapshotting(self.drivers, self.store, self.rootfs, boot)
+        self.snapshotter = Snapshotter(self.drivers, self.store, self.rootfs, boot)
+        self.restorer = Restorer(self.drivers, self.store, self.rootfs, boot)
         self.collector = Collector(self.drivers, self.store, self.rootfs, self.lifecycle.remove)
 
     # ---- lookups --------------------------------------------------------------------
@@ -130,7 +133,7 @@ class Runtime:
         use = self.usage(kernel_id)
         return bool(use and use.oom_kills)
 
-    # ---- snapshots (snapshotting.py) ------------------------------------------------
+    # ---- snapshots (snapshotting.py, restoring.py) ---------------------------------------------
 
     async def snapshot(
         self,
@@ -141,36 +144,36 @@ class Runtime:
         progress: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Snapshot the kernel's files and live memory; return the meta."""
-        return await self.snapshots.snapshot(kernel_id, name, message, live, progress)
+        return await self.snapshotter.snapshot(kernel_id, name, message, live, progress)
 
     async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
         """Bring the kernel back to snapshot ``name`` in place:
         ``{"pid", "mode", "reason", "name"}``."""
-        return await self.snapshots.restore(kernel_id, name)
+        return await self.restorer.restore(kernel_id, name)
 
     async def finish_restore(self, kernel_id: str) -> int | None:
         """Complete a restore cut short; the new pid, or None if there was none."""
-        return await self.snapshots.finish_restore(kernel_id)
+        return await self.restorer.finish_restore(kernel_id)
 
     async def reset(self, kernel_id: str) -> dict[str, Any]:
         """Restart the kernel on the image's pristine files: ``{"pid"}``."""
-        return await self.snapshots.reset(kernel_id)
+        return await self.restorer.reset(kernel_id)
 
     async def thaw_if_stale(self, kernel_id: str) -> bool:
         """Thaw a kernel a dead runtime left frozen; True if it was."""
-        return await self.snapshots.thaw_if_stale(kernel_id)
+        return await self.restorer.thaw_if_stale(kernel_id)
 
     def snapshot_listing(self, kernel_id: str) -> dict[str, Any]:
         """The snapshots the kernel may see, and its owner's use of the store."""
-        return self.snapshots.listing(kernel_id)
+        return self.snapshotter.listing(kernel_id)
 
     def delete_snapshot(self, kernel_id: str, name: str) -> None:
         """Delete a snapshot the kernel may see. Raises SnapshotNotFound."""
-        self.snapshots.delete(kernel_id, name)
+        self.snapshotter.delete(kernel_id, name)
 
     def diff(self, kernel_id: str, name: str | None = None) -> dict[str, Any]:
         """Files added, changed and deleted since a snapshot (default: the latest)."""
-        return self.snapshots.diff(kernel_id, name)
+        return self.snapshotter.diff(kernel_id, name)
 
     # ---- garbage collection (gc.py) -------------------------------------------------
 

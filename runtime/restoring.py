@@ -1,0 +1,190 @@
+"""Restores and resets of a running kernel, and a restore cut short finished.
+
+A restore replaces the kernel's files by a snapshot's and brings its memory back
+with CRIU (or, where that cannot be done, starts it afresh on those files). It takes
+the kernel's operation lock (``KernelStore.exclusive``); the record is changed only
+through ``KernelStore.update``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from sandbox_kernel.errors import RequirementMissing, SandboxError
+
+from . import paths, snapshots
+from .boot import Boot, lazy_restore_size
+from .drivers import Drivers
+from .record import KernelRecord
+from .rootfs import Rootfs, check_disk, check_folders, inherited_bytes
+from .store import KernelStore
+
+
+class Restorer:
+    """Brings kernels back to a snapshot, or to the image's pristine files."""
+
+    def __init__(self, drivers: Drivers, store: KernelStore, rootfs: Rootfs, boot: Boot) -> None:
+        self.drivers = drivers
+        self.store = store
+        self.rootfs = rootfs
+        self.boot = boot
+
+    # ---- restore --------------------------------------------------------------------
+
+    async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+        """Bring kernel ``kernel_id`` back to snapshot ``name``, in place.
+
+        The kernel keeps its id, address and connection info. A ``live`` snapshot
+        is restored with CRIU: the processes continue from the snapshot's moment and
+        clients reconnect by themselves. A ``files`` snapshot (or a live one CRIU
+        cannot restore) brings the files back and starts the kernel afresh. Returns
+        ``{"pid", "mode", "reason", "name"}``; the provisioner picks up the new pid.
+
+        Raises:
+            SnapshotNotFound, SnapshotCorrupt, ConfigError: refused before anything
+                was touched; the kernel runs on as it was.
+            CommandError: the container could not be stopped or started.
+        """
+        async with self.store.exclusive(kernel_id):
+            return await self._restore(kernel_id, name)
+
+    async def finish_restore(self, kernel_id: str) -> int | None:
+        """Complete a restore whose runtime died in the middle; return the new pid.
+
+        A restore notes its snapshot in the kernel's record as soon as it has
+        stopped the kernel, and clears the note when the kernel runs again. A note
+        left behind means the old process is gone and the new one may not be whole:
+        the restore is done again from the start. None if no restore was cut short.
+        """
+        async with self.store.exclusive(kernel_id):
+            name = self.store.load(kernel_id).restoring
+            if not name:
+                return None
+            self.rootfs.append_log(kernel_id, f"finishing the restore of {name}, cut short")
+            try:
+                done = await self._restore(kernel_id, name)
+            except BaseException:
+                # Tried once: the kernel restarts instead.
+                await self.store.aupdate(kernel_id, _restore_done)
+                raise
+            pid: int = done["pid"]
+            return pid
+
+    async def _restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+        """:meth:`restore`, with the kernel's operation lock held."""
+        record = self.store.load(kernel_id)
+        kdir = self.store.kernel_dir(kernel_id)
+        owner = str(record.uid)
+        folder = snapshots.snapshot_dir(owner, name)
+        # Only a snapshot this kernel may see (same owner, image and folder).
+        snapshots.load_visible(record, name)
+        meta = await asyncio.to_thread(snapshots.verify, owner, name)
+        inherited = await asyncio.to_thread(inherited_bytes, meta, folder)
+        check_disk(record, inherited, f"snapshot {name!r}")
+        check_folders(record)  # before the kernel is stopped (checked again at the mount)
+        mode, reason, criu = meta["mode"], meta.get("reason", ""), None
+        if mode == "live":
+            try:
+                criu = self.drivers.criu.criu_binary()
+            except RequirementMissing as err:
+                mode, reason = "files", str(err)
+        await self.drivers.runc.delete(record.container_id)
+
+        def restoring(current: KernelRecord) -> None:
+            # The old process is gone: a restore cut short from here on is
+            # finished by whoever notices (see finish_restore).
+            current.restoring = name
+            current.snapshot = name
+
+        await self.store.aupdate(kernel_id, restoring)
+        await asyncio.to_thread(self._files_from, kdir, record, folder, meta)
+        try:
+            if criu is not None:
+                lazy = None
+                if meta.get("memory_bytes", 0) >= lazy_restore_size():
+                    lazy = folder / snapshots.SERVING
+                try:
+                    pid = await self.boot.restore(kdir, record, criu, folder / "criu", lazy)
+                    await self.store.aupdate(kernel_id, _restore_done)
+                    return {"pid": pid, "mode": "live", "reason": "", "name": name}
+                except SandboxError as err:
+                    await self.drivers.runc.delete(record.container_id)
+                    mode, reason = "files", f"CRIU could not restore the memory: {err}"
+                    self.rootfs.append_log(kernel_id, f"restore of {name}: {reason}")
+            pid = await self.boot.run(kdir, record)
+            await self.store.aupdate(kernel_id, _restore_done)
+            return {"pid": pid, "mode": mode, "reason": reason, "name": name}
+        except BaseException:
+            await asyncio.to_thread(self.rootfs.unmount, kdir)
+            raise
+
+    def _files_from(
+        self, kdir: Path, record: KernelRecord, folder: Path, meta: dict[str, Any]
+    ) -> None:
+        """Replace a stopped kernel's files by those of the snapshot in ``folder`` and
+        mount them. Blocks: called in a thread."""
+        self.rootfs.unmount(kdir)
+        self.rootfs.layer_from(record, folder, meta)
+        self.rootfs.mount(kdir, record)
+
+    async def reset(self, kernel_id: str) -> dict[str, Any]:
+        """Give kernel ``kernel_id`` a fresh start on the image's pristine files.
+
+        The teaching case: everything the kernel wrote is gone and a new kernel
+        process starts, with the same id, address and connection info. Snapshots
+        stay. Returns ``{"pid"}``; the provisioner picks up the new pid.
+
+        Raises:
+            ConfigError: a user's folder was moved or replaced; the kernel runs on.
+            CommandError: the container could not be stopped or started.
+        """
+        async with self.store.exclusive(kernel_id):
+            record = self.store.load(kernel_id)
+            kdir = self.store.kernel_dir(kernel_id)
+            check_folders(record)  # before the kernel is stopped (checked again at the mount)
+            await self.drivers.runc.delete(record.container_id)
+            await asyncio.to_thread(self._fresh_files, kdir, record)
+
+            def pristine(current: KernelRecord) -> None:
+                current.snapshot = None
+
+            await self.store.aupdate(kernel_id, pristine)
+            try:
+                await asyncio.to_thread(self.rootfs.mount, kdir, record)
+                pid = await self.boot.run(kdir, record)
+            except BaseException:
+                await asyncio.to_thread(self.rootfs.unmount, kdir)
+                raise
+            return {"pid": pid}
+
+    def _fresh_files(self, kdir: Path, record: KernelRecord) -> None:
+        """Give a stopped kernel a new, empty writable layer. Blocks."""
+        self.rootfs.unmount(kdir)
+        self.rootfs.make_layer(kdir, record, fresh=True)
+
+    async def thaw_if_stale(self, kernel_id: str) -> bool:
+        """Thaw a kernel left frozen by a snapshot whose runtime died; True if it was.
+
+        A frozen container whose operation lock nobody holds was frozen by a process
+        that is gone (the lock goes with its holder). Cheap when the kernel is not
+        frozen: one small cgroup file is read. Called by the provisioner's ``poll``.
+        """
+        cid = f"{paths.PREFIX}{kernel_id}"
+        if not self.drivers.cgroups.frozen(f"{paths.cgroup_parent()}/{cid}"):
+            return False
+        with self.store.busy(kernel_id) as held:
+            if held is None:
+                return False  # a snapshot is in progress
+            await self.drivers.runc.resume(cid)
+            self.rootfs.append_log(
+                kernel_id, "thawed: the snapshot that froze the kernel was cut short"
+            )
+            return True
+
+
+def _restore_done(record: KernelRecord) -> None:
+    """Clear the note of a restore in progress: the kernel runs again, or it was
+    tried once and the kernel restarts instead."""
+    record.restoring = None
