@@ -7,6 +7,7 @@ works, and outside a sandboxed kernel the magic says so and does nothing.
 from typing import Any
 
 from .container import ContainerMagics
+from .handoff import RestoreHandoff
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -18,8 +19,13 @@ def unload_ipython_extension(ipython: Any) -> None:
     """Remove ``%container`` and its event hook. Called by IPython's ``%unload_ext``."""
     magics = ipython.magics_manager.registry.pop("ContainerMagics", None)
     ipython.magics_manager.magics["line"].pop("container", None)
-    if magics is not None and magics.channel is not None:
-        ipython.events.unregister("pre_execute", magics._after_restore)
+    if magics is not None and magics.handoff is not None:
+        magics.handoff.close()  # unregisters its pre_execute hook
 
 
-__all__ = ["ContainerMagics", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = [
+    "ContainerMagics",
+    "RestoreHandoff",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]

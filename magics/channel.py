@@ -1,29 +1,27 @@
 """The kernel's side of the control channel: signed requests to the runtime.
 
-Runs inside the container. Standard library only, so it costs the kernel nothing
-to import.
+Runs inside the container. Standard library only (with :mod:`sandbox_kernel.protocol`,
+which is too), so it costs the kernel nothing to import.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import secrets
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sandbox_kernel import protocol
+from sandbox_kernel.errors import SandboxError
+
 CREDENTIALS = Path("/run/sandbox/control.json")
 #: Bytes in a request, newline not counted: the control server closes the connection
-#: at a longer line (``runtime/control.py``'s ``MAX_LINE``, which this must equal; it
-#: is not imported so that this module stays free of the runtime's imports).
-MAX_REQUEST = 64 * 1024
+#: at a longer line, so the channel refuses to send one.
+MAX_REQUEST = protocol.MAX_LINE
 
 
-class ChannelError(Exception):
+class ChannelError(SandboxError):
     """The runtime refused a request or could not be reached."""
 
 
@@ -76,44 +74,53 @@ class Channel:
             creds = self.creds
         except (OSError, ValueError) as err:
             raise ChannelError(f"cannot read {CREDENTIALS}: {err}") from err
-        message: dict[str, Any] = {
-            "op": op,
-            "args": args,
-            "kernel_id": creds["kernel_id"],
-            "nonce": secrets.token_hex(16),
-            "time": time.time(),
-        }
-        message = json.loads(json.dumps(message, default=str))  # dates in headers as text
-        body = json.dumps(message, sort_keys=True)
-        key = bytes.fromhex(creds["token"])
-        message["mac"] = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
-        data = json.dumps(message).encode()
-        if len(data) > MAX_REQUEST:
+        try:
+            data = protocol.request_line(
+                op, args, kernel_id=creds["kernel_id"], token=creds["token"]
+            )
+        except protocol.ProtocolError as err:
             # Refused here: the server would only close the connection, which reads
             # as an Interrupted request.
-            raise ChannelError(
-                f"the {op!r} request is {len(data)} bytes, over the control channel's "
-                f"{MAX_REQUEST}; shorten its arguments (a snapshot's message, say)"
-            )
+            raise ChannelError(str(err)) from None
         try:
-            with socket.create_connection((creds["host"], creds["port"]), timeout=10) as conn:
-                conn.settimeout(timeout)
-                conn.sendall(data + b"\n")
-                with conn.makefile("rb") as stream:
-                    while True:
-                        reply = stream.readline()
-                        if not reply.endswith(b"\n"):
-                            raise Interrupted("the control connection closed")
-                        line = json.loads(reply)
-                        if "progress" not in line:
-                            break
-                        if on_progress is not None:
-                            on_progress(line["progress"])
+            answer = self._exchange(creds, data, timeout, on_progress)
         except Interrupted:
             raise
         except OSError as err:
             raise Interrupted(f"the control connection broke: {err}") from err
-        answer = line
-        if not answer["ok"]:
-            raise ChannelError(answer["error"])
-        return answer["result"]
+        if not answer.ok:
+            raise ChannelError(answer.error)
+        return answer.result
+
+    @staticmethod
+    def _exchange(
+        creds: dict[str, Any],
+        data: bytes,
+        timeout: float | None,
+        on_progress: Callable[[str], None] | None,
+    ) -> protocol.Reply:
+        """Send request line ``data``; pass on the progress; return the reply.
+
+        Raises:
+            Interrupted: the connection closed before the reply.
+            ChannelError: the server sent a line that is no reply.
+            OSError: the connection could not be made, or broke.
+        """
+        with socket.create_connection((creds["host"], creds["port"]), timeout=10) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(data + b"\n")
+            with conn.makefile("rb") as stream:
+                while True:
+                    line = stream.readline()
+                    if not line.endswith(b"\n"):
+                        raise Interrupted("the control connection closed")
+                    try:
+                        message = protocol.parse_reply(line)
+                    except ValueError as err:
+                        raise ChannelError(
+                            f"the control server's reply is garbled: {err}"
+                        ) from None
+                    if isinstance(message, protocol.Reply):
+                        return message
+                    if on_progress is not None:
+                        on_progress(message.text)

@@ -4,7 +4,8 @@ Each kernel gets a small TCP server on the host end of its own veth. Only that
 kernel can reach it (the firewall admits a kernel's packets to the control port of
 its own veth's address alone), and every request carries an HMAC made with a token
 that only that kernel's container can read, a fresh nonce and the time; a forged,
-replayed or stale request is refused.
+replayed or stale request is refused. The wire format and its checks are in
+:mod:`sandbox_kernel.protocol`, shared with the magic.
 
 Requests are one JSON object per line; each gets one JSON reply line.
 
@@ -17,34 +18,30 @@ within a read timeout, and logs its problems at most once per :data:`LOG_INTERVA
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
+import dataclasses
 import logging
-import math
 import os
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from sandbox_kernel import protocol
 from sandbox_kernel.errors import SandboxError
+from sandbox_kernel.protocol import MAX_LINE, MAX_NONCE, MAX_SKEW, sign
 
+from .cgroups import Usage
 from .fsutil import write_json
 from .limits import Limits
 from .network import CONTROL_PORT
+from .record import KernelRecord
 
-#: Requests older or newer than this many seconds are refused.
-MAX_SKEW = 120.0
 #: Connections one kernel's server holds at once; more are closed unread. The kernel
 #: needs one long-lived ``watch`` and a request or two (the firewall's own per-kernel
 #: cap, in :func:`~sandbox_kernel.runtime.network.firewall_rules`, is set above this).
 MAX_CONNECTIONS = 8
-#: Bytes in a request line, newline not counted; a longer line closes the connection.
-#: ``magics/channel.py`` refuses to send a longer one (its ``MAX_REQUEST``).
-MAX_LINE = 64 * 1024
 #: Seconds a connection may take to send a whole request line (or to take a reply)
 #: before it is closed; a ``watch`` is held open past it.
 READ_TIMEOUT = 10.0
@@ -53,18 +50,72 @@ READ_TIMEOUT = 10.0
 LOG_INTERVAL = 60.0
 #: Bytes a ``watch`` reads at a time, to drop whatever the kernel sends on it.
 WATCH_CHUNK = 4096
-#: Characters of a nonce; the kernel's are 32.
-MAX_NONCE = 128
 #: Remembered nonces, newest kept.
 _MAX_NONCES = 4096
 #: Characters of a problem put in the log: it may quote what a kernel sent.
 _MAX_LOGGED = 300
 
+__all__ = [
+    "LOG_INTERVAL",
+    "MAX_CONNECTIONS",
+    "MAX_LINE",
+    "MAX_NONCE",
+    "MAX_SKEW",
+    "READ_TIMEOUT",
+    "ControlServer",
+    "ControlledRuntime",
+    "sign",
+    "write_credentials",
+]
 
-def sign(token: str, request: dict[str, Any]) -> str:
-    """The HMAC-SHA256 of a request (all its fields but ``mac``) under ``token``."""
-    body = json.dumps({k: v for k, v in request.items() if k != "mac"}, sort_keys=True)
-    return hmac.new(bytes.fromhex(token), body.encode(), hashlib.sha256).hexdigest()
+Progress = Callable[[str], None]
+
+
+class ControlledRuntime(Protocol):
+    """What the control server asks of the runtime (the real one is
+    :class:`~sandbox_kernel.runtime.Runtime`); each call names the kernel first.
+    Failures the kernel may be told of are :class:`SandboxError`; any other
+    exception is logged, and the kernel learns only its type."""
+
+    async def snapshot(
+        self, kernel_id: str, name: str, message: str = "", /, *, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Snapshot the kernel as ``name``; the snapshot's meta."""
+        ...
+
+    async def restore(self, kernel_id: str, name: str, /) -> dict[str, Any]:
+        """Restore snapshot ``name`` in place: ``{"pid", "mode", "reason", "name"}``."""
+        ...
+
+    async def reset(self, kernel_id: str, /) -> dict[str, Any]:
+        """Restart on the image's pristine files: ``{"pid"}``."""
+        ...
+
+    def snapshot_listing(self, kernel_id: str, /) -> dict[str, Any]:
+        """``{"snapshots": [meta, ...], "store": {...}}``; may block on the disk."""
+        ...
+
+    def delete_snapshot(self, kernel_id: str, name: str, /) -> None:
+        """Delete a snapshot the kernel may see; may block on a page server."""
+        ...
+
+    def diff(self, kernel_id: str, name: str | None = None, /) -> dict[str, Any]:
+        """Files added, changed and deleted since a snapshot; may block on the disk."""
+        ...
+
+    async def update_limits(
+        self, kernel_id: str, limits: Limits, /, operator: bool = False
+    ) -> Limits:
+        """Change the limits ``limits`` sets, within the ceiling unless ``operator``."""
+        ...
+
+    def usage(self, kernel_id: str, /) -> Usage | None:
+        """What the kernel uses now; None if its container is gone."""
+        ...
+
+    def record(self, kernel_id: str, /) -> KernelRecord:
+        """The kernel's record."""
+        ...
 
 
 def write_credentials(run_dir: Path, host: str, kernel_id: str, uid: int, gid: int) -> str:
@@ -84,24 +135,8 @@ def write_credentials(run_dir: Path, host: str, kernel_id: str, uid: int, gid: i
     return token
 
 
-def _is_recent(sent: Any) -> bool:
-    """Whether ``sent`` is a time (seconds since the epoch) within :data:`MAX_SKEW` of now.
-
-    NaN must be refused by name: every comparison with it is false, so it would
-    never look stale. Infinity and ints too large for a float are no times either.
-    """
-    if isinstance(sent, bool) or not isinstance(sent, int | float):
-        return False
-    try:
-        seconds = float(sent)
-    except OverflowError:
-        return False
-    return math.isfinite(seconds) and abs(time.time() - seconds) <= MAX_SKEW
-
-
-def _refusal(problem: str) -> dict[str, Any]:
-    """The reply to a request refused for ``problem``."""
-    return {"ok": False, "error": f"refused: {problem}"}
+#: A method that carries out one operation: (args, progress) -> result.
+Handler = Callable[[dict[str, Any], Progress | None], Awaitable[Any]]
 
 
 class ControlServer:
@@ -117,7 +152,7 @@ class ControlServer:
 
     def __init__(
         self,
-        runtime: Any,
+        runtime: ControlledRuntime,
         kernel_id: str,
         host: str,
         peer: str,
@@ -137,16 +172,26 @@ class ControlServer:
         self.on_new_process = on_new_process
         self.read_timeout = read_timeout
         self.log = log if log is not None else logging.getLogger("sandbox_kernel.control")
+        #: The restore or reset the kernel's next process must finish (``resume``).
         self.pending: dict[str, Any] | None = None
         #: Set at the first request that passes the checks: the kernel process holds
         #: this server's credentials (a kernel restored from a base learns them
         #: after its restore; see ``bases.py``).
         self.heard = asyncio.Event()
+        self._handlers = self._dispatch_table()
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._quiet_until = 0.0  # time.monotonic() before which problems are only counted
         self._unlogged = 0
+
+    def _dispatch_table(self) -> dict[str, Handler]:
+        """The handler of each answered operation of :data:`protocol.OPS`: the method
+        ``_op_<name>``. Built from the protocol's table, so that an operation cannot
+        be known to one side only; a missing method fails here, at once."""
+        return {
+            name: getattr(self, f"_op_{name}") for name, op in protocol.OPS.items() if op.answered
+        }
 
     @property
     def listening(self) -> bool:
@@ -182,30 +227,17 @@ class ControlServer:
             )  # fmt: skip
             self._unlogged = 0
 
-    def check(self, request: dict[str, Any], peer: str) -> str | None:
-        """Why ``request`` from ``peer`` must be refused, or None if it is good."""
+    def check(self, request: object, peer: str) -> str | None:
+        """Why ``request`` (parsed JSON) from ``peer`` must be refused, or None if it
+        is good (its nonce is then remembered: the same request is refused next time).
+        See :func:`protocol.check_request` for the checks besides the peer and replay."""
         if peer != self.peer:
             return f"requests are only taken from this kernel ({self.peer}), not {peer}"
-        mac = request.get("mac")
-        # compare_digest raises TypeError on a str that is not ASCII.
-        if (
-            not isinstance(mac, str)
-            or not mac.isascii()
-            or not hmac.compare_digest(mac, sign(self.token, request))
-        ):
-            return "the request's signature is wrong"
-        if request.get("kernel_id") != self.kernel_id:
-            return "the request names another kernel"
-        if not _is_recent(request.get("time")):
-            return "the request is stale"
-        if not isinstance(request.get("op"), str):
-            kind = type(request.get("op")).__name__
-            return f'the request\'s op must be a string such as "list", not {kind}'
-        if not isinstance(request.get("args", {}), dict):
-            return "the request's args must be a JSON object"
-        nonce = request.get("nonce")
-        if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE:
-            return f"the request's nonce must be a string of 1-{MAX_NONCE} characters"
+        problem = protocol.check_request(request, token=self.token, kernel_id=self.kernel_id)
+        if problem is not None:
+            return problem
+        assert isinstance(request, dict)  # checked by check_request
+        nonce: str = request["nonce"]
         if nonce in self._nonces:
             return "the request was replayed"
         self._nonces[nonce] = time.time()
@@ -233,6 +265,8 @@ class ControlServer:
         self._quiet_until = now + LOG_INTERVAL
         self._unlogged = 0
 
+    # ---- connections ----------------------------------------------------------------
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one connection, a request per line, until it closes, breaks, idles or
         misbehaves. Called by asyncio for each connection accepted; never raises."""
@@ -255,14 +289,13 @@ class ControlServer:
                     # The kernel learns only the kind of failure: the text may
                     # name host paths. The log has it all (or counts it).
                     self._complain("a request failed", err)
-                    reply = {
-                        "ok": False,
-                        "error": f"the runtime failed on this request ({type(err).__name__}); "
-                        "the Jupyter server's log has the details",
-                    }
+                    reply = protocol.error(
+                        f"the runtime failed on this request ({type(err).__name__}); "
+                        "the Jupyter server's log has the details"
+                    )
                 if reply is None:
                     break  # a watch, held until the kernel closed it
-                writer.write(json.dumps(reply).encode() + b"\n")
+                writer.write(protocol.encode(reply))
                 await asyncio.wait_for(writer.drain(), self.read_timeout)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the kernel was restored or killed mid-request
@@ -302,25 +335,15 @@ class ControlServer:
             ConnectionError: the connection broke. Anything else raised is a fault
                 of the runtime's; :meth:`_serve` replies and logs it.
         """
-        problem: str | None
-        try:
-            request = json.loads(line)
-        except RecursionError:
-            problem = "the request is nested too deeply"
-        except ValueError as err:  # UnicodeDecodeError too
-            problem = f"the request is not JSON ({err})"
-        else:
-            problem = (
-                self.check(request, peer)
-                if isinstance(request, dict)
-                else f"a request is a JSON object, not {type(request).__name__}"
-            )
+        request, problem = protocol.parse_request(line)
+        if problem is None:
+            problem = self.check(request, peer)
         if problem:
             self._complain(f"refused a request: {problem}")
-            return _refusal(problem)
+            return protocol.refusal(problem)
         self.heard.set()
         op: str = request["op"]
-        if op == "watch":
+        if not protocol.OPS[op].answered:
             # Held open and never answered: the kernel learns it was restored when
             # CRIU closes this connection in its image. What the kernel sends on it
             # meanwhile is dropped, a chunk at a time, so that it is never buffered.
@@ -329,73 +352,91 @@ class ControlServer:
             return None
 
         def progress(text: str) -> None:
-            writer.write(json.dumps({"progress": text}).encode() + b"\n")
+            writer.write(protocol.encode(protocol.progress(text)))
 
         try:
             result = await self.handle(op, request.get("args", {}), progress)
         except SandboxError as err:
-            return {"ok": False, "error": str(err)}
+            return protocol.error(str(err))
         except (ValueError, KeyError, TypeError) as err:
             self._complain(f"a bad {op!r} request: {err!r}")
-            return {"ok": False, "error": str(err)}
-        return {"ok": True, "result": result}
+            return protocol.error(str(err))
+        return protocol.ok(result)
 
-    async def handle(
-        self, op: str, args: dict[str, Any], progress: Callable[[str], None] | None = None
-    ) -> Any:
-        """Carry out one checked request; ``progress`` gets lines for the user."""
-        runtime, kid = self.runtime, self.kernel_id
-        if op == "snapshot":
-            return await runtime.snapshot(
-                kid, args["name"], args.get("message", ""), progress=progress
-            )
-        if op == "restore":
-            # Set before the restore: the restored process asks for it at once.
-            info = {"kind": "restore", **args}
-            self.pending = info
-            try:
-                done = await runtime.restore(kid, args["name"])
-            except BaseException:
-                if self.pending is info:
-                    self.pending = None
-                raise
-            await self.on_new_process(done["pid"])
-            return done
-        if op == "reset":
-            self.pending = {"kind": "reset", **args}
-            done = await runtime.reset(kid)
-            await self.on_new_process(done["pid"])
-            return done
-        if op == "resume":
-            pending, self.pending = self.pending, None
-            return pending
-        # A kernel sees and acts on the snapshots it may restore, no others: the same
-        # owner, image and working folder (snapshots.visible_to).
-        if op == "list":
-            return await asyncio.to_thread(runtime.snapshot_listing, kid)
-        if op == "delete":
-            # It may wait for a lazy restore's page server: not on the server's loop.
-            await asyncio.to_thread(runtime.delete_snapshot, kid, args["name"])
-            return None
-        if op == "diff":
-            return await asyncio.to_thread(runtime.diff, kid, args.get("name"))
-        if op == "limits":
-            change = Limits.parse(**{k: args.get(k) for k in ("memory", "cpus", "pids")})
-            if change != Limits():
-                # Never above the kernelspec's ceiling: the kernel is no operator.
-                await runtime.update_limits(kid, change, operator=False)
-            return runtime.record(kid)["limits"]
-        if op == "status":
-            use = runtime.usage(kid)
-            listed = await asyncio.to_thread(runtime.snapshot_listing, kid)
-            return {
-                "usage": None if use is None else use.__dict__,
-                "limits": runtime.record(kid)["limits"],
-                "snapshots": len(listed["snapshots"]),
-                "snapshot_bytes": sum(
-                    m["memory_bytes"] + m["file_bytes"] for m in listed["snapshots"]
-                ),
-                "store": listed["store"],
-                "current": runtime.record(kid).get("snapshot"),
-            }
-        raise ValueError(f"unknown operation {op!r}")
+    # ---- operations ------------------------------------------------------------------
+
+    async def handle(self, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:
+        """Carry out one checked request (see :meth:`check`); ``progress`` gets lines
+        for the user.
+
+        Raises:
+            ValueError: ``op`` is no operation this server carries out.
+            SandboxError: the runtime refused (the message is for the kernel).
+        """
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise ValueError(f"unknown operation {op!r}")
+        return await handler(args, progress)
+
+    async def _op_snapshot(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        return await self.runtime.snapshot(
+            self.kernel_id, args["name"], args.get("message") or "", progress=progress
+        )
+
+    async def _op_restore(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        # Set before the restore: the restored process asks for it at once.
+        info = {**args, "kind": "restore"}
+        self.pending = info
+        try:
+            done = await self.runtime.restore(self.kernel_id, args["name"])
+        except BaseException:
+            if self.pending is info:
+                self.pending = None
+            raise
+        await self.on_new_process(done["pid"])
+        return done
+
+    async def _op_reset(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        self.pending = {**args, "kind": "reset"}
+        done = await self.runtime.reset(self.kernel_id)
+        await self.on_new_process(done["pid"])
+        return done
+
+    async def _op_resume(
+        self, args: dict[str, Any], progress: Progress | None
+    ) -> dict[str, Any] | None:
+        pending, self.pending = self.pending, None
+        return pending
+
+    # A kernel sees and acts on the snapshots it may restore, no others: the same
+    # owner, image and working folder (snapshots.visible_to).
+
+    async def _op_list(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runtime.snapshot_listing, self.kernel_id)
+
+    async def _op_delete(self, args: dict[str, Any], progress: Progress | None) -> None:
+        # It may wait for a lazy restore's page server: not on the server's loop.
+        await asyncio.to_thread(self.runtime.delete_snapshot, self.kernel_id, args["name"])
+
+    async def _op_diff(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runtime.diff, self.kernel_id, args.get("name"))
+
+    async def _op_limits(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        change = Limits.parse(**{k: args.get(k) for k in ("memory", "cpus", "pids")})
+        if change != Limits():
+            # Never above the kernelspec's ceiling: the kernel is no operator.
+            await self.runtime.update_limits(self.kernel_id, change, operator=False)
+        return self.runtime.record(self.kernel_id).limits.to_dict()
+
+    async def _op_status(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        use = self.runtime.usage(self.kernel_id)
+        listed = await asyncio.to_thread(self.runtime.snapshot_listing, self.kernel_id)
+        record = self.runtime.record(self.kernel_id)
+        return {
+            "usage": None if use is None else dataclasses.asdict(use),
+            "limits": record.limits.to_dict(),
+            "snapshots": len(listed["snapshots"]),
+            "snapshot_bytes": sum(m["memory_bytes"] + m["file_bytes"] for m in listed["snapshots"]),
+            "store": listed["store"],
+            "current": record.snapshot,
+        }

@@ -3,6 +3,7 @@ floods, idle and overlong connections, and the names a kernel may give."""
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -10,28 +11,99 @@ import re
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sandbox_kernel import kernelspec
+from sandbox_kernel import kernelspec, protocol
 from sandbox_kernel.errors import ConfigError
 from sandbox_kernel.magics.channel import MAX_REQUEST, Channel, ChannelError, Interrupted
+from sandbox_kernel.protocol import MAX_LINE, sign
 from sandbox_kernel.runtime import bases, layers, snapshots
-from sandbox_kernel.runtime.control import MAX_CONNECTIONS, MAX_LINE, ControlServer, sign
+from sandbox_kernel.runtime.cgroups import Usage
+from sandbox_kernel.runtime.control import MAX_CONNECTIONS, ControlledRuntime, ControlServer
+from sandbox_kernel.runtime.hostpath import Identity
+from sandbox_kernel.runtime.limits import Limits
 from sandbox_kernel.runtime.network import firewall_rules
+from sandbox_kernel.runtime.record import KernelRecord
 
 TOKEN = "ab" * 32
+LOCAL = "127.0.0.1"
 
 
 async def nothing(pid: int) -> None:
     return None
 
 
+class FakeRuntime:
+    """The runtime as the control server sees it (:class:`ControlledRuntime`): it
+    keeps limits and a pending restore's arguments, and ``fail`` breaks ``record``
+    (and so every call that reads it)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.limits = Limits(memory=1 << 30, cpus=1.0, pids=512)
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def snapshot(
+        self, kernel_id: str, name: str, message: str = "", /, *,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        self.calls.append(("snapshot", (name, message)))
+        if progress is not None:
+            progress("dumping memory")
+        return {"name": name, "message": message, "mode": "live"}
+
+    async def restore(self, kernel_id: str, name: str, /) -> dict[str, Any]:
+        self.calls.append(("restore", (name,)))
+        return {"pid": 4242, "mode": "files", "reason": "a test", "name": name}
+
+    async def reset(self, kernel_id: str, /) -> dict[str, Any]:
+        self.calls.append(("reset", ()))
+        return {"pid": 4343}
+
+    def snapshot_listing(self, kernel_id: str, /) -> dict[str, Any]:
+        self.record(kernel_id)
+        metas = [{"name": "a", "memory_bytes": 5, "file_bytes": 7}]
+        return {"snapshots": metas, "store": {"bytes": 12, "count": 1}}
+
+    def delete_snapshot(self, kernel_id: str, name: str, /) -> None:
+        self.calls.append(("delete", (name,)))
+
+    def diff(self, kernel_id: str, name: str | None = None, /) -> dict[str, Any]:
+        return {"since": name, "added": [], "changed": [], "deleted": []}
+
+    async def update_limits(
+        self, kernel_id: str, limits: Limits, /, operator: bool = False
+    ) -> Limits:
+        self.calls.append(("update_limits", (limits, operator)))
+        self.limits = self.limits.merged(limits)
+        return self.limits
+
+    def usage(self, kernel_id: str, /) -> Usage | None:
+        self.record(kernel_id)
+        return None
+
+    def record(self, kernel_id: str, /) -> KernelRecord:
+        if self.fail:
+            raise RuntimeError("/var/lib/sandbox-kernel/secret is broken")
+        here = Identity(1, 2, 1000)
+        return KernelRecord(
+            kernel_id=kernel_id, container_id="c", hostname="h", image="host", layers=[],
+            executable="/usr/bin/python3", python_prefixes=[], prefix_identities=[],
+            cwd="/w", cwd_identity=here, cwd_inside="/w", limits=self.limits,
+            ceiling=self.limits, network="none", index=0, kernel_ip=LOCAL, uid=1000,
+            gid=1000, user="u", home="/home/u", created=0.0, owner={}, snapshot="a",
+        )  # fmt: skip
+
+
+_: ControlledRuntime = FakeRuntime()  # mypy checks that the fake fits the protocol
+
+
 def server() -> ControlServer:
-    return ControlServer(None, "kernel-1", "10.213.0.5", "10.213.0.6", TOKEN, nothing)
+    return ControlServer(FakeRuntime(), "kernel-1", "10.213.0.5", "10.213.0.6", TOKEN, nothing)
 
 
 def request(**changes: Any) -> dict[str, Any]:
@@ -95,6 +167,7 @@ def test_a_signature_that_is_not_ascii_is_wrong() -> None:
 
 def test_op_args_and_nonce_must_have_their_types() -> None:
     s = server()
+    assert "unknown operation 'frobnicate'" in str(s.check(request(op="frobnicate"), "10.213.0.6"))
     assert "op must be a string" in str(s.check(request(op=5), "10.213.0.6"))
     assert "op must be a string" in str(s.check(request(op=None), "10.213.0.6"))
     assert "args must be a JSON object" in str(s.check(request(args=[1]), "10.213.0.6"))
@@ -104,30 +177,10 @@ def test_op_args_and_nonce_must_have_their_types() -> None:
 
 # ---- the server over TCP, with a fake runtime -----------------------------------------
 
-LOCAL = "127.0.0.1"
 
-
-class FakeRuntime:
-    """Enough of the runtime for ``resume`` and ``status``; ``fail`` breaks ``record``
-    (and so every call that reads it)."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
-
-    def record(self, kernel_id: str) -> dict[str, Any]:
-        if self.fail:
-            raise RuntimeError("/var/lib/sandbox-kernel/secret is broken")
-        return {"uid": 1000, "limits": {}}
-
-    def usage(self, kernel_id: str) -> None:
-        self.record(kernel_id)
-
-    def snapshot_listing(self, kernel_id: str) -> dict[str, Any]:
-        self.record(kernel_id)
-        return {"snapshots": [], "store": {"bytes": 0, "count": 0}}
-
-
-def live_server(kernel_id: str = "kernel-1", runtime: Any = None, **options: Any) -> ControlServer:
+def live_server(
+    kernel_id: str = "kernel-1", runtime: FakeRuntime | None = None, **options: Any
+) -> ControlServer:
     return ControlServer(
         runtime or FakeRuntime(), kernel_id, LOCAL, LOCAL, TOKEN, nothing, port=0, **options
     )
@@ -169,10 +222,18 @@ async def exchange(s: ControlServer, *lines: bytes) -> list[dict[str, Any]]:
     return replies
 
 
-async def ask(s: ControlServer, op: str = "resume") -> Any:
-    """Send ``op`` as the kernel's magic does, through :class:`Channel`."""
+async def ask(
+    s: ControlServer,
+    op: str = "resume",
+    on_progress: Callable[[str], None] | None = None,
+    **args: Any,
+) -> Any:
+    """Send ``op`` with ``args`` as the kernel's magic does, through :class:`Channel`."""
     creds = {"host": LOCAL, "port": s.port, "token": TOKEN, "kernel_id": s.kernel_id}
-    return await asyncio.to_thread(Channel(creds).request, op, timeout=5)
+    channel = Channel(creds)
+    return await asyncio.to_thread(
+        functools.partial(channel.request, op, timeout=5, on_progress=on_progress, **args)
+    )
 
 
 async def closed_by_server(reader: asyncio.StreamReader, within: float) -> None:
@@ -206,6 +267,69 @@ def sockets_open() -> int:
 async def test_the_kernels_channel_is_answered(served: ControlServer) -> None:
     assert await ask(served) is None
     assert served.heard.is_set()
+
+
+def test_every_answered_operation_has_a_handler() -> None:
+    s = server()
+    answered = {name for name, op in protocol.OPS.items() if op.answered}
+    assert set(s._handlers) == answered == set(protocol.OPS) - {"watch"}
+
+
+async def test_each_operation_reaches_the_runtime(served: ControlServer) -> None:
+    fake = served.runtime
+    assert isinstance(fake, FakeRuntime)
+    lines: list[str] = []
+    meta = await ask(served, "snapshot", name="s1", message="m", on_progress=lines.append)
+    assert meta["name"] == "s1" and lines == ["dumping memory"]
+    assert await ask(served, "list") == fake.snapshot_listing("kernel-1")
+    assert await ask(served, "delete", name="s1") is None
+    assert (await ask(served, "diff", name=None))["since"] is None
+    limits = await ask(served, "limits", memory="600M", cpus=None, pids="300")
+    assert limits == {"memory": 600 << 20, "cpus": 1.0, "pids": 300, "disk": None}
+    assert ("update_limits", (Limits(memory=600 << 20, pids=300), False)) in fake.calls
+    status = await ask(served, "status")
+    assert status["limits"] == limits and status["usage"] is None
+    assert (status["snapshots"], status["snapshot_bytes"], status["current"]) == (1, 12, "a")
+
+
+async def test_a_restore_or_reset_leaves_its_cell_for_the_new_process() -> None:
+    followed: list[int] = []
+
+    async def follow(pid: int) -> None:
+        followed.append(pid)
+
+    s = ControlServer(FakeRuntime(), "kernel-1", LOCAL, LOCAL, TOKEN, follow, port=0)
+    await s.start()
+    try:
+        parent, ident = {"header": {"msg_id": "m1"}}, ["00ff"]
+        done = await ask(s, "restore", name="s1", parent=parent, ident=ident)
+        assert done["pid"] == 4242 and followed == [4242]
+        pending = await ask(s)
+        assert pending == {"name": "s1", "parent": parent, "ident": ident, "kind": "restore"}
+        assert await ask(s) is None  # handed over once
+        await ask(s, "reset", parent=parent, ident=ident)
+        assert followed == [4242, 4343]
+        assert (await ask(s))["kind"] == "reset"
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "why"),
+    [
+        ("snapshot", {}, "needs its 'name' argument"),
+        ("snapshot", {"name": 5}, "'name' must be a string, not int"),
+        ("restore", {"name": "x", "parent": {}, "ident": "00"}, "'ident' must be a list"),
+        ("limits", {"memory": True}, "'memory' must be a string or a number, not bool"),
+        ("frobnicate", {}, "unknown operation 'frobnicate'"),
+    ],
+)
+async def test_arguments_that_do_not_fit_the_op_are_refused(
+    served: ControlServer, op: str, args: dict[str, Any], why: str
+) -> None:
+    with pytest.raises(ChannelError, match=f"^refused: .*{re.escape(why)}"):
+        await ask(served, op, **args)
+    assert isinstance(served.runtime, FakeRuntime) and not served.runtime.calls
 
 
 MALFORMED: dict[str, tuple[bytes | dict[str, Any], str]] = {

@@ -1,0 +1,333 @@
+"""The restore hand-off: what a kernel process does when it wakes up restored.
+
+A restore replaces the kernel's process with one from a snapshot (or, where memory
+cannot come back, with a new one on the snapshot's files). The frontend still
+waits for the reply to the cell that asked for it, its TCP connections are gone,
+and a process restored from another kernel's snapshot holds that kernel's key.
+:class:`RestoreHandoff` mends all three, from inside ipykernel.
+
+It relies on ipykernel's private attributes (``_parent_ident``, ``_topic``,
+``_publish_status``, ``iopub_thread._xpub_stream``, ``shell_channel_thread``...),
+which is why it is kept apart from the magic's commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .channel import Channel, ChannelError, Interrupted
+
+CONNECTION_FILE = Path("/run/sandbox/connection.json")
+#: How long a restored kernel waits for the frontend to reconnect before it speaks.
+RECONNECT_WAIT = 10.0
+#: How long a reconnected TCP connection must be up before it is trusted to carry
+#: messages: ZeroMQ's handshake on a veth takes well under a millisecond.
+HANDSHAKE_GRACE = 0.05
+
+
+def _start_time() -> str:
+    """This process's start time (it changes when CRIU restores the process)."""
+    return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+class RestoreHandoff:
+    """Carries a kernel process across restores; made by the ``%container`` magic in
+    a sandboxed kernel (with its ``channel``), and closed by
+    ``unload_ipython_extension``.
+
+    At :meth:`start` it makes the session sign with the kernel's current key, asks
+    whether this process must answer a reset or files-only restore, watches for
+    restores no cell asked for, and registers :meth:`after_restore` as the shell's
+    ``pre_execute`` hook.
+    """
+
+    def __init__(self, shell: Any, channel: Channel) -> None:
+        self.shell = shell
+        self.channel = channel
+        self._subscribed = threading.Event()
+        self._restored = threading.Event()
+        self._pause = threading.Event()  # never set: waits between retries
+        self._identity_lock = threading.Lock()
+        self._identity_start = _start_time()
+        self._hooked = False
+
+    def start(self) -> None:
+        """Take over the session's signing, start the threads, register the hook."""
+        self._watch_subscriptions()
+        self._sign_with_current_key()
+        # A new kernel process: was it started by a reset, or by a restore that
+        # could only bring the files back? Then a cell waits for its reply.
+        threading.Thread(target=self._answer_pending, daemon=True).start()
+        threading.Thread(target=self._watch_restores, daemon=True).start()
+        self.shell.events.register("pre_execute", self.after_restore)
+        self._hooked = True
+
+    def close(self) -> None:
+        """Unregister the ``pre_execute`` hook (the threads are daemons, and end with
+        the process). Called by ``unload_ipython_extension``."""
+        if self._hooked:
+            self.shell.events.unregister("pre_execute", self.after_restore)
+            self._hooked = False
+
+    @property
+    def kernel(self) -> Any:
+        """The ipykernel kernel object this shell belongs to (None in a terminal)."""
+        return getattr(self.shell, "kernel", None)
+
+    # ---- what the magic's commands call ----------------------------------------------
+
+    def snapshot_starts(self) -> None:
+        """Forget the frontend's iopub subscription: a process restored from the
+        snapshot about to be taken must see the frontend subscribe again."""
+        self._subscribed.clear()
+
+    def cell_origin(self) -> tuple[dict[str, Any], list[str]]:
+        """The running cell's request header and routing identities (hex): what a
+        new or restored process needs to answer this cell."""
+        kernel = self.kernel
+        ident = kernel._parent_ident["shell"]
+        idents = ident if isinstance(ident, list) else [ident]
+        return kernel.get_parent("shell"), [i.hex() for i in idents]
+
+    def finish_restore(self, info: dict[str, Any]) -> None:
+        """In a process restored from a snapshot: complete the cell that asked for it.
+
+        This process was inside the snapshot's cell; the frontend waits for the
+        reply to the restore cell. Once the frontend has reconnected, this cell's
+        output and reply go to the restore cell instead.
+        """
+        kernel = self.kernel
+        self._wait_for_frontend()
+        old_id = kernel.get_parent("shell")["header"]["msg_id"]
+        new_parent = info["parent"]
+        new_ident = [bytes.fromhex(i) for i in info["ident"]]
+        session = kernel.session
+        send = session.send
+
+        def send_once(
+            stream: Any, msg_type: Any, content: Any = None, parent: Any = None,
+            ident: Any = None, **kwargs: Any,
+        ) -> Any:  # fmt: skip
+            if (
+                msg_type == "execute_reply"
+                and (parent or {}).get("header", {}).get("msg_id") == old_id
+            ):
+                session.send = send
+                parent, ident = new_parent, new_ident
+            return send(stream, msg_type, content, parent, ident, **kwargs)
+
+        session.send = send_once
+        kernel.set_parent(new_ident, new_parent, "shell")
+        print(f"Restored to snapshot {info['name']} (live): files and memory are as they were.")
+
+    def after_restore(self) -> None:
+        """Before a cell runs in a restored process: let the frontend reconnect first,
+        or the cell's output would be published to nobody. The ``pre_execute`` hook."""
+        if self._restored.is_set():
+            self._restored.clear()
+            self._wait_for_frontend()
+
+    # ---- the frontend's reconnection ------------------------------------------------
+
+    def _watch_subscriptions(self) -> None:
+        """Note each new iopub subscription (a frontend (re)connecting)."""
+        thread: Any = getattr(self.kernel, "iopub_thread", None)
+        stream = getattr(thread, "_xpub_stream", None)
+        if thread is None or stream is None:
+            return
+        original = thread._handle_subscription
+
+        def handle(frames: list[bytes]) -> None:
+            if any(frame[:1] == b"\x01" for frame in frames):
+                self._subscribed.set()
+            original(frames)
+
+        thread.io_loop.add_callback(stream.on_recv, handle)
+
+    def _established(self) -> set[str]:
+        """Which of the kernel's shell and iopub ports have a live TCP connection from
+        the frontend (it comes over the kernel's veth; connections of the kernel's own
+        processes, over loopback, do not count)."""
+        try:
+            connection = json.loads(CONNECTION_FILE.read_text())
+            lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        except (OSError, ValueError):
+            return {"shell", "iopub"}
+        ports = {f"{connection[f'{c}_port']:04X}": c for c in ("shell", "iopub")}
+        found = set()
+        for line in lines:
+            fields = line.split()
+            port = fields[1].rsplit(":", 1)[1]
+            remote = fields[2].split(":", 1)[0]
+            # 01: ESTABLISHED; 7F in the last byte of the address: 127.x.x.x
+            if fields[3] == "01" and port in ports and not remote.endswith("7F"):
+                found.add(ports[port])
+        return found
+
+    def _wait_for_frontend(self, grace: float = HANDSHAKE_GRACE) -> None:
+        """Wait (bounded) until the frontend has reconnected its shell and iopub.
+
+        After a restore every TCP connection is closed and the frontend reconnects
+        by itself. A message sent before its sockets are back is lost: iopub drops
+        it, and shell cannot route a reply to a peer it does not know yet. So wait
+        until both connections have been up for ``grace`` seconds
+        (ZeroMQ's handshake and the iopub subscription ride on them), or until the
+        iopub subscription itself is seen and shell has been up that long.
+        """
+        deadline = time.monotonic() + RECONNECT_WAIT
+        first_seen: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            for channel in self._established():
+                first_seen.setdefault(channel, now)
+            settled = {c for c, t in first_seen.items() if now - t >= grace}
+            if "shell" in settled and ("iopub" in settled or self._subscribed.is_set()):
+                return
+            self._subscribed.wait(0.01)
+
+    # ---- restores no cell asked for, and the key ------------------------------------
+
+    def _watch_restores(self) -> None:
+        """Notice a restore that no cell asked for (``sandbox-kernel restore``, or a
+        new kernel started from a base snapshot).
+
+        A control connection is held open; when it breaks and this process's start
+        time has changed, CRIU has restored it. The process then takes its kernel's
+        current key (see :meth:`_take_identity`), and the next cell waits for the
+        frontend to be back before it runs (see :meth:`after_restore`).
+        """
+        started = _start_time()
+        failures = 0
+        retry_until = 0.0
+        while failures < 5:
+            try:
+                self.channel.request("watch", timeout=None)
+            except Interrupted:
+                if _start_time() != started:
+                    started = _start_time()
+                    self._check_identity()
+                    # The subscription remembered from before the snapshot is gone
+                    # with the connection that carried it.
+                    self._subscribed.clear()
+                    self._restored.set()
+                    failures = 0
+                    # A new kernel's control server may not listen yet: retry fast.
+                    retry_until = time.monotonic() + RECONNECT_WAIT
+                    continue
+            except ChannelError:
+                pass
+            if time.monotonic() < retry_until:
+                self._pause.wait(0.005)
+                continue
+            failures += 1  # the runtime went away: try a few times, then stop
+            self._pause.wait(1.0)
+
+    def _sign_with_current_key(self) -> None:
+        """Make every message this process signs or checks use its kernel's current key.
+
+        A process restored from another kernel's snapshot (a base, or a snapshot of
+        an earlier kernel of the same owner and folder) wakes up holding that
+        kernel's key, and any thread may send first: the iopub thread flushing
+        output, a status, the restored cell's reply. So the session's ``sign`` (which
+        also checks incoming messages) first notices a restore, by this process's
+        start time, and takes the new key before it signs anything.
+        """
+        session = getattr(self.kernel, "session", None)
+        if session is None:
+            return
+        sign = session.sign
+
+        def sign_with_current_key(msg_list: list[bytes]) -> bytes:
+            self._check_identity()
+            signed: bytes = sign(msg_list)
+            return signed
+
+        session.sign = sign_with_current_key
+
+    def _check_identity(self) -> None:
+        """Take the kernel's current key if this process was restored since it last
+        looked (see :meth:`_sign_with_current_key`). Costs one small /proc read."""
+        now = _start_time()
+        if now == self._identity_start:
+            return
+        with self._identity_lock:
+            if now != self._identity_start:
+                self._take_identity()
+                self._identity_start = now
+
+    def _take_identity(self) -> None:
+        """After a restore: sign with the kernel's current connection key.
+
+        A restore in place keeps the key. A process restored from a base snapshot
+        was dumped in another kernel, whose key it still holds; the new kernel's
+        connection file has the key its clients use.
+        """
+        kernel = self.kernel
+        try:
+            key = json.loads(CONNECTION_FILE.read_text())["key"].encode()
+        except (OSError, ValueError, KeyError) as err:
+            print(f"%container: cannot read the connection key ({err})", file=sys.__stderr__)
+            return
+        if kernel is not None and key and kernel.session.key != key:
+            kernel.session.key = key
+        os.environ["HOSTNAME"] = socket.gethostname()
+
+    # ---- a reset, or a restore of the files only -------------------------------------
+
+    def _answer_pending(self) -> None:
+        """Reply to the cell that reset this kernel or restored its files (in the
+        new process, which has no such cell of its own)."""
+        info = None
+        for attempt in range(3):
+            try:
+                info = self.channel.request("resume")
+                break
+            except ChannelError as err:
+                print(f"%container: asking the runtime failed ({err})", file=sys.__stderr__)
+                self._restored.wait(0.2 * (attempt + 1))
+        if not info:
+            return
+        # A new process under load: give the frontend's handshakes more room.
+        self._wait_for_frontend(grace=2 * HANDSHAKE_GRACE)
+        kernel = self.kernel
+        deadline = time.monotonic() + RECONNECT_WAIT
+        while getattr(kernel, "io_loop", None) is None and time.monotonic() < deadline:
+            self._subscribed.wait(0.01)
+        if info["kind"] == "reset":
+            text = "The kernel was reset: a fresh kernel on the image's pristine files.\n"
+        else:
+            text = (
+                f"Restored the files of snapshot {info['name']}; the kernel restarted "
+                "(its memory could not be restored).\n"
+            )
+        parent = info["parent"]
+        ident = [bytes.fromhex(i) for i in info["ident"]]
+        kernel.io_loop.add_callback(self._send_reply, parent, ident, text)
+
+    def _send_reply(self, parent: dict[str, Any], ident: list[bytes], text: str) -> None:
+        """Send ``text`` as the output of the cell ``parent`` (routed by ``ident``),
+        then its ``execute_reply`` and an idle status. Runs on the kernel's io loop."""
+        kernel = self.kernel
+        session = kernel.session
+        # As ipykernel's own dispatch_shell picks the socket for the main shell.
+        if getattr(kernel, "_supports_kernel_subshells", False):
+            stream = kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
+        else:
+            stream = kernel.shell_stream
+        session.send(
+            kernel.iopub_socket, "stream", {"name": "stdout", "text": text},
+            parent=parent, ident=kernel._topic("stream"),
+        )  # fmt: skip
+        content = {
+            "status": "ok", "execution_count": kernel.execution_count,
+            "user_expressions": {}, "payload": [],
+        }  # fmt: skip
+        session.send(stream, "execute_reply", content, parent=parent, ident=ident)
+        kernel._publish_status("idle", "shell", parent=parent)
