@@ -207,71 +207,22 @@ def install_criu(prefix: str | None = None, progress: Callable[[str], None] = pr
     """
     target = Path(prefix or criu_prefix()).absolute()
     current = find_criu() if prefix is None else str(target / "criu")
-    if (
-        current
-        and _executable(current)
-        and (criu_version(current) or (0, 0, 0)) >= MIN_VERSION
-        and criu_check(current)[0]
-    ):
+    if current and _fits(current):
         progress(f"CRIU at {current} is >= 4.2 and passes criu check: nothing to do")
         return current
     uri, keyring = _debian_mirror()
     arch = _run(["dpkg", "--print-architecture"], "dpkg --print-architecture").strip()
+    tmp = _work_folder(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except OSError as exc:
-        raise CriuError(f"cannot create a work folder next to {target}: {exc}") from exc
-    try:
-        apt = _private_apt(tmp / "apt", uri, keyring, arch)
-        progress(f"apt-get update: {uri} {SUITE} main {arch} (private lists)")
-        _run(["apt-get", *apt, "update"], "apt-get update", _APT_TIMEOUT)
-        packages = _closure(apt)
-        progress(f"downloading {len(packages)} packages: {' '.join(packages)}")
-        debs = tmp / "debs"
-        debs.mkdir()
-        _run(["apt-get", *apt, "download", *packages], "apt-get download", _APT_TIMEOUT, debs)
-        root = tmp / "root"
-        for deb in sorted(debs.glob("*.deb")):
-            progress(f"unpacking {deb.name}")
-            _run(["dpkg-deb", "-x", str(deb), str(root)], f"dpkg-deb -x {deb.name}")
-        root.chmod(0o755)
-        loaders = sorted(root.glob("usr/lib/*/ld-linux*.so.*"))
-        binary = root / "usr/sbin/criu"
-        if not loaders or not binary.is_file():
-            raise CriuError(f"unpacked packages lack usr/sbin/criu or a loader in {root}/usr/lib")
-        triplet = loaders[0].parent.name
-
-        def command(base: Path) -> list[str]:
-            libs = f"{base}/usr/lib/{triplet}:{base}/lib/{triplet}"
-            loader = f"{base}/{loaders[0].relative_to(root)}"
-            return [loader, "--library-path", libs, f"{base}/usr/sbin/criu"]
-
+        debs = _download(tmp, uri, keyring, arch, progress)
+        root = _unpack(debs, tmp / "root", progress)
+        command = _loader_command(root)
         progress("checking that every library CRIU needs is in the prefix")
-        listing = _run([*command(root)[:3], "--list", str(binary)], "loader --list")
-        outside = [
-            ln.strip()
-            for ln in listing.splitlines()
-            if "=>" in ln and not ln.split("=>")[1].strip().startswith(f"{root}/")
-        ]
-        if outside:
-            raise CriuError("libraries missing from the prefix:\n" + "\n".join(outside))
-        wrapper = root / "criu"
-        wrapper.write_text(
-            f"#!/bin/sh\n# Written by sandbox-kernel's install_criu.\n"
-            f'exec {shlex.join(command(target))} "$@"\n'
-        )
-        wrapper.chmod(0o755)
+        _check_libraries(root, command)
+        _write_wrapper(root / "criu", command(target))
         version = _run([*command(root), "--version"], "criu --version").strip()
         progress(f"unpacked {version}; moving it into {target}")
-        if target.exists() or target.is_symlink():
-            target.rename(tmp / "old")
-        try:
-            root.rename(target)
-        except OSError:
-            if (tmp / "old").exists():
-                (tmp / "old").rename(target)
-            raise
+        _move_into_place(root, target, tmp / "old")
     except OSError as exc:
         raise CriuError(f"installing CRIU into {target} failed: {exc}") from exc
     finally:
@@ -282,6 +233,103 @@ def install_criu(prefix: str | None = None, progress: Callable[[str], None] = pr
     passed, output = criu_check(installed)
     progress(f"criu check {'passed' if passed else 'FAILED'}: {output}")
     return installed
+
+
+def _fits(criu: str) -> bool:
+    """Whether ``criu`` is an executable CRIU >= 4.2 that passes ``criu check``."""
+    return (
+        _executable(criu)
+        and (criu_version(criu) or (0, 0, 0)) >= MIN_VERSION
+        and criu_check(criu)[0]
+    )
+
+
+def _work_folder(target: Path) -> Path:
+    """A fresh hidden folder next to ``target`` (so the final rename stays on one
+    filesystem). Raises CriuError if it cannot be made."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise CriuError(f"cannot create a work folder next to {target}: {exc}") from exc
+
+
+def _download(
+    tmp: Path, uri: str, keyring: str, arch: str, progress: Callable[[str], None]
+) -> Path:
+    """Fetch PACKAGES and their closure from ``uri``'s unstable suite through private
+    apt lists under ``tmp``; return the folder of the ``.deb`` files.
+    Raises CriuError when apt fails."""
+    apt = _private_apt(tmp / "apt", uri, keyring, arch)
+    progress(f"apt-get update: {uri} {SUITE} main {arch} (private lists)")
+    _run(["apt-get", *apt, "update"], "apt-get update", _APT_TIMEOUT)
+    packages = _closure(apt)
+    progress(f"downloading {len(packages)} packages: {' '.join(packages)}")
+    debs = tmp / "debs"
+    debs.mkdir()
+    _run(["apt-get", *apt, "download", *packages], "apt-get download", _APT_TIMEOUT, debs)
+    return debs
+
+
+def _unpack(debs: Path, root: Path, progress: Callable[[str], None]) -> Path:
+    """Unpack every ``.deb`` in ``debs`` into ``root`` (made 0755); return ``root``.
+    Raises CriuError when dpkg-deb fails."""
+    for deb in sorted(debs.glob("*.deb")):
+        progress(f"unpacking {deb.name}")
+        _run(["dpkg-deb", "-x", str(deb), str(root)], f"dpkg-deb -x {deb.name}")
+    root.chmod(0o755)
+    return root
+
+
+def _loader_command(root: Path) -> Callable[[Path], list[str]]:
+    """How to start the CRIU unpacked in ``root`` once it sits at a given base: through
+    the prefix's own loader, with the prefix's libraries only.
+    Raises CriuError when the unpacked packages lack CRIU or a loader."""
+    loaders = sorted(root.glob("usr/lib/*/ld-linux*.so.*"))
+    if not loaders or not (root / "usr/sbin/criu").is_file():
+        raise CriuError(f"unpacked packages lack usr/sbin/criu or a loader in {root}/usr/lib")
+    triplet = loaders[0].parent.name
+
+    def command(base: Path) -> list[str]:
+        libs = f"{base}/usr/lib/{triplet}:{base}/lib/{triplet}"
+        loader = f"{base}/{loaders[0].relative_to(root)}"
+        return [loader, "--library-path", libs, f"{base}/usr/sbin/criu"]
+
+    return command
+
+
+def _check_libraries(root: Path, command: Callable[[Path], list[str]]) -> None:
+    """Raise CriuError unless every library CRIU links resolves inside ``root``."""
+    listing = _run([*command(root)[:3], "--list", str(root / "usr/sbin/criu")], "loader --list")
+    outside = [
+        ln.strip()
+        for ln in listing.splitlines()
+        if "=>" in ln and not ln.split("=>")[1].strip().startswith(f"{root}/")
+    ]
+    if outside:
+        raise CriuError("libraries missing from the prefix:\n" + "\n".join(outside))
+
+
+def _write_wrapper(wrapper: Path, command: list[str]) -> None:
+    """Write the ``criu`` script that execs ``command`` with the caller's arguments."""
+    wrapper.write_text(
+        f"#!/bin/sh\n# Written by sandbox-kernel's install_criu.\n"
+        f'exec {shlex.join(command)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+
+
+def _move_into_place(root: Path, target: Path, old: Path) -> None:
+    """Rename ``root`` to ``target``; a previous ``target`` moves to ``old`` first and
+    comes back if the rename fails. Raises OSError."""
+    if target.exists() or target.is_symlink():
+        target.rename(old)
+    try:
+        root.rename(target)
+    except OSError:
+        if old.exists():
+            old.rename(target)
+        raise
 
 
 def probe_dump(criu: str) -> tuple[bool, str]:
