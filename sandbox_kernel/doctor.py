@@ -30,30 +30,55 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def run_checks() -> Iterator[Check]:
     """Check root, runc, overlayfs, cgroup controllers, user and network namespaces,
-    nftables and CRIU."""
+    nftables and CRIU, one at a time (each is checked when the caller asks for it)."""
     root = os.geteuid() == 0
-    yield Check("root", root, "running as root" if root else f"running as uid {os.geteuid()}",
-                "run the Jupyter server (and this command) as root")  # fmt: skip
+    yield _root(root)
+    yield _runc()
+    yield _disk_quota()
+    yield _tini()
+    yield _overlayfs()
+    yield _btrfs()
+    yield _cgroup_controllers()
+    yield _namespaces(root)
+    yield _nftables()
+    yield _criu(root)
 
+
+def _root(root: bool) -> Check:
+    return Check("root", root, "running as root" if root else f"running as uid {os.geteuid()}",
+                 "run the Jupyter server (and this command) as root")  # fmt: skip
+
+
+def _runc() -> Check:
     runc = shutil.which("runc")
     version = _run([runc, "--version"]).stdout.splitlines()[0] if runc else "not found"
-    yield Check("runc", bool(runc), version, "apt-get install -y runc")
+    return Check("runc", bool(runc), version, "apt-get install -y runc")
+
+
+def _disk_quota() -> Check:
     try:
         quotas = volume.quotas_enabled(volume.ensure_volume())
         detail = "btrfs simple quotas on the volume" if quotas else "not enforced"
     except SandboxError as err:
         quotas, detail = False, str(err)
-    yield Check("disk size (quota)", quotas, detail, "needs Linux >= 6.7 (btrfs simple quotas)")
+    return Check("disk size (quota)", quotas, detail, "needs Linux >= 6.7 (btrfs simple quotas)")
+
+
+def _tini() -> Check:
     tini = Path(paths.TINI).exists()
-    yield Check("tini", tini, paths.TINI if tini else "not found", "apt-get install -y tini")
+    return Check("tini", tini, paths.TINI if tini else "not found", "apt-get install -y tini")
 
+
+def _overlayfs() -> Check:
     overlay = "overlay" in Path("/proc/filesystems").read_text()
-    yield Check("overlayfs", overlay, "supported" if overlay else "not in /proc/filesystems",
-                "modprobe overlay")  # fmt: skip
+    return Check("overlayfs", overlay, "supported" if overlay else "not in /proc/filesystems",
+                 "modprobe overlay")  # fmt: skip
 
+
+def _btrfs() -> Check:
     btrfs = "btrfs" in Path("/proc/filesystems").read_text()
     mkfs = shutil.which("mkfs.btrfs") or shutil.which("mkfs.btrfs", path="/usr/sbin:/sbin")
-    yield Check(
+    return Check(
         "btrfs (writable layers, snapshots)",
         btrfs and bool(mkfs),
         "supported, btrfs-progs installed"
@@ -62,6 +87,8 @@ def run_checks() -> Iterator[Check]:
         "apt-get install -y btrfs-progs" if btrfs else "modprobe btrfs",
     )
 
+
+def _cgroup_controllers() -> Check:
     want = {"memory", "cpu", "pids"}
     if cgroups.version() == 2:
         have = set((cgroups.ROOT / "cgroup.controllers").read_text().split())
@@ -69,13 +96,15 @@ def run_checks() -> Iterator[Check]:
         have = {p.name for p in cgroups.ROOT.iterdir() if p.is_dir()}
         have |= {part for name in list(have) for part in name.split(",")}
     missing = sorted(want - have)
-    yield Check(
+    return Check(
         f"cgroup v{cgroups.version()} controllers",
         not missing,
         "memory, cpu, pids" if not missing else f"missing: {', '.join(missing)}",
         "enable the memory, cpu and pids controllers (kernel command line or systemd)",
     )
 
+
+def _namespaces(root: bool) -> Check:
     ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")
     unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
     ns_ok, ns_detail, ns_fix = False, "iproute2 not found", "apt-get install -y iproute2"
@@ -93,28 +122,29 @@ def run_checks() -> Iterator[Check]:
         ns_fix = "sysctl user.max_user_namespaces=15000 (it is 0, or user namespaces are off)"
     elif ip:
         ns_detail = "needs root"
-    yield Check("user and network namespaces", ns_ok, ns_detail, ns_fix)
+    return Check("user and network namespaces", ns_ok, ns_detail, ns_fix)
 
+
+def _nftables() -> Check:
     nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
     nft_ok, nft_detail = False, "nft not found"
     if nft:
         listed = _run([nft, "list", "tables"])
         nft_ok = listed.returncode == 0
         nft_detail = "nf_tables works" if nft_ok else listed.stderr.strip()
-    yield Check("nftables", nft_ok, nft_detail, "apt-get install -y nftables")
+    return Check("nftables", nft_ok, nft_detail, "apt-get install -y nftables")
 
+
+def _criu(root: bool) -> Check:
+    """CRIU: found, recent enough, and (as root) able to dump a throwaway process."""
+    name = f"CRIU >= {'.'.join(map(str, MIN_VERSION[:2]))}"
+    fix = "sandbox-kernel install-criu"
     criu = find_criu()
-    want_version = ".".join(map(str, MIN_VERSION[:2]))
     if not criu:
-        yield Check(f"CRIU >= {want_version}", False, "not found",
-                    "sandbox-kernel install-criu")  # fmt: skip
-        return
+        return Check(name, False, "not found", fix)
     found = criu_version(criu)
     shown = ".".join(map(str, found)) if found else "unknown version"
     if not found or found < MIN_VERSION:
-        yield Check(f"CRIU >= {want_version}", False, f"{criu} is {shown}",
-                    "sandbox-kernel install-criu")  # fmt: skip
-        return
+        return Check(name, False, f"{criu} is {shown}", fix)
     dumped, detail = probe_dump(criu) if root else (False, "the dump probe needs root")
-    yield Check(f"CRIU >= {want_version}", dumped, f"{shown} at {criu}: {detail}",
-                "sandbox-kernel install-criu")  # fmt: skip
+    return Check(name, dumped, f"{shown} at {criu}: {detail}", fix)
