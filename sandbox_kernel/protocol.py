@@ -206,17 +206,24 @@ def make_request(
 
 
 def request_line(
-    op: str, args: Mapping[str, Any], *, kernel_id: str, token: str, nonce: str | None = None
+    op: str,
+    args: Mapping[str, Any],
+    *,
+    kernel_id: str,
+    token: str,
+    nonce: str | None = None,
+    now: float | None = None,
 ) -> bytes:
-    """A signed request for ``op`` as the bytes to send, newline not included.
-    Called by the magic's channel.
+    """A signed request for ``op`` (see :func:`make_request`) as the bytes to send,
+    newline not included. Called by the magic's channel.
 
     Raises:
         ProtocolError: the line is over :data:`MAX_LINE` bytes, which the server
             would refuse.
         ValueError: ``token`` is not hex.
     """
-    data = json.dumps(make_request(op, args, kernel_id=kernel_id, token=token, nonce=nonce))
+    request = make_request(op, args, kernel_id=kernel_id, token=token, nonce=nonce, now=now)
+    data = json.dumps(request)
     line = data.encode()
     if len(line) > MAX_LINE:
         raise ProtocolError(
