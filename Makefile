@@ -8,7 +8,7 @@ TOUR := notebooks/tour.ipynb
 TOUR_OUT := notebooks/tour-executed.ipynb
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: setup system venv criu kernelspec demo test unit integration lint lab bench clean
+.PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench clean
 
 setup: system venv criu kernelspec
 
@@ -48,9 +48,26 @@ lint: venv
 
 test: setup lint
 	$(PY) -m pytest tests
+	$(MAKE) unit-unprivileged
 
 unit: venv
 	$(PY) -m pytest tests/unit
+
+# The unit tests again as uid 65534, to show they need no root. Debian's own Python:
+# the default one here may live under /root, where other users cannot run it.
+UNPRIV_VENV := build/unit-venv
+unit-unprivileged: $(UNPRIV_VENV)/.installed
+	setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
+		$(UNPRIV_VENV)/bin/python -m pytest tests/unit -q -p no:cacheprovider
+$(UNPRIV_VENV)/.installed: pyproject.toml
+	@command -v /usr/bin/python3 >/dev/null && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || \
+		(apt-get update -q && apt-get install -y -q python3 python3-venv)
+	rm -rf $(UNPRIV_VENV)
+	/usr/bin/python3 -m venv $(UNPRIV_VENV)
+	$(UNPRIV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(UNPRIV_VENV)/bin/python -m pip install -q -e '.[test]'
+	chmod -R a+rX $(UNPRIV_VENV)
+	touch $@
 
 lab: setup
 	$(PY) -m pip install -q jupyterlab

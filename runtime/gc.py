@@ -11,7 +11,6 @@ import asyncio
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from . import paths, snapshots
 from .drivers import Drivers
@@ -19,9 +18,6 @@ from .fsutil import read_json
 from .lifecycle import owner_alive
 from .rootfs import Rootfs
 from .store import KernelStore
-
-#: Where runc keeps its containers' state.
-RUNC_ROOT = Path("/run/runc")
 
 
 class Collector:
@@ -91,11 +87,12 @@ class Collector:
     async def _broken_runc_state(self, dry_run: bool) -> list[str]:
         """runc's own state of a container whose checkpoint or restore was cut short
         (a CRIU mount left inside it), which makes runc list fail to load it."""
-        if not RUNC_ROOT.is_dir():
+        root = self.drivers.runc.state_root()
+        if not root.is_dir():
             return []
         removed = []
         listed = {info.get("id", "") for info in await self.drivers.runc.list_containers()}
-        for entry in RUNC_ROOT.iterdir():
+        for entry in root.iterdir():
             if entry.name.startswith(paths.PREFIX) and entry.name not in listed:
                 removed.append(f"broken runc state {entry}")
                 if not dry_run:

@@ -17,6 +17,11 @@ from .limits import CPU_PERIOD, Limits
 from .process import run, wait_exit
 
 
+def state_root() -> Path:
+    """Where runc keeps its containers' state (its default ``--root`` as root)."""
+    return Path("/run/runc")
+
+
 async def create(container_id: str, bundle: Path, pid_file: Path) -> int:
     """Create ``container_id`` from ``bundle`` without starting its process; return
     its init's host pid. Its namespaces exist from now on; :func:`start` runs it.
