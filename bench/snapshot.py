@@ -78,6 +78,7 @@ from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.provisioner import SandboxProvisioner
 from sandbox_kernel.runtime import Limits, Runtime, dedupe, runc, snapshots, volume
 from sandbox_kernel.runtime.limits import parse_size
+from sandbox_kernel.runtime.rootfs import Rootfs
 
 SPEC = "bench-snap"
 READY_TIMEOUT = 60.0
@@ -86,7 +87,7 @@ CHILD_TIMEOUT = 1800.0
 TUPLES_TARGET_COUNT = 1_000_000
 MIB = 1 << 20
 
-_RUNTIME_MODULE = importlib.import_module("sandbox_kernel.runtime.runtime")
+_SNAPSHOTTING = importlib.import_module("sandbox_kernel.runtime.snapshotting")
 
 
 class BenchError(RuntimeError):
@@ -160,9 +161,9 @@ class Phases:
         (volume, "delete_subvolume", "btrfs delete subvolume"),
         (snapshots, "check_folder", "verify (read or sha256 every image)"),
         (snapshots.Draft, "commit", "commit (sha256 + fsync of every image, rename)"),
-        (_RUNTIME_MODULE, "_tree_bytes", "count file bytes"),
-        (Runtime, "_mount", "mount overlays"),
-        (Runtime, "_unmount", "unmount overlays"),
+        (_SNAPSHOTTING, "tree_bytes", "count file bytes"),
+        (Rootfs, "mount", "mount overlays"),
+        (Rootfs, "unmount", "unmount overlays"),
         (dedupe, "share_with_parent", "share unchanged pages with the parent"),
         (snapshots, "_sha256", "sha256"),
         (snapshots, "_sha256_and_fsync", "sha256 + fsync"),
