@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,71 @@ def flocked(path: Path, *, blocking: bool = True) -> Iterator[int | None]:
 
 @contextlib.asynccontextmanager
 async def aflocked(path: Path) -> AsyncIterator[int]:
-    """:func:`flocked` for async code: the wait for the lock runs off the event loop."""
+    """:func:`flocked` for async code. The wait for the lock blocks a thread of its
+    own, never one of the event loop's default pool: a snapshot holds a kernel's lock
+    for seconds and needs that pool to finish, so waiters parked there could take
+    every thread and the holder would wait for them forever (seen: six operations
+    queued on locks froze a server of twenty kernels). A waiter that is cancelled
+    leaves the lock to its thread, which drops it once it has it.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    waiter = _LockWaiter(fd, asyncio.get_running_loop())
     try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        await waiter.acquire()
+    except BaseException:
+        waiter.abandon()  # closes fd now, or has its thread close it
+        raise
+    try:
         yield fd
     finally:
         os.close(fd)  # releases the lock
+
+
+class _LockWaiter:
+    """Takes an ``flock`` in a thread of its own and reports to an event loop."""
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.fd = fd
+        self.loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._state = threading.Lock()
+        self._abandoned = False
+        self._finished = False  # the thread is past flock (taken or failed)
+
+    async def acquire(self) -> None:
+        threading.Thread(target=self._wait, name="flock waiter", daemon=True).start()
+        await self.done
+
+    def _wait(self) -> None:
+        error: OSError | None = None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as err:
+            error = err
+        with self._state:
+            self._finished = True
+            if self._abandoned:
+                os.close(self.fd)
+                return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(self._settle, error)
+
+    def _settle(self, error: OSError | None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+    def abandon(self) -> None:
+        """The waiter gave up: close the descriptor if the thread is done with it,
+        else let the thread close it when flock returns."""
+        with self._state:
+            self._abandoned = True
+            finished = self._finished
+        if finished:
+            os.close(self.fd)
 
 
 def lock_held(path: Path) -> bool:

@@ -44,6 +44,9 @@ class Collector:
         record claims, and layers that no image or kernel references.
         """
         removed, live = await self._orphan_kernels(dry_run)
+        for kid in self.store.unreadable():
+            live.add(kid)  # its container, address and files may well be in use
+            removed.append(f"nothing of kernel {kid}: its record cannot be read; left alone")
         containers = {f"{paths.PREFIX}{k}" for k in live}
         removed += await self._containers(containers, dry_run)
         removed += await self._broken_runc_state(dry_run)
@@ -189,8 +192,7 @@ class Collector:
         used: set[str] = set()
         for image in paths.images_dir().glob("*.json"):
             used.update(read_json(image).get("layers", []))
-        for record in self.store.records():
-            used.update(record.layers)
+        used |= self.store.layers_in_use()
         removed = []
         for entry in paths.layers_dir().iterdir():
             stale_build = entry.name.startswith(".building-") and (

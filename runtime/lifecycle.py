@@ -245,6 +245,8 @@ class Lifecycle:
             uid=config.uid, gid=config.gid, user=user, home=f"/home/{user}",
             created=time.time(), owner=owner_token(),
             base=base["id"] if base else None, base_note=why_cold,
+            # A kernel with no base to try says so from the start: one write less.
+            start=Start.PENDING if base or why_cold else Start.IMAGE,
         )  # fmt: skip
 
     def adopt(self, kernel_id: str) -> KernelRecord:
@@ -256,6 +258,7 @@ class Lifecycle:
 
         def take(record: KernelRecord) -> KernelRecord:
             record.owner = owner_token()
+            record.adopt()
             return record
 
         return self.store.update(kernel_id, take)
@@ -274,15 +277,14 @@ class Lifecycle:
         """
         kdir = self.store.kernel_dir(kernel_id)
         record = self.store.load(kernel_id)
-        self.rootfs.trim_log(kernel_id)  # room for the files below
-        self.boot.write_bundle(kdir, record, argv, env, connection)
-        self.rootfs.mount(kdir, record)
+        await asyncio.to_thread(self._ready, kdir, record, argv, env, connection)
         try:
             if record.wants_base:
                 return await self._start_from_base(kdir, record)
+            pid = await self.boot.run(kdir, record)
             if record.start in (Start.PENDING, Start.BASE):  # else it says so already
                 await self.store.aupdate(kernel_id, lambda r: r.started_cold())
-            return await self.boot.run(kdir, record)
+            return pid
         except BaseException:
             # Undo what was done; the error that stopped the start is the one raised.
             with contextlib.suppress(SandboxError):
@@ -290,9 +292,23 @@ class Lifecycle:
             self.rootfs.unmount(kdir)
             raise
 
+    def _ready(
+        self,
+        kdir: Path,
+        record: KernelRecord,
+        argv: list[str],
+        env: dict[str, str],
+        connection: dict[str, Any],
+    ) -> None:
+        """Write the kernel's bundle and mount its filesystems. Blocks: in a thread."""
+        self.rootfs.trim_log(record.kernel_id)  # room for the files below
+        self.boot.write_bundle(kdir, record, argv, env, connection)
+        self.rootfs.mount(kdir, record)
+
     async def _start_from_base(self, kdir: Path, record: KernelRecord) -> int:
         """Start the kernel by restoring its base's memory; cold where that fails,
-        with the reason in the record's ``base_note`` and the kernel's log."""
+        with the reason in the record's ``base_note`` and the kernel's log. Until a
+        start succeeds the record says nothing, so the next start tries again."""
         assert record.base is not None
         try:
             criu = self.drivers.criu.criu_binary()
@@ -300,15 +316,16 @@ class Lifecycle:
             images = bases.base_dir(record.base) / "criu"
             # The restored process has its stdio open on the log (see bundle.py).
             pid = await self.boot.restore(kdir, record, criu, images)
-            await self.store.aupdate(record.kernel_id, lambda r: r.started_from_base())
-            return pid
         except SandboxError as err:
             note = f"the base could not be restored: {err}"
-            await self.store.aupdate(record.kernel_id, lambda r: r.started_cold(note))
             self.rootfs.append_log(record.kernel_id, f"started cold: {note}")
             with contextlib.suppress(SandboxError):
                 await self.drivers.runc.delete(record.container_id)
-        return await self.boot.run(kdir, record)
+            pid = await self.boot.run(kdir, record)
+            await self.store.aupdate(record.kernel_id, lambda r: r.started_cold(note))
+            return pid
+        await self.store.aupdate(record.kernel_id, lambda r: r.started_from_base())
+        return pid
 
     async def start_cold(self, kernel_id: str, note: str) -> int:
         """Replace kernel ``kernel_id``'s process by a cold start on the same files

@@ -47,9 +47,11 @@ class KernelRecord:
         restoring: set while a restore has stopped the old process and the new one
             is not yet running (see ``Snapshotting.finish_restore``).
         executable, python_prefixes, prefix_identities: the kernel's Python and the
-            host folders bound read-only, each with its identity at the first start.
+            host folders bound read-only, each with its identity at the first start
+            (None in a record of a version that kept none, until ``adopt``).
         cwd, cwd_identity, cwd_inside: the host working folder, its identity at the
-            first start, and where the kernel sees it (another path for a base).
+            first start (the same), and where the kernel sees it (another path for a
+            base).
         base, start, base_note: the base snapshot's id, how the process started
             (:class:`Start`) and why not from the base, if so.
         limits, ceiling: the kernel's limits now, and what it may raise them back
@@ -67,9 +69,9 @@ class KernelRecord:
     layers: list[str]
     executable: str
     python_prefixes: list[str]
-    prefix_identities: list[Identity]
+    prefix_identities: list[Identity] | None
     cwd: str
-    cwd_identity: Identity
+    cwd_identity: Identity | None
     cwd_inside: str
     limits: Limits
     ceiling: Limits
@@ -123,52 +125,72 @@ class KernelRecord:
                 data[f.name] = getattr(self, f.name)
         data["limits"] = self.limits.to_dict()
         data["ceiling"] = self.ceiling.to_dict()
-        data["cwd_identity"] = self.cwd_identity.to_dict()
-        data["prefix_identities"] = [i.to_dict() for i in self.prefix_identities]
+        data["cwd_identity"] = self.cwd_identity and self.cwd_identity.to_dict()
+        data["prefix_identities"] = self.prefix_identities and [
+            i.to_dict() for i in self.prefix_identities
+        ]
         data["start"] = self.start.value
+        # Read by earlier versions (a server not yet restarted, or a downgrade).
+        data["started_from"] = _STARTED_FROM.get(self.start)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KernelRecord:
         """A record from ``record.json``, including those of earlier versions: their
-        ``started_from`` is read as :attr:`start`, and the identities of the user's
-        folders, which they lack, are taken now (the first use this version sees).
-        Keys this version does not know are kept in :attr:`extra` and written back.
+        ``started_from`` is read as :attr:`start` (and wins where an earlier version
+        wrote it last), and identities they lack stay None until :meth:`adopt`
+        takes them. Keys this version does not know are kept in :attr:`extra` and
+        written back.
 
         Raises:
             KeyError, TypeError, ValueError: the data is no kernel record.
         """
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        if "start" not in data:
-            data["start"] = _legacy_start(data)
-        if "cwd_identity" not in data:
-            data["cwd_identity"] = first_use(data["cwd"], "working directory")[0].to_dict()
-        if "prefix_identities" not in data:
-            data["prefix_identities"] = [
-                first_use(p, "Python prefix")[0].to_dict() for p in data["python_prefixes"]
-            ]
-        data.setdefault("ceiling", data["limits"])
-        data.setdefault("cwd_inside", data["cwd"])
-        data.pop("started_from", None)
         values = {k: v for k, v in data.items() if k in known}
         values["limits"] = Limits.from_dict(data["limits"])
-        values["ceiling"] = Limits.from_dict(data["ceiling"] or data["limits"])
-        values["cwd_identity"] = Identity.from_dict(data["cwd_identity"])
-        values["prefix_identities"] = [Identity.from_dict(i) for i in data["prefix_identities"]]
-        values["start"] = Start(data["start"])
+        values["ceiling"] = Limits.from_dict(data.get("ceiling") or data["limits"])
+        cwd_identity = data.get("cwd_identity")
+        values["cwd_identity"] = Identity.from_dict(cwd_identity) if cwd_identity else None
+        prefixes = data.get("prefix_identities")
+        values["prefix_identities"] = (
+            None if prefixes is None else [Identity.from_dict(i) for i in prefixes]
+        )
+        values["start"] = _start_of(data)
         values["base_note"] = data.get("base_note") or ""
-        values["cwd_inside"] = data["cwd_inside"] or data["cwd"]
+        values["cwd_inside"] = data.get("cwd_inside") or data["cwd"]
         record = cls(**values)
-        record.extra = {k: v for k, v in data.items() if k not in known}
+        record.extra = {k: v for k, v in data.items() if k not in known and k != "started_from"}
         return record
 
+    def adopt(self) -> None:
+        """Take the identities of the user's folders if the record has none (one
+        written by a version that kept none): from now on they are checked against
+        these.
 
-def _legacy_start(data: dict[str, Any]) -> str:
-    """:attr:`KernelRecord.start` of a record written before it existed."""
+        Raises:
+            ConfigError: a folder is gone or is a symlink.
+        """
+        if self.cwd_identity is None:
+            self.cwd_identity = first_use(self.cwd, "working directory")[0]
+        if self.prefix_identities is None:
+            self.prefix_identities = [
+                first_use(p, "Python prefix")[0] for p in self.python_prefixes
+            ]
+
+
+#: What earlier versions wrote as ``started_from`` for each :class:`Start`.
+_STARTED_FROM = {Start.BASE: "base", Start.COLD: "cold"}
+
+
+def _start_of(data: dict[str, Any]) -> Start:
+    """:attr:`KernelRecord.start` of a record, whichever version wrote it last."""
     started = data.get("started_from")
-    if started in ("base", "cold"):
-        return str(started)
-    # No mark: never started, or started from the image (the mark was only set for
-    # kernels with a base). Both start the same way next time.
-    return Start.PENDING.value
+    start = Start(data["start"]) if "start" in data else Start.PENDING
+    if started == "base" and start is not Start.BASE:
+        return Start.BASE  # an earlier version started it since
+    if started == "cold" and start is not Start.COLD:
+        return Start.COLD
+    # No mark: never started, or started from the image (earlier versions set the
+    # mark only for kernels with a base). Both start the same way next time.
+    return start

@@ -96,10 +96,13 @@ class Restorer:
             # The old process is gone: a restore cut short from here on is
             # finished by whoever notices (see finish_restore).
             current.restoring = name
-            current.snapshot = name
+
+        def files_from(current: KernelRecord) -> None:
+            current.snapshot = name  # the next snapshot's parent
 
         await self.store.aupdate(kernel_id, restoring)
         await asyncio.to_thread(self._files_from, kdir, record, folder, meta)
+        await self.store.aupdate(kernel_id, files_from)
         try:
             if criu is not None:
                 lazy = None

@@ -77,14 +77,38 @@ def check_cwd(cwd: str) -> tuple[Path, hostpath.Identity]:
 
 
 def checked_cwd(record: KernelRecord) -> contextlib.AbstractContextManager[Path]:
-    """The kernel's working folder, checked against its first start (see hostpath.py)."""
-    return hostpath.checked(record.cwd, record.cwd_identity, "working directory")
+    """The kernel's working folder, checked against its first start (see hostpath.py).
+
+    Raises:
+        ConfigError: it was moved or replaced, or the record has no identity for it.
+    """
+    identity = _identity(record, record.cwd_identity, record.cwd)
+    return hostpath.checked(record.cwd, identity, "working directory")
 
 
 def checked_prefix(record: KernelRecord, index: int) -> contextlib.AbstractContextManager[Path]:
     """The kernel's Python prefix number ``index``, checked against its first start."""
-    identity = record.prefix_identities[index]
-    return hostpath.checked(record.python_prefixes[index], identity, "Python prefix")
+    path = record.python_prefixes[index]
+    known = record.prefix_identities
+    identity = _identity(record, known[index] if known is not None else None, path)
+    return hostpath.checked(path, identity, "Python prefix")
+
+
+def _identity(
+    record: KernelRecord, identity: hostpath.Identity | None, path: str
+) -> hostpath.Identity:
+    """``identity``, which a record of an earlier version may lack until it is adopted.
+
+    Raises:
+        ConfigError: it is missing.
+    """
+    if identity is None:
+        raise ConfigError(
+            "folder", path,
+            f"has no identity on record for kernel {record.kernel_id} (its server is "
+            "older than this runtime); restart the kernel",
+        )  # fmt: skip
+    return identity
 
 
 def check_folders(record: KernelRecord) -> None:

@@ -92,6 +92,29 @@ class KernelStore:
                     continue
         return sorted(found, key=lambda r: r.created)
 
+    def unreadable(self) -> list[str]:
+        """Ids of kernels whose ``record.json`` exists but cannot be read as a record
+        (written by a later version, or damaged). Nothing may treat them as gone."""
+        found = []
+        if paths.kernels_dir().is_dir():
+            for entry in paths.kernels_dir().iterdir():
+                try:
+                    KernelRecord.from_dict(read_json(entry / "record.json"))
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError, KeyError, TypeError):
+                    found.append(entry.name)
+        return found
+
+    def layers_in_use(self) -> set[str]:
+        """The image layers every kernel's record names, readable records or not."""
+        used: set[str] = set()
+        if paths.kernels_dir().is_dir():
+            for entry in paths.kernels_dir().iterdir():
+                with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                    used.update(read_json(entry / "record.json").get("layers", []))
+        return used
+
     def create(self, record: KernelRecord) -> None:
         """Write a new kernel's first record; its folder exists already."""
         with flocked(kernel_dir(record.kernel_id) / "record.lock"):
@@ -122,8 +145,15 @@ class KernelStore:
     @contextlib.asynccontextmanager
     async def exclusive(self, kernel_id: str) -> AsyncIterator[None]:
         """Hold kernel ``kernel_id``'s operation lock: one snapshot, restore or reset
-        of it at a time, across processes."""
-        async with aflocked(kernel_dir(kernel_id) / "lock"):
+        of it at a time, across processes.
+
+        Raises:
+            KernelNotFound: no such kernel.
+        """
+        folder = kernel_dir(kernel_id)
+        if not folder.is_dir():
+            raise KernelNotFound(kernel_id)
+        async with aflocked(folder / "lock"):
             yield
 
     def busy(self, kernel_id: str) -> contextlib.AbstractContextManager[int | None]:

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 
-from sandbox_kernel.runtime import Runtime
+from sandbox_kernel.runtime import Runtime, cgroups, snapshots
 
-from .conftest import Kernels, run_cli, wait_until
+from .conftest import OWNER, Kernels, fresh, run_cli, wait_until
 from .probe import run_cell
 
 pytestmark = pytest.mark.integration
@@ -114,3 +114,37 @@ async def test_limits_change_on_a_running_kernel(kernels: Kernels, make_spec) ->
     assert len(done.stderr.strip().splitlines()) == 1
     use = Runtime().usage(km.kernel_id)
     assert use is not None and use.memory_limit == 768 << 20
+
+
+async def test_limits_changed_during_a_snapshot_hold_after_a_restart(
+    kernels: Kernels, make_spec, names
+) -> None:
+    """The lost update: a snapshot used to write back the whole record it read at its
+    start, so a limit changed meanwhile was applied by runc, then dropped from the
+    record, and the next restart brought the old limit back."""
+    km, kc = await kernels.start(make_spec(memory="1G"))
+    (
+        await run_cell(
+            kc,
+            "import numpy as np\n"
+            "big = np.random.default_rng(0).integers(0, 256, 300_000_000, dtype=np.uint8)",
+        )
+    ).check()
+    name = fresh(names)
+    snap = asyncio.create_task(run_cli("snapshot", km.kernel_id, name))
+    group = f"sandbox-kernel/sk-{km.kernel_id}"
+    await wait_until(lambda: cgroups.frozen(group), 60, "the snapshot to freeze the kernel", 0.005)
+    changed = await run_cli("limits", km.kernel_id, "--memory", "900M")
+    assert changed.returncode == 0, changed.stderr
+    assert not snap.done(), "the snapshot ended before the limit changed: no race was tested"
+    done = await snap
+    assert done.returncode == 0, done.stderr
+    assert name in snapshots.names(OWNER)
+    assert Runtime().record(km.kernel_id).limits.memory == 900 << 20
+
+    await km.restart_kernel()
+    await kc.wait_for_ready(timeout=60)
+    use = Runtime().usage(km.kernel_id)
+    assert use is not None and use.memory_limit == 900 << 20, use
+    shown = await run_cli("limits", km.kernel_id)
+    assert "memory 900M" in shown.stdout, shown.stdout

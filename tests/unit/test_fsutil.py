@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.runtime.fsutil import DraftFolder, flocked, lock_held
+from sandbox_kernel.runtime.fsutil import DraftFolder, aflocked, flocked, lock_held
 
 
 def test_lock_held_probes_without_keeping_or_making(tmp_path: Path) -> None:
@@ -69,3 +70,37 @@ def test_block_that_fails_discards_the_draft(tmp_path: Path) -> None:
         (draft.path / "half").write_text("x")
         raise RuntimeError("cut short")
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_lock_waiters_never_starve_the_holder_of_threads(tmp_path: Path) -> None:
+    """More waiters than the event loop's default pool has threads: the holder still
+    gets a pool thread for its own work, then every waiter gets the lock in turn."""
+    lock = tmp_path / "lock"
+    order: list[int] = []
+
+    async def wait_then_hold(n: int) -> None:
+        async with aflocked(lock):
+            order.append(n)
+
+    async with aflocked(lock):
+        waiters = [asyncio.create_task(wait_then_hold(n)) for n in range(40)]
+        await asyncio.sleep(0)  # let them start waiting
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 10) == 42
+    await asyncio.wait_for(asyncio.gather(*waiters), 30)
+    assert sorted(order) == list(range(40))
+
+
+async def test_a_cancelled_lock_waiter_leaves_the_lock_free(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    async with aflocked(lock):
+        waiter = asyncio.create_task(aflocked(lock).__aenter__())
+        await asyncio.sleep(0)  # let it start waiting
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    # The abandoned waiter's thread takes the lock and drops it at once.
+    async with asyncio.timeout(10):
+        async with aflocked(lock):
+            pass
+    with flocked(lock, blocking=False) as held:
+        assert held is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from sandbox_kernel.errors import KernelNotFound
 from sandbox_kernel.runtime import bases, paths, snapshots
 from sandbox_kernel.runtime.fsutil import write_json
 from sandbox_kernel.runtime.lifecycle import KernelConfig
@@ -371,3 +373,47 @@ async def test_gc_removes_kernels_whose_server_is_gone(fakes: Fakes, tmp_path: P
     assert any(line.startswith("kernel k1 ") for line in removed)
     assert runtime.records() == []
     assert fakes.runc.containers == {}
+
+
+async def test_operations_on_an_unknown_kernel_say_so(fakes: Fakes) -> None:
+    runtime = make_runtime(fakes)
+    for call in (
+        runtime.snapshot("nope", "s1"),
+        runtime.restore("nope", "s1"),
+        runtime.reset("nope"),
+    ):
+        with pytest.raises(KernelNotFound):
+            await call
+
+
+async def test_gc_leaves_a_kernel_whose_record_it_cannot_read(fakes: Fakes, tmp_path: Path) -> None:
+    runtime = make_runtime(fakes)
+    await started(runtime, tmp_path / "work")
+    record = runtime.kernel_dir("k1") / "record.json"
+    data = json.loads(record.read_text())
+    data["start"] = "from-a-later-version"
+    record.write_text(json.dumps(data))
+    removed = await runtime.gc()
+    assert removed == ["nothing of kernel k1: its record cannot be read; left alone"]
+    assert fakes.network.held and fakes.runc.containers
+    assert runtime.kernel_dir("k1").is_dir() and runtime.rootfs.layer_dir("k1").is_dir()
+
+
+async def test_records_stay_readable_by_earlier_versions(fakes: Fakes, tmp_path: Path) -> None:
+    runtime = make_runtime(fakes)
+    await started(runtime, tmp_path / "work")
+    path = runtime.kernel_dir("k1") / "record.json"
+    data = json.loads(path.read_text())
+    assert data["start"] == "image" and data["started_from"] is None
+    # An earlier version restarted the kernel cold since, and wrote its own mark.
+    data["started_from"] = "cold"
+    for key in ("cwd_identity", "prefix_identities", "start"):
+        del data[key]
+    path.write_text(json.dumps(data))
+    record = runtime.record("k1")
+    assert record.start is Start.COLD and record.cwd_identity is None
+    with pytest.raises(ValueError, match="restart the kernel"):
+        await runtime.reset("k1")
+    adopted = runtime.adopt("k1")
+    assert adopted.cwd_identity is not None and adopted.prefix_identities is not None
+    assert json.loads(path.read_text())["started_from"] == "cold"
