@@ -70,10 +70,14 @@ async def test_twenty_kernels_under_random_operations(kernels: Kernels, make_spe
     taken: dict[str, int] = {}
     try:
         rngs = [random.Random(SEED + i) for i in range(KERNELS)]
-        results = await asyncio.gather(
-            *(_drive(i, kc, rngs[i], taken) for i, (_, kc) in enumerate(started))
-        )
-        assert sum(len(r) for r in results) == KERNELS * OPERATIONS
+        # A task group cancels the other kernels' operations when one fails, so none
+        # takes a snapshot after the clean-up below.
+        async with asyncio.TaskGroup() as group:
+            drives = [
+                group.create_task(_drive(i, kc, rngs[i], taken))
+                for i, (_, kc) in enumerate(started)
+            ]
+        assert sum(len(d.result()) for d in drives) == KERNELS * OPERATIONS
         listed = set(snapshots.names(OWNER))
         lost = sorted(set(taken) - listed)
         assert not lost, f"snapshots lost: {lost}"
@@ -82,6 +86,8 @@ async def test_twenty_kernels_under_random_operations(kernels: Kernels, make_spe
         for _, kc in started:
             assert (await run_cell(kc, "print('alive')")).check().strip() == "alive"
     finally:
-        for name in taken:
-            if name in snapshots.names(OWNER):
+        # Every snapshot of this test's names, taken or not (one cut short by a
+        # failure, or left by an earlier run that was killed).
+        for name in snapshots.names(OWNER):
+            if name.startswith(f"soak-{SEED}-"):
                 snapshots.delete(OWNER, name)
