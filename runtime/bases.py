@@ -10,7 +10,7 @@ A new kernel of that kernelspec gets a writable copy of the base's files and is
 started by restoring the base's memory instead of starting Python: imports and
 data the base holds are there at once. Its own identity comes after: the restored
 process takes the new kernel's connection key and control credentials from
-``/run/sandbox`` (see ``magics/container.py``) before the provisioner lets any
+``/run/sandbox`` (see ``magics/handoff.py``) before the provisioner lets any
 client in.
 
 The process must find the mounts it was dumped with, so a base fits kernels with

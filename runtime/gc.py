@@ -155,7 +155,7 @@ class Collector:
             return []
         removed = []
         for entry in paths.kernels_dir().iterdir():
-            if entry.name not in live and not (entry / "record.json").exists():
+            if entry.name not in live and not self.store.has_record(entry):
                 removed.append(f"kernel folder {entry}")
                 if not dry_run:
                     self.rootfs.remove(entry)

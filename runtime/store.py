@@ -66,7 +66,13 @@ class KernelStore:
 
     def exists(self, kernel_id: str) -> bool:
         """Whether kernel ``kernel_id`` has a record."""
-        return (kernel_dir(kernel_id) / "record.json").exists()
+        return self.has_record(kernel_dir(kernel_id))
+
+    @staticmethod
+    def has_record(folder: Path) -> bool:
+        """Whether the kernel folder ``folder`` holds a record (gc asks of every
+        folder, whatever its name)."""
+        return (folder / "record.json").exists()
 
     def load(self, kernel_id: str) -> KernelRecord:
         """The record of kernel ``kernel_id``.
