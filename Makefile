@@ -74,6 +74,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab --allow-root --notebook-dir=notebooks
 
 bench: setup
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/startup.py
 
 clean:
