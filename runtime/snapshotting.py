@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_kernel.display import format_size
-from sandbox_kernel.errors import ConfigError, RequirementMissing, SandboxError
+from sandbox_kernel.errors import RequirementMissing, SandboxError
 
 from . import bases, dedupe, hostpath, layers, snapshots
 from .boot import Boot, fresh_work
@@ -196,16 +196,18 @@ class Snapshotter:
         the kernel's files came from (or its base): (whose, bytes shared)."""
         if dump.mode != "live":
             return {}, 0
-        like, shared_with = None, {}
-        with contextlib.suppress(ConfigError, OSError):
-            if record.snapshot:
-                like = snapshots.snapshot_dir(draft.owner, record.snapshot) / "criu"
+        like: Path | None = None
+        shared_with: dict[str, Any] = {}
+        if record.snapshot:
+            # The parent may have been deleted since: then there is nothing to share.
+            with contextlib.suppress(SandboxError, OSError):
                 created = snapshots.load(draft.owner, record.snapshot)["created"]
+                like = snapshots.snapshot_dir(draft.owner, record.snapshot) / "criu"
                 shared_with = {"kind": "snapshot", "name": record.snapshot, "created": created}
-            elif record.start is Start.BASE and record.base:
-                like = bases.base_dir(record.base) / "criu"
-                shared_with = {"kind": "base", "id": record.base}
-        if like is None:
+        elif record.start is Start.BASE and record.base:
+            like = bases.base_dir(record.base) / "criu"
+            shared_with = {"kind": "base", "id": record.base}
+        if like is None or not like.is_dir():
             return {}, 0
         say(f"sharing unchanged pages with {record.snapshot or 'the base'}")
         shared = await asyncio.to_thread(dedupe.share_with_parent, draft.criu_dir, like)

@@ -417,3 +417,14 @@ async def test_records_stay_readable_by_earlier_versions(fakes: Fakes, tmp_path:
     adopted = runtime.adopt("k1")
     assert adopted.cwd_identity is not None and adopted.prefix_identities is not None
     assert json.loads(path.read_text())["started_from"] == "cold"
+
+
+async def test_a_snapshot_after_its_parent_was_deleted(fakes: Fakes, tmp_path: Path) -> None:
+    runtime = make_runtime(fakes)
+    await started(runtime, tmp_path / "work")
+    await runtime.snapshot("k1", "s1")
+    runtime.delete_snapshot("k1", "s1")
+    meta = await runtime.snapshot("k1", "s2")
+    assert meta["mode"] == "live" and meta["parent"] == "s1"
+    assert meta["shared_bytes"] == 0 and meta["shared_with"] == {}
+    assert runtime.record("k1").snapshot == "s2"
