@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import subprocess
 from collections.abc import Sequence
 
@@ -82,3 +83,14 @@ async def wait_exit(pidfd: int) -> None:
         await done
     finally:
         loop.remove_reader(pidfd)
+
+
+def has_exited(pidfd: int) -> bool:
+    """Whether the process behind ``pidfd`` has exited; looks, never waits.
+
+    ``poll(2)``, not ``select(2)``: a server with many kernels holds descriptors
+    numbered past 1024, which ``select`` refuses ("filedescriptor out of range").
+    """
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 from typing import Any
 
 from .display import format_size
 from .errors import SandboxError
 from .runtime import Runtime
-from .runtime.process import wait_exit
+from .runtime.process import has_exited, wait_exit
 
 
 class KernelProcess:
@@ -95,8 +94,7 @@ class KernelProcess:
     def _exited(self) -> bool:
         if self._pidfd is None:
             return True
-        readable, _, _ = select.select([self._pidfd], [], [], 0)
-        return bool(readable)
+        return has_exited(self._pidfd)
 
     async def follow_restore(self) -> bool:
         """After a restore (by the CLI or a magic) the container's init is a new

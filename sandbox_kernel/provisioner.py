@@ -181,20 +181,25 @@ class SandboxProvisioner(KernelProvisionerBase):
             base=self.base,
         )
         record = await self.runtime.prepare(self.kernel_id, config)
-        self.control.open(record)
-        extra_arguments = kwargs.pop("extra_arguments", [])
-        if km is None:
-            raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
-        km.transport = "tcp"
-        km.ip = record.kernel_ip
-        for name, port in KERNEL_PORTS.items():
-            setattr(km, name, port)
-        env = kwargs.get("env", {})
-        km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
-        self.connection_info = km.get_connection_info()
-        cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
-        self.process.launching()
-        return await super().pre_launch(cmd=cmd, **kwargs)
+        try:
+            self.control.open(record)
+            extra_arguments = kwargs.pop("extra_arguments", [])
+            if km is None:
+                raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
+            km.transport = "tcp"
+            km.ip = record.kernel_ip
+            for name, port in KERNEL_PORTS.items():
+                setattr(km, name, port)
+            env = kwargs.get("env", {})
+            km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
+            self.connection_info = km.get_connection_info()
+            cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
+            self.process.launching()
+            return await super().pre_launch(cmd=cmd, **kwargs)
+        except BaseException:
+            if not self._launched:
+                await self._undo_first_launch()  # a prepared kernel that never launches
+            raise
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the container. Called by ``KernelManager.launch_kernel``.
@@ -208,24 +213,34 @@ class SandboxProvisioner(KernelProvisionerBase):
         argv.append(f"--ext={MAGICS}")
         spec_env = set(self.kernel_spec.env) if self.kernel_spec else set()
         env = allowed_env(kwargs.get("env", {}), self.env_allowlist, spec_env)
+        first = not self._launched
         try:
             pid = await self.runtime.start(self.kernel_id, argv, env, dict(self.connection_info))
+            self._track(pid)
+            await self.control.listen()
         except BaseException:
-            if not self._launched:
-                # A first launch that failed leaves nothing; jupyter_client will not
-                # call cleanup for a kernel that never started.
-                await self.runtime.remove(self.kernel_id)
+            if first:
+                await self._undo_first_launch()
             raise
         self._launched = True
-        self._track(pid)
-        await self.control.listen()
         record = self.runtime.record(self.kernel_id)
         if record.start is Start.BASE:
             await self._confirm_base_start()
         elif record.base_note:
             self.log.warning("Kernel %s started cold: %s", self.kernel_id, record.base_note)
-        self.log.info("Started sandboxed %s", self.runtime.record(self.kernel_id).describe())
+        self.log.info("Started sandboxed %s", record.describe())
         return self.connection_info
+
+    async def _undo_first_launch(self) -> None:
+        """Remove everything of a kernel whose first launch failed, at any step:
+        jupyter_client calls no cleanup for a kernel that never started. Seen with
+        many kernels in one server, where a step past ``runtime.start`` failed and
+        the container ran on until ``gc``."""
+        self.process.forget()
+        try:
+            await self.control.close()
+        finally:
+            await self.runtime.remove(self.kernel_id)
 
     async def _confirm_base_start(self) -> None:
         """Let no client in before a kernel restored from a base holds its own key.

@@ -184,3 +184,24 @@ async def test_f9_a_veth_left_by_a_crash_is_removed_not_reused(kernels: Kernels,
         await asyncio.to_thread(
             subprocess.run, ["ip", "link", "del", f"{stale.veth}x"], capture_output=True
         )
+
+
+async def test_a_launch_failing_past_the_container_start_leaves_nothing(
+    ksm, workdir: Path, make_spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container runs, then the next step fails (as the control server's socket
+    did with "Too many open files" at ~84 kernels in one server): no container, veth,
+    mount, cgroup, address or kernel folder may stay. The no_leftovers fixture
+    checks the first ones."""
+    from sandbox_kernel.control_channel import ControlChannel
+
+    async def out_of_descriptors(self: ControlChannel) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(ControlChannel, "listen", out_of_descriptors)
+    km = AsyncIOLoopKernelManager(kernel_name=make_spec(), kernel_spec_manager=ksm)
+    with pytest.raises(OSError, match="Too many open files"):
+        await km.start_kernel(cwd=str(workdir))
+    assert km.kernel_id is not None
+    assert not Runtime().kernel_dir(km.kernel_id).exists()
+    assert not any(info["id"].endswith(km.kernel_id) for info in await runc.list_containers())
