@@ -216,6 +216,7 @@ class Lifecycle:
         is not reserved yet (``index`` -1)."""
         layers.check_image_name(config.image)
         check_mode(config.network)
+        self.drivers.volume.check_disk_size(config.limits.disk)
         for what, value in (("kernel_uid", config.uid), ("kernel_gid", config.gid)):
             if value == CONTAINER_ROOT:
                 raise ConfigError(

@@ -21,7 +21,8 @@ import struct
 import uuid
 from pathlib import Path
 
-from sandbox_kernel.errors import RequirementMissing, SandboxError
+from sandbox_kernel.display import format_size
+from sandbox_kernel.errors import ConfigError, RequirementMissing, SandboxError
 
 from . import paths
 from .fsutil import flocked
@@ -61,6 +62,33 @@ def image_path() -> Path:
 def volume_size() -> int:
     """The volume's size in bytes: ``$SANDBOX_KERNEL_VOLUME_SIZE``, default 64G (sparse)."""
     return parse_size(os.environ.get("SANDBOX_KERNEL_VOLUME_SIZE", "64G"), "volume size")
+
+
+def capacity() -> int:
+    """Bytes the volume holds: its image's size once it is made, else the size
+    :func:`ensure_volume` will make it."""
+    try:
+        return image_path().stat().st_size
+    except OSError:  # not made yet (or not ours to look at)
+        return volume_size()
+
+
+def check_disk_size(disk: int | None) -> None:
+    """Refuse a kernel's ``disk`` size (bytes) that the volume could never hold: the
+    btrfs quota would accept it and the kernel would fill the volume, and with it
+    every other kernel's room, first.
+
+    Raises:
+        ConfigError: naming the size, the volume's and the fix.
+    """
+    room = capacity()
+    if disk is not None and disk > room:
+        raise ConfigError(
+            "disk size", format_size(disk),
+            f"is larger than the volume that holds every kernel's files ({format_size(room)}); "
+            f"use at most {format_size(room)}, or give a larger SANDBOX_KERNEL_VOLUME_SIZE "
+            "before the volume is first made",
+        )  # fmt: skip
 
 
 def ensure_volume() -> Path:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .display import format_size, table
 from .errors import ConfigError, ImageNotFound, KernelNotFound, SandboxError
-from .runtime import Limits, Runtime
+from .runtime import Limits, Runtime, volume
 from .runtime.network import NETWORK_MODES
 
 
@@ -83,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("snapshots", help="list snapshots (of one kernel's owner), or delete one")
     p.add_argument("kernel_id", nargs="?")
-    p.add_argument("--delete", metavar="NAME", help="delete this snapshot (needs KERNEL_ID)")
+    p.add_argument("--delete", metavar="NAME", help="delete this snapshot")
+    p.add_argument(
+        "--owner", metavar="UID",
+        help="whose snapshot --delete means, where several users have one of that name "
+        "(default: the kernel's owner, else the one user who has it)",
+    )  # fmt: skip
 
     p = sub.add_parser("bases", help="list base snapshots (install --base), or delete one")
     p.add_argument("--delete", metavar="ID", help="delete this base; its kernelspecs start cold")
@@ -104,6 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SandboxError as err:
         print(f"sandbox-kernel: {err}", file=sys.stderr)
         return 1
+    except PermissionError as err:
+        if os.geteuid() == 0:
+            raise
+        # The runtime's state is root's alone (other users' kernels are in it).
+        print(
+            f"sandbox-kernel: {args.command} needs root ({err.strerror}: {err.filename}); "
+            f"run it as root, e.g. sudo sandbox-kernel {args.command} ...",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -112,6 +127,7 @@ def _install(args: argparse.Namespace) -> int:
     if args.network not in NETWORK_MODES:
         raise ConfigError("network mode", args.network, "is not known; use none or egress")
     limits = Limits.parse(memory=args.memory, cpus=args.cpus, pids=args.pids, disk=args.disk)
+    volume.check_disk_size(limits.disk)
     config = provisioner_config(args.image, limits, args.network)
     base = None
     if args.base_owner and not args.base:
@@ -291,11 +307,9 @@ def _snapshots(args: argparse.Namespace) -> int:
 
     runtime = Runtime()
     if args.delete:
-        if not args.kernel_id:
-            raise UsageError("--delete needs the KERNEL_ID whose owner has the snapshot")
-        owner = str(runtime.record(args.kernel_id).uid)
+        owner = _snapshot_owner(runtime, args)
         snapshots.delete(owner, args.delete)
-        print(f"Deleted snapshot {args.delete}")
+        print(f"Deleted snapshot {args.delete} of user {owner}")
         return 0
     owners = (
         [str(runtime.record(args.kernel_id).uid)]
@@ -313,6 +327,37 @@ def _snapshots(args: argparse.Namespace) -> int:
             ])  # fmt: skip
     print(table(rows) if len(rows) > 1 else "no snapshots")
     return 0
+
+
+def _snapshot_owner(runtime: Runtime, args: argparse.Namespace) -> str:
+    """Whose snapshot ``--delete NAME`` deletes: ``--owner``, else the kernel's owner,
+    else the one user who has a snapshot of that name. No live kernel is needed: a
+    user whose kernel is gone can still delete their snapshots.
+
+    Raises:
+        UsageError: several users have one of that name and none was named, or
+            nobody has it.
+    """
+    from .runtime import snapshots
+
+    if args.owner is not None:
+        if not args.owner.isdigit():
+            raise UsageError(f"--owner {args.owner!r} is not a uid; use a number, e.g. 1000")
+        return str(int(args.owner))
+    if args.kernel_id:
+        return str(runtime.record(args.kernel_id).uid)
+    snapshots.check_name(args.delete)
+    having = [o for o in snapshots.owners() if args.delete in snapshots.names(o)]
+    if len(having) > 1:
+        raise UsageError(
+            f"users {', '.join(having)} each have a snapshot named {args.delete!r}; "
+            "say whose with --owner UID"
+        )
+    if not having:
+        raise UsageError(
+            f"no user has a snapshot named {args.delete!r}; `sandbox-kernel snapshots` lists them"
+        )
+    return having[0]
 
 
 _HANDLERS: dict[str, Any] = {

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import Kernels, run_cli
+from sandbox_kernel.runtime import snapshots
+
+from .conftest import OWNER, Kernels, fresh, run_cli
 from .probe import run_cell
 
 pytestmark = pytest.mark.integration
@@ -35,3 +37,19 @@ async def test_logs_of_an_unknown_kernel() -> None:
     done = await run_cli("logs", "no-such-kernel")
     assert done.returncode == 2
     assert "no sandboxed kernel with id 'no-such-kernel'" in done.stderr
+
+
+async def test_a_snapshot_is_deleted_after_its_kernel_is_gone(
+    kernels: Kernels, make_spec, names
+) -> None:
+    km, kc = await kernels.start(make_spec())
+    name = fresh(names)
+    done = await run_cli("snapshot", km.kernel_id, name, "--files-only")
+    assert done.returncode == 0, done.stderr
+    kc.stop_channels()
+    await km.shutdown_kernel(now=True)
+    assert name in snapshots.names(OWNER)
+    done = await run_cli("snapshots", "--delete", name)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"Deleted snapshot {name} of user {OWNER}"
+    assert name not in snapshots.names(OWNER)

@@ -177,6 +177,9 @@ class FakeVolume:
         self.limits[path] = size
         return True
 
+    def check_disk_size(self, disk: int | None) -> None:
+        pass
+
     @staticmethod
     def is_subvolume(path: Path) -> bool:
         return path.is_dir()
