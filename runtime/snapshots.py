@@ -30,7 +30,7 @@ from sandbox_kernel.errors import ConfigError, SandboxError
 
 from .fsutil import DraftFolder, fsync_dir, lock_held, read_json, write_json
 from .limits import parse_size
-from .volume import compress, delete_subvolume, ensure_volume, is_subvolume
+from .volume import compress, delete_subvolume, ensure_volume, image_path, is_subvolume
 
 if TYPE_CHECKING:
     from .record import KernelRecord
@@ -109,7 +109,10 @@ def store_dir() -> Path:
 
 
 def owners() -> list[str]:
-    """Every owner that has a snapshot folder."""
+    """Every owner that has a snapshot folder. Where no volume was ever made there
+    are none, and none is made (or mounted) to say so."""
+    if not image_path().exists():
+        return []
     base = store_dir()
     return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
