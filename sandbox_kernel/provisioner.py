@@ -16,6 +16,7 @@ Selected by a kernelspec's ``metadata.kernel_provisioner``::
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         and only allowed variables of ``env`` reach the kernel.
         """
         km = self.parent
-        host_file = km.connection_file if km is not None else ""
-        argv = [CONNECTION_FILE if arg == host_file else arg for arg in cmd]
+        # jupyter_client puts the file's realpath in the command, and a
+        # MultiKernelManager whose connection_dir is relative keeps a relative one.
+        host_file = os.path.realpath(km.connection_file) if km is not None else ""
+        argv = [CONNECTION_FILE if os.path.realpath(arg) == host_file else arg for arg in cmd]
         argv.append(f"--ext={MAGICS}")
         spec_env = set(self.kernel_spec.env) if self.kernel_spec else set()
         env = allowed_env(kwargs.get("env", {}), self.env_allowlist, spec_env)

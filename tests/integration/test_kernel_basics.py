@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 
 import pytest
+from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
 from sandbox_kernel.runtime import Runtime, paths
 from sandbox_kernel.runtime.rootfs import layer_dir
@@ -144,3 +146,30 @@ async def test_logs_hold_the_kernels_stderr(kernels: Kernels, make_spec) -> None
     (await run_cell(kc, f"import sys; print({marker!r}, file=sys.__stderr__, flush=True)")).check()
     log = Runtime().log_path(km.kernel_id)
     await wait_until(lambda: marker in log.read_text(), 10, "the line in the kernel's log")
+
+
+async def test_kernels_through_a_multikernelmanager_with_a_relative_connection_dir(
+    ksm, make_spec, workdir: Path, tmp_path: Path
+) -> None:
+    """jupyter_client writes the connection file's realpath into the command; the
+    container must still get its own copy (the kernels died at start, unable to
+    write the host's path, when the manager's connection_dir was relative)."""
+    folder = tmp_path / "connections"
+    folder.mkdir()
+    mkm = AsyncMultiKernelManager(kernel_spec_manager=ksm, connection_dir=os.path.relpath(folder))
+    spec = make_spec()
+    kernel_ids = await asyncio.gather(
+        *(mkm.start_kernel(kernel_name=spec, cwd=str(workdir)) for _ in range(2))
+    )
+    clients = []
+    try:
+        for kernel_id in kernel_ids:
+            kc = mkm.get_kernel(kernel_id).client()
+            kc.start_channels()
+            clients.append(kc)
+            await kc.wait_for_ready(timeout=60)
+            assert (await run_cell(kc, "print(6 * 7)")).check().strip() == "42"
+    finally:
+        for kc in clients:
+            kc.stop_channels()
+        await mkm.shutdown_all(now=True)
