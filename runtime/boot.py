@@ -21,7 +21,7 @@ from sandbox_kernel.errors import SandboxError
 from . import paths
 from .bundle import CONTAINER_ROOT, SpecParams, make_spec, resources
 from .drivers import Drivers
-from .fsutil import read_json, write_json
+from .fsutil import give, read_json, write_json
 from .limits import parse_size
 from .network import Addresses
 from .record import KernelRecord
@@ -77,8 +77,7 @@ class Boot:
         conn_path = self.rootfs.run_dir(record.kernel_id) / "connection.json"
         conn_path.unlink(missing_ok=True)
         write_json(conn_path, inside, mode=0o400)
-        if os.geteuid() == 0:
-            os.chown(conn_path, record.uid, record.gid)
+        give(conn_path, record.uid, record.gid)
         self.rootfs.write_etc(kdir / "etc", record)
         env = {
             **env,
@@ -96,7 +95,7 @@ class Boot:
                 uid=record.uid,
                 gid=record.gid,
                 hostname=record.hostname,
-                cgroups_path=f"/{paths.cgroup_parent()}/{record.container_id}",
+                cgroups_path=f"/{paths.cgroup_of(record.container_id)}",
                 limits=record.limits,
                 fsize=record.limits.disk,
                 init=paths.tini_binary(),

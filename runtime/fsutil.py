@@ -47,6 +47,14 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+def give(path: Path, uid: int, gid: int, follow: bool = True) -> None:
+    """Make ``uid``:``gid`` the owner of ``path`` (not of a symlink's target unless
+    ``follow``). A runtime that is not root (the unit tests) cannot, and its files
+    stay its own."""
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid, follow_symlinks=follow)
+
+
 def write_json(path: Path, data: Any, mode: int = 0o600) -> None:
     """:func:`atomic_write` of ``data`` as indented JSON."""
     atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode)

@@ -47,7 +47,7 @@ class Collector:
         for kid in self.store.unreadable():
             live.add(kid)  # its container, address and files may well be in use
             removed.append(f"nothing of kernel {kid}: its record cannot be read; left alone")
-        containers = {f"{paths.PREFIX}{k}" for k in live}
+        containers = {paths.container_id(k) for k in live}
         removed += await self._containers(containers, dry_run)
         removed += await self._broken_runc_state(dry_run)
         if not dry_run and self.drivers.criu.close_stale_window():

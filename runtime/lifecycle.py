@@ -98,11 +98,6 @@ def owner_alive(owner: dict[str, int]) -> bool:
     return _process_start(owner.get("pid", 0)) == owner.get("start")
 
 
-def container_id(kernel_id: str) -> str:
-    """The runc container id (also the netns name) of kernel ``kernel_id``."""
-    return f"{paths.PREFIX}{kernel_id}"
-
-
 def _user_name(uid: int) -> str:
     try:
         name = pwd.getpwuid(uid).pw_name
@@ -234,7 +229,7 @@ class Lifecycle:
             points = layers.mountpoint_layer([*prefixes, cwd])
         user = _user_name(config.uid)
         return KernelRecord(
-            kernel_id=kernel_id, container_id=container_id(kernel_id),
+            kernel_id=kernel_id, container_id=paths.container_id(kernel_id),
             hostname=f"kernel-{kernel_id[:8]}", image=config.image,
             layers=[points, *image_layers], executable=config.executable,
             python_prefixes=[str(p) for p in prefixes], prefix_identities=identities,
@@ -436,4 +431,4 @@ class Lifecycle:
 
     def usage(self, record: KernelRecord) -> Usage | None:
         """What the kernel uses now, against its limits; None if its container is gone."""
-        return self.drivers.cgroups.usage(f"{paths.cgroup_parent()}/{record.container_id}")
+        return self.drivers.cgroups.usage(paths.cgroup_of(record.container_id))

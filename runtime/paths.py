@@ -47,6 +47,16 @@ def cgroup_parent() -> str:
     return os.environ.get("SANDBOX_KERNEL_CGROUP_PARENT", "sandbox-kernel")
 
 
+def container_id(kernel_id: str) -> str:
+    """The runc container id (also the netns name) of kernel ``kernel_id``."""
+    return f"{PREFIX}{kernel_id}"
+
+
+def cgroup_of(container_id: str) -> str:
+    """A container's cgroup, below the root of each hierarchy."""
+    return f"{cgroup_parent()}/{container_id}"
+
+
 def _require(name: str, fix: str, env: str | None = None) -> str:
     if env and os.environ.get(env):
         return os.environ[env]

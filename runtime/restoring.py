@@ -174,8 +174,8 @@ class Restorer:
         that is gone (the lock goes with its holder). Cheap when the kernel is not
         frozen: one small cgroup file is read. Called by the provisioner's ``poll``.
         """
-        cid = f"{paths.PREFIX}{kernel_id}"
-        if not self.drivers.cgroups.frozen(f"{paths.cgroup_parent()}/{cid}"):
+        cid = paths.container_id(kernel_id)
+        if not self.drivers.cgroups.frozen(paths.cgroup_of(cid)):
             return False
         with self.store.busy(kernel_id) as held:
             if held is None:

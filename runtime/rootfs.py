@@ -29,6 +29,7 @@ from sandbox_kernel.errors import ConfigError, SandboxError
 from . import hostpath, layers, paths, volume
 from .bundle import RUN_DIR, Bind
 from .drivers import Drivers
+from .fsutil import give
 from .pyenv import home_template
 from .record import KernelRecord
 
@@ -198,7 +199,7 @@ class Rootfs:
         self.volume.limit_subvolume(folder, LOG_CAP)
         log = folder / "kernel.log"
         log.touch(0o600)
-        _chown(log, record.uid, record.gid)
+        give(log, record.uid, record.gid)
 
     def trim_log(self, kernel_id: str) -> bool:
         """Keep the last :data:`LOG_KEEP` bytes of the kernel's log once it passes
@@ -260,7 +261,7 @@ class Rootfs:
         else:
             shutil.copytree(template, home, symlinks=True)
         for path in [home, *home.rglob("*")]:
-            _chown(path, record.uid, record.gid, follow=False)
+            give(path, record.uid, record.gid, follow=False)
 
     def layer_from(self, record: KernelRecord, folder: Path, meta: dict[str, object]) -> None:
         """Replace the kernel's writable layer by a writable snapshot of the files of
@@ -281,7 +282,7 @@ class Rootfs:
             (layer / sub).mkdir()
         # The merged working directory takes its owner from the upper layer's root,
         # so the kernel's user can write there even when the host folder is root's.
-        _chown(layer / "cwd", record.uid, record.gid)
+        give(layer / "cwd", record.uid, record.gid)
 
     def limit_layer(self, record: KernelRecord, inherited: int = 0) -> None:
         """Hold the kernel's writable layer to its ``disk`` size (btrfs quota).
@@ -317,7 +318,7 @@ class Rootfs:
         points = self.cgroups.hierarchies()
         if not points:
             return None
-        rel = f"{paths.cgroup_parent()}/{record.container_id}"
+        rel = paths.cgroup_of(record.container_id)
         shown = [p for p in points if set(p.name.split(",")) & SHOWN_CONTROLLERS]
         return [Bind(point / rel, str(point)) for point in shown]
 
@@ -409,10 +410,3 @@ def _host_resolv() -> str:
         return Path("/etc/resolv.conf").read_text()
     except OSError:
         return ""
-
-
-def _chown(path: Path, uid: int, gid: int, follow: bool = True) -> None:
-    """Give ``path`` to the kernel's user. A runtime that is not root (the unit tests)
-    cannot, and its files stay its own."""
-    if os.geteuid() == 0:
-        os.chown(path, uid, gid, follow_symlinks=follow)

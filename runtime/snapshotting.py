@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import shutil
 import stat
 import time
@@ -27,6 +26,7 @@ from sandbox_kernel.errors import RequirementMissing, SandboxError
 from . import bases, dedupe, hostpath, layers, snapshots
 from .boot import Boot, fresh_work
 from .drivers import Drivers
+from .fsutil import give
 from .record import KernelRecord, Start
 from .rootfs import (
     Rootfs,
@@ -180,8 +180,7 @@ class Snapshotter:
         # it has even written the namespace's maps: the folder runc made (root's,
         # 0600) becomes the kernel user's, and searchable by all. The images are
         # 0644, and the snapshot's own folder stays root's alone (0700).
-        if os.geteuid() == 0:
-            os.chown(draft.criu_dir, record.uid, record.gid)
+        give(draft.criu_dir, record.uid, record.gid)
         draft.criu_dir.chmod(0o711)
         return "live", ""
 

@@ -24,7 +24,7 @@ from sandbox_kernel.errors import ConfigError, KernelNotFound
 
 from . import paths
 from .bundle import CONTAINER_ROOT
-from .fsutil import aflocked, flocked, read_json, write_json
+from .fsutil import aflocked, flocked, give, read_json, write_json
 from .record import KernelRecord
 
 T = TypeVar("T")
@@ -52,8 +52,7 @@ def private_folder(folder: Path) -> None:
     ownership.
     """
     folder.mkdir(mode=0o700, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(folder, 0, CONTAINER_ROOT)
+    give(folder, 0, CONTAINER_ROOT)
     os.chmod(folder, 0o710)
 
 
