@@ -16,6 +16,7 @@ from . import paths, snapshots
 from .drivers import Drivers
 from .fsutil import read_json
 from .lifecycle import owner_alive
+from .record import KernelRecord
 from .rootfs import Rootfs
 from .store import KernelStore
 
@@ -43,8 +44,9 @@ class Collector:
         namespaces, veths, address reservations, mounts and cgroups that no kernel
         record claims, and layers that no image or kernel references.
         """
-        removed, live = await self._orphan_kernels(dry_run)
-        for kid in self.store.unreadable():
+        records, unreadable = self.store.scan()
+        removed, live = await self._orphan_kernels(records, dry_run)
+        for kid in unreadable:
             live.add(kid)  # its container, address and files may well be in use
             removed.append(f"nothing of kernel {kid}: its record cannot be read; left alone")
         containers = {paths.container_id(k) for k in live}
@@ -61,11 +63,13 @@ class Collector:
         removed += await asyncio.to_thread(self._layers, dry_run)
         return removed
 
-    async def _orphan_kernels(self, dry_run: bool) -> tuple[list[str], set[str]]:
+    async def _orphan_kernels(
+        self, records: list[KernelRecord], dry_run: bool
+    ) -> tuple[list[str], set[str]]:
         """Kernels whose server is gone, removed whole; and the ids of those left."""
         removed: list[str] = []
         live: set[str] = set()
-        for record in self.store.records():
+        for record in records:
             kid = record.kernel_id
             if owner_alive(record.owner):
                 live.add(kid)

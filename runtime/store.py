@@ -86,30 +86,24 @@ class KernelStore:
         return KernelRecord.from_dict(data)
 
     def records(self) -> list[KernelRecord]:
-        """Records of every kernel, oldest first; unreadable ones are left out (gc
-        sweeps their folders)."""
-        found = []
+        """Records of every kernel, oldest first; unreadable ones are left out (see
+        :meth:`scan`)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[KernelRecord], list[str]]:
+        """One pass over every kernel folder: the records, oldest first, and the ids
+        of kernels whose ``record.json`` exists but cannot be read as a record
+        (written by a later version, or damaged), which nothing may treat as gone."""
+        found, unreadable = [], []
         if paths.kernels_dir().is_dir():
             for entry in paths.kernels_dir().iterdir():
                 try:
                     found.append(KernelRecord.from_dict(read_json(entry / "record.json")))
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-        return sorted(found, key=lambda r: r.created)
-
-    def unreadable(self) -> list[str]:
-        """Ids of kernels whose ``record.json`` exists but cannot be read as a record
-        (written by a later version, or damaged). Nothing may treat them as gone."""
-        found = []
-        if paths.kernels_dir().is_dir():
-            for entry in paths.kernels_dir().iterdir():
-                try:
-                    KernelRecord.from_dict(read_json(entry / "record.json"))
                 except FileNotFoundError:
                     continue
                 except (OSError, ValueError, KeyError, TypeError):
-                    found.append(entry.name)
-        return found
+                    unreadable.append(entry.name)
+        return sorted(found, key=lambda r: r.created), unreadable
 
     def layers_in_use(self) -> set[str]:
         """The image layers every kernel's record names, readable records or not."""
