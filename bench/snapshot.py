@@ -162,6 +162,7 @@ class Phases:
         (snapshots, "check_folder", "verify (read or sha256 every image)"),
         (snapshots.Draft, "commit", "commit (sha256 + fsync of every image, rename)"),
         (_SNAPSHOTTING, "tree_bytes", "count file bytes"),
+        (_SNAPSHOTTING, "tree_sizes", "count file bytes"),
         (Rootfs, "mount", "mount overlays"),
         (Rootfs, "unmount", "unmount overlays"),
         (dedupe, "share_with_parent", "share unchanged pages with the parent"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,18 +144,29 @@ def check_disk(record: KernelRecord, inherited: int, what: str) -> None:
         )  # fmt: skip
 
 
+def tree_sizes(root: Path) -> tuple[int, int]:
+    """In one walk below ``root``: the bytes in its regular files, and the bytes of
+    blocks its files and folders take (sparse holes excluded)."""
+    size = blocks = 0
+    for path in root.rglob("*"):
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            size += st.st_size
+        blocks += st.st_blocks * 512
+    return size, blocks
+
+
 def allocated_bytes(root: Path) -> int:
     """Bytes of blocks the files and folders below ``root`` take (sparse holes excluded)."""
-    total = 0
-    for path in root.rglob("*"):
-        with contextlib.suppress(OSError):
-            total += path.lstat().st_blocks * 512
-    return total
+    return tree_sizes(root)[1]
 
 
 def tree_bytes(root: Path) -> int:
     """Bytes in the regular files below ``root``."""
-    return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    return tree_sizes(root)[0]
 
 
 def inherited_bytes(meta: dict[str, object], folder: Path) -> int:

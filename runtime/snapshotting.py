@@ -28,12 +28,7 @@ from .boot import Boot, fresh_work
 from .drivers import Drivers
 from .fsutil import give
 from .record import KernelRecord, Start
-from .rootfs import (
-    Rootfs,
-    allocated_bytes,
-    checked_cwd,
-    tree_bytes,
-)
+from .rootfs import Rootfs, checked_cwd, tree_bytes, tree_sizes
 from .store import KernelStore
 
 
@@ -217,6 +212,7 @@ class Snapshotter:
         record: KernelRecord, draft: snapshots.Draft, dump: Dump, message: str, memory: int
     ) -> dict[str, Any]:
         """The new snapshot's meta (without its timing and sharing)."""
+        file_bytes, layer_bytes = await asyncio.to_thread(tree_sizes, draft.files)
         return {
             "created": time.time(),
             "message": message,
@@ -234,9 +230,9 @@ class Snapshotter:
             "cwd_inside": record.cwd_inside,
             # The host folder: kernels elsewhere do not see this snapshot.
             "cwd": record.cwd,
-            "file_bytes": await asyncio.to_thread(tree_bytes, draft.files),
+            "file_bytes": file_bytes,
             # Blocks of the files: what a restore brings against `disk`.
-            "layer_bytes": await asyncio.to_thread(allocated_bytes, draft.files),
+            "layer_bytes": layer_bytes,
             "memory_bytes": memory,
             "paused_seconds": round(dump.paused, 4),
             "seconds": 0.0,

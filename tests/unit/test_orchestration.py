@@ -27,7 +27,7 @@ from sandbox_kernel.runtime.fsutil import write_json
 from sandbox_kernel.runtime.lifecycle import KernelConfig
 from sandbox_kernel.runtime.limits import Limits
 from sandbox_kernel.runtime.record import Start
-from sandbox_kernel.runtime.rootfs import Rootfs
+from sandbox_kernel.runtime.rootfs import Rootfs, allocated_bytes, tree_bytes, tree_sizes
 from sandbox_kernel.runtime.runtime import Runtime
 
 from .fakes import Crash, Fakes, fake_drivers
@@ -428,3 +428,13 @@ async def test_a_snapshot_after_its_parent_was_deleted(fakes: Fakes, tmp_path: P
     assert meta["mode"] == "live" and meta["parent"] == "s1"
     assert meta["shared_bytes"] == 0 and meta["shared_with"] == {}
     assert runtime.record("k1").snapshot == "s2"
+
+
+def test_tree_sizes_counts_regular_files_and_every_block(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data").write_bytes(b"x" * 10_000)
+    (tmp_path / "link").symlink_to("sub/data")
+    size, blocks = tree_sizes(tmp_path)
+    assert size == 10_000  # the symlink is not counted again
+    assert blocks >= 10_000
+    assert (size, blocks) == (tree_bytes(tmp_path), allocated_bytes(tmp_path))
