@@ -245,9 +245,11 @@ class Snapshotter:
         oldest first, and its owner's use of the store against the limit:
         ``{"snapshots": [meta, ...], "store": snapshots.usage(...)}``."""
         record = self.store.load(kernel_id)
+        owner = str(record.uid)
+        metas = snapshots.listing(owner)  # read once, for both answers
         return {
-            "snapshots": snapshots.visible_listing(record),
-            "store": snapshots.usage(str(record.uid)),
+            "snapshots": [m for m in metas if snapshots.visible_to(m, record)],
+            "store": snapshots.usage(owner, {m["name"]: m for m in metas}),
         }
 
     def delete(self, kernel_id: str, name: str) -> None:
