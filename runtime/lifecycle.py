@@ -22,6 +22,7 @@ from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
 from . import bases, hostpath, layers, paths
 from .boot import Boot
 from .bundle import CONTAINER_ROOT
+from .callers import Caller, as_caller
 from .cgroups import Usage
 from .drivers import Drivers
 from .limits import Limits
@@ -51,6 +52,9 @@ class KernelConfig:
             (except for a kernel started from a base: see ``bases.py``).
         executable: the kernel's Python; its environment is bound in read-only.
         base: the id of the base snapshot new kernels start from, or empty.
+        caller: who asked (see ``service.py``): the kernel is theirs, their process
+            owns it, and ``cwd`` and ``executable`` are opened with their
+            credentials. None: this process.
     """
 
     image: str
@@ -61,6 +65,7 @@ class KernelConfig:
     cwd: str
     executable: str
     base: str = ""
+    caller: Caller | None = None
 
 
 def default_uid(cwd: str, fallback: int = 65534) -> int:
@@ -78,6 +83,39 @@ def default_uid(cwd: str, fallback: int = 65534) -> int:
     return owner if owner != 0 else fallback
 
 
+def check_caller_access(config: KernelConfig, cwd: hostpath.Identity) -> None:
+    """Refuse a working folder the caller cannot read and enter, or a Python they
+    cannot run. Called as the caller (see :func:`~.callers.as_caller`).
+
+    Raises:
+        ConfigError: naming the path and the fix.
+    """
+    try:
+        fd = os.open(config.cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise ConfigError(
+            "working directory", config.cwd,
+            f"cannot be read by you ({err.strerror}); start from a folder you own",
+        ) from None  # fmt: skip
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (cwd.dev, cwd.ino) or not os.access(
+            ".", os.X_OK, dir_fd=fd, effective_ids=True
+        ):
+            raise ConfigError(
+                "working directory", config.cwd,
+                "cannot be entered by you, or changed while it was checked; "
+                "start from a folder you own",
+            )  # fmt: skip
+    finally:
+        os.close(fd)
+    if not os.access(config.executable, os.X_OK, effective_ids=True):
+        raise ConfigError(
+            "kernel executable", config.executable,
+            "cannot be run by you; point the kernelspec at a Python you can run",
+        )  # fmt: skip
+
+
 def _process_start(pid: int) -> int | None:
     """The start time of ``pid`` in clock ticks since boot, or None if it is gone."""
     try:
@@ -87,9 +125,10 @@ def _process_start(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def owner_token() -> dict[str, int]:
-    """Identifies this process even after its pid is reused: pid and start time."""
-    pid = os.getpid()
+def owner_token(pid: int | None = None) -> dict[str, int]:
+    """Identifies process ``pid`` (default: this one) even after its pid is reused:
+    pid and start time."""
+    pid = os.getpid() if pid is None else pid
     return {"pid": pid, "start": _process_start(pid) or 0}
 
 
@@ -183,7 +222,7 @@ class Lifecycle:
         """
         kdir = self.store.kernel_dir(kernel_id)
         if self.store.exists(kernel_id):
-            return self.adopt(kernel_id)
+            return self.adopt(kernel_id, config.caller.pid if config.caller else None)
         record = self._new_record(kernel_id, config)
         paths.state_dir().mkdir(parents=True, exist_ok=True)
         private_folder(paths.kernels_dir())
@@ -218,9 +257,12 @@ class Lifecycle:
                     what, str(value),
                     "is the host id that root inside every kernel maps to; choose another",
                 )  # fmt: skip
-        cwd, cwd_identity = check_cwd(config.cwd)
-        prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
-        identities = [hostpath.first_use(str(p), "Python prefix")[0] for p in prefixes]
+        with as_caller(config.caller):
+            cwd, cwd_identity = check_cwd(config.cwd)
+            if config.caller is not None and not config.caller.is_root:
+                check_caller_access(config, cwd_identity)
+            prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
+            identities = [hostpath.first_use(str(p), "Python prefix")[0] for p in prefixes]
         image_layers = layers.image_layers(config.image)
         base, why_cold, inside = fitting_base(config, [str(p) for p in prefixes])
         points = layers.mountpoint_layer([*prefixes, Path(inside)])
@@ -239,21 +281,24 @@ class Lifecycle:
             limits=config.limits, ceiling=config.limits,
             network=config.network, index=-1, kernel_ip="",
             uid=config.uid, gid=config.gid, user=user, home=f"/home/{user}",
-            created=time.time(), owner=owner_token(),
+            created=time.time(),
+            owner=owner_token(config.caller.pid if config.caller else None),
+            owner_uid=config.caller.uid if config.caller else config.uid,
             base=base["id"] if base else None, base_note=why_cold,
             # A kernel with no base to try says so from the start: one write less.
             start=Start.PENDING if base or why_cold else Start.IMAGE,
         )  # fmt: skip
 
-    def adopt(self, kernel_id: str) -> KernelRecord:
-        """Make this process the owner of a kernel another process started.
+    def adopt(self, kernel_id: str, pid: int | None = None) -> KernelRecord:
+        """Make process ``pid`` (default: this one) the owner of a kernel another
+        process started.
 
         Called by ``load_provisioner_info`` when a restarted server re-adopts its
         kernels; ``gc`` leaves kernels with a live owner alone.
         """
 
         def take(record: KernelRecord) -> KernelRecord:
-            record.owner = owner_token()
+            record.owner = owner_token(pid)
             record.adopt()
             return record
 

@@ -35,7 +35,7 @@ def parse_size(value: str | int, what: str = "memory limit", minimum: int = 1) -
     Raises:
         ConfigError: the value is not a size, or is below ``minimum`` bytes.
     """
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(what, value, "is not a size; use a number with K, M or G, e.g. 2G")
     if isinstance(value, int):
         size = value

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sandbox_kernel.errors import ConfigError
 
@@ -78,33 +81,59 @@ _HOME_SCRIPT = (
 )
 
 
-def home_template(executable: str, store: Path) -> Path | None:
+def home_template(executable: str, store: Path, uid: int = 0, gid: int = 0) -> Path | None:
     """A home folder with IPython's profile and history database already made.
 
     Copied into each new kernel's home, so its first start does not have to make
     them (with the fsyncs of a new sqlite database, that costs about 45 ms here).
-    Made once per Python under ``store`` and reused; None if that Python cannot
-    make one (then the kernel makes its own at start, only slower).
+    Made once per Python and user under ``store`` and reused; None if that Python
+    cannot make one (then the kernel makes its own at start, only slower).
+
+    The Python is the user's, so it runs as the kernel's user ``uid``:``gid``, never
+    as root. What it made is then checked (folders, regular files with one link
+    and symlinks only: no FIFO that would hang a copy, no hard link to a file the
+    user could not read) and given to root, so the user cannot change it later.
     """
-    key = hashlib.sha256(str(Path(executable).absolute()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{Path(executable).absolute()}\0{uid}".encode()).hexdigest()[:16]
     target = store / key
     if target.is_dir():
         return target
     store.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=store, prefix=".building-"))
+    as_user = os.geteuid() == 0 and uid != 0
+    if as_user:
+        os.chown(tmp, uid, gid)
     env = {"HOME": str(tmp), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    ids: dict[str, Any] = {"user": uid, "group": gid, "extra_groups": []} if as_user else {}
     try:
         done = subprocess.run(
             [executable, "-c", _HOME_SCRIPT], env=env, cwd=tmp,
-            capture_output=True, timeout=60, check=False,
+            capture_output=True, timeout=60, check=False, **ids,
         )  # fmt: skip
-        if done.returncode != 0:
+        if done.returncode != 0 or not _plain_tree(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             return None
+        if as_user:
+            for path in [tmp, *tmp.rglob("*")]:
+                os.lchown(path, 0, 0)
         tmp.rename(target)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process made it first
+    except (OSError, subprocess.SubprocessError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if target.is_dir():
+            return target  # another process made it first
+        return None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _plain_tree(root: Path) -> bool:
+    """Whether ``root`` holds only folders, symlinks and files with a single link."""
+    for path in root.rglob("*"):
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+    return True

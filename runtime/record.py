@@ -60,6 +60,8 @@ class KernelRecord:
         uid, gid, user, home: who the kernel runs as.
         created: seconds since the epoch.
         owner: the process that owns the kernel: ``{"pid", "start"}``.
+        owner_uid: the user the kernel belongs to: who asked the daemon for it, or
+            for a root server's kernel (and a record of an earlier version) its uid.
     """
 
     kernel_id: str
@@ -89,7 +91,13 @@ class KernelRecord:
     base_note: str = ""
     snapshot: str | None = None
     restoring: str | None = None
+    owner_uid: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def belongs_to(self) -> int:
+        """The uid of the user the kernel belongs to (see ``owner_uid``)."""
+        return self.uid if self.owner_uid is None else self.owner_uid
 
     # ---- the start's state machine ------------------------------------------------
 

@@ -184,12 +184,12 @@ class Rootfs:
     def __init__(
         self,
         drivers: Drivers,
-        make_home: Callable[[str, Path], Path | None] = home_template,
+        make_home: Callable[[str, Path, int, int], Path | None] = home_template,
     ) -> None:
         self.volume = drivers.volume
         self.mounts = drivers.mounts
         self.cgroups = drivers.cgroups
-        #: ``(executable, store) -> folder``: a home with IPython's profile made.
+        #: ``(executable, store, uid, gid) -> folder``: a home with IPython's profile made.
         self.make_home = make_home
 
     def layer_dir(self, kernel_id: str) -> Path:
@@ -267,7 +267,9 @@ class Rootfs:
         home = self.layer_dir(record.kernel_id) / "root" / record.home.lstrip("/")
         home.parent.mkdir(parents=True)
         os.chmod(home.parent, 0o755)
-        template = self.make_home(record.executable, paths.state_dir() / "homes")
+        template = self.make_home(
+            record.executable, paths.state_dir() / "homes", record.uid, record.gid
+        )
         if template is None:
             home.mkdir()
         else:

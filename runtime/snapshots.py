@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,10 +206,16 @@ DEFAULT_QUOTA_BYTES = 20 << 30
 DEFAULT_QUOTA_COUNT = 100
 
 
-def quota() -> tuple[int, int]:
-    """The most bytes and snapshots one owner may keep: ``$SANDBOX_KERNEL_SNAPSHOT_QUOTA``
-    (a size, default 20G) and ``$SANDBOX_KERNEL_SNAPSHOT_COUNT`` (default 100). Set by
-    the operator in the server's environment; a kernel cannot change them.
+#: Set by the daemon: ``owner -> (bytes, count)`` from its per-user quotas (None:
+#: unlimited).
+QUOTA_SOURCE: Callable[[str], tuple[int | None, int | None]] | None = None
+
+
+def quota(owner: str | None = None) -> tuple[int, int]:
+    """The most bytes and snapshots ``owner`` may keep: the daemon's quotas for them
+    (:data:`QUOTA_SOURCE`), else ``$SANDBOX_KERNEL_SNAPSHOT_QUOTA`` (a size, default
+    20G) and ``$SANDBOX_KERNEL_SNAPSHOT_COUNT`` (default 100). Set by the operator; a
+    kernel cannot change them.
 
     Raises:
         ConfigError: a value is not a size or a whole number.
@@ -224,6 +231,10 @@ def quota() -> tuple[int, int]:
         raise ConfigError(
             "SANDBOX_KERNEL_SNAPSHOT_COUNT", text, "is not a whole number; use e.g. 100"
         ) from None
+    if QUOTA_SOURCE is not None and owner is not None:
+        own_size, own_count = QUOTA_SOURCE(owner)
+        size = 1 << 62 if own_size is None else own_size
+        count = 1 << 31 if own_count is None else own_count
     return size, count
 
 
@@ -259,7 +270,7 @@ def usage(owner: str, metas: dict[str, dict[str, Any]] | None = None) -> dict[st
     ``quota_bytes`` and ``quota_count``. ``metas``: the owner's snapshots by name,
     if the caller has read them already."""
     metas = _by_name(owner) if metas is None else metas
-    size, count = quota()
+    size, count = quota(owner)
     return {
         "bytes": sum(charged_bytes(m, metas) for m in metas.values()),
         "count": len(metas),

@@ -9,17 +9,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import logging
 import os
+import pwd
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .daemon_client import START_HINT, DaemonClient, daemon_running
 from .display import format_size, table
-from .errors import ConfigError, ImageNotFound, KernelNotFound, SandboxError
-from .runtime import Limits, Runtime, volume
+from .errors import ConfigError, ImageNotFound, KernelNotFound, QuotaError, SandboxError
+from .runtime import Limits, volume
 from .runtime.network import NETWORK_MODES
+from .runtime.quotas import DEFAULT_CONFIG, DEFAULT_SOCKET
+
+#: Where ``daemon --detach`` writes the daemon's log unless told otherwise.
+DEFAULT_LOG = "/var/log/sandbox-kernel/daemon.log"
+#: Seconds ``daemon --detach`` waits for the daemon to answer.
+DETACH_TIMEOUT = 60.0
 
 
 class UsageError(SandboxError):
@@ -95,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="remove what crashed servers and kernels left behind")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+
+    p = sub.add_parser("daemon", help="run the root service of a shared server (see README)")
+    p.add_argument("--config", help=f"its config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--socket", help=f"where to listen (default {DEFAULT_SOCKET})")
+    p.add_argument("--pid-file", help="the pid file, also its lock (default beside the socket)")
+    p.add_argument("--detach", action="store_true", help="run in the background")
+    p.add_argument(
+        "--log", default=DEFAULT_LOG, help=f"with --detach: its log (default {DEFAULT_LOG})"
+    )
+
+    sub.add_parser("events", help="follow your kernels' events from the daemon (JSON lines)")
     return parser
 
 
@@ -103,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return int(_HANDLERS[args.command](args))
-    except (UsageError, ConfigError, KernelNotFound, ImageNotFound, LookupError) as err:
+    except (UsageError, ConfigError, KernelNotFound, ImageNotFound, QuotaError, LookupError) as err:
         print(f"sandbox-kernel: {err}", file=sys.stderr)
         return 2
     except SandboxError as err:
@@ -114,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # The runtime's state is root's alone (other users' kernels are in it).
         print(
-            f"sandbox-kernel: {args.command} needs root ({err.strerror}: {err.filename}); "
-            f"run it as root, e.g. sudo sandbox-kernel {args.command} ...",
+            f"sandbox-kernel: {args.command} needs root or the sandbox-kernel daemon "
+            f"({err.strerror}: {err.filename}); start the daemon ({START_HINT}) or run "
+            f"it as root, e.g. sudo sandbox-kernel {args.command} ...",
             file=sys.stderr,
         )
         return 2
@@ -176,36 +201,66 @@ def _install_criu(args: argparse.Namespace) -> int:
     return 0
 
 
+class Ops:
+    """The runtime's operations for this command: in this process for root, else
+    through the daemon, as this user (see ``runtime/service.py``). Without a daemon
+    a user may still act in-process on a state folder of their own
+    (``$SANDBOX_KERNEL_STATE_DIR``)."""
+
+    def __init__(self) -> None:
+        self.client: DaemonClient | None = None
+        if os.geteuid() != 0 and daemon_running():
+            self.client = DaemonClient()
+
+    def __call__(self, op: str, progress: Callable[[str], None] | None = None, **args: Any) -> Any:
+        if self.client is not None:
+            return self.client.call_sync(op, progress, **args)
+        from .runtime.callers import Caller
+        from .runtime.service import KernelService
+
+        async def call() -> Any:
+            return await KernelService().call(Caller.of_process(), op, args, progress)
+
+        return asyncio.run(call())
+
+
 def _ps(args: argparse.Namespace) -> int:
-    runtime = Runtime()
-    records = runtime.records()
-    if not records:
+    ops = Ops()
+    start = time.monotonic()
+    first = {k["kernel_id"]: k["usage"] for k in ops("kernels")}
+    if not first:
         print("no kernel containers")
         return 0
-    first = {r.kernel_id: runtime.usage(r) for r in records}
-    start = time.monotonic()
-    time.sleep(0.25)
+    time.sleep(max(0.0, 0.25 - (time.monotonic() - start)))
     elapsed = time.monotonic() - start
-    rows = [["KERNEL ID", "STATUS", "IMAGE", "MEMORY", "CPU", "PIDS", "NETWORK", "AGE"]]
-    for record in records:
-        kid = record.kernel_id
-        use, before = runtime.usage(record), first[kid]
+    rows = [["KERNEL ID", "USER", "STATUS", "IMAGE", "MEMORY", "CPU", "PIDS", "NETWORK", "AGE"]]
+    for kernel in ops("kernels"):
+        kid, limits = kernel["kernel_id"], kernel["limits"]
+        use, before = kernel["usage"], first.get(kid)
+        user = _user(kernel["owner_uid"])
         if use is None or before is None:
-            rows.append([kid, "stopped", record.image, "-", "-", "-", record.network,
-                         _age(record.created)])  # fmt: skip
+            rows.append([kid, user, "stopped", kernel["image"], "-", "-", "-", kernel["network"],
+                         _age(kernel["created"])])  # fmt: skip
             continue
         cpu = "-"
-        if use.cpu_seconds is not None and before.cpu_seconds is not None:
-            cpu = f"{(use.cpu_seconds - before.cpu_seconds) / elapsed * 100:.0f}%"
-        cpu += f" / {record.limits.cpus or '-'}"
+        if use["cpu_seconds"] is not None and before["cpu_seconds"] is not None:
+            cpu = f"{(use['cpu_seconds'] - before['cpu_seconds']) / elapsed * 100:.0f}%"
+        cpu += f" / {limits.get('cpus') or '-'}"
         rows.append([
-            kid, "running", record.image,
-            f"{format_size(use.memory)} / {format_size(use.memory_limit)}",
-            cpu, f"{use.pids} / {use.pids_limit or '-'}", record.network,
-            _age(record.created),
+            kid, user, "running", kernel["image"],
+            f"{format_size(use['memory'])} / {format_size(use['memory_limit'])}",
+            cpu, f"{use['pids']} / {use['pids_limit'] or '-'}", kernel["network"],
+            _age(kernel["created"]),
         ])  # fmt: skip
     print(table(rows))
     return 0
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _age(created: float) -> str:
@@ -217,29 +272,21 @@ def _age(created: float) -> str:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    text = Runtime().log_path(args.kernel_id).read_text(errors="replace")
-    lines = text.splitlines()
-    if args.tail is not None:
-        lines = lines[-args.tail :] if args.tail > 0 else []
-    print("\n".join(lines))
+    print(Ops()("logs", kernel_id=args.kernel_id, tail=args.tail))
     return 0
 
 
 def _limits(args: argparse.Namespace) -> int:
-    runtime = Runtime()
     change = Limits.parse(memory=args.memory, cpus=args.cpus, pids=args.pids)
-    if change == Limits():
-        limits = runtime.record(args.kernel_id).limits
-    else:
-        # The operator (root) may go above the kernelspec's ceiling; a kernel may not.
-        operator = os.geteuid() == 0
-        limits = asyncio.run(runtime.update_limits(args.kernel_id, change, operator=operator))
+    # Root (or the daemon's admin group) may go above the kernelspec's ceiling; the
+    # kernel's owner may not, and stays within their quotas.
+    limits = Limits.from_dict(Ops()("limits", kernel_id=args.kernel_id, limits=change.to_dict()))
     print(f"kernel {args.kernel_id}: {limits.describe()}")
     return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
-    removed = asyncio.run(Runtime().gc(dry_run=args.dry_run))
+    removed = Ops()("gc", dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for line in removed:
         print(f"{verb} {line}")
@@ -252,11 +299,10 @@ def _snapshot(args: argparse.Namespace) -> int:
     def progress(text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
 
-    meta = asyncio.run(
-        Runtime().snapshot(
-            args.kernel_id, args.name, args.message, live=not args.files_only, progress=progress
-        )
-    )
+    meta = Ops()(
+        "snapshot", progress, kernel_id=args.kernel_id, name=args.name,
+        message=args.message, live=not args.files_only,
+    )  # fmt: skip
     memory, files = format_size(meta["memory_bytes"]), format_size(meta["file_bytes"])
     print(
         f"Snapshot {meta['name']} of kernel {args.kernel_id}: mode {meta['mode']}, "
@@ -270,7 +316,7 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    done = asyncio.run(Runtime().restore(args.kernel_id, args.name))
+    done = Ops()("restore", kernel_id=args.kernel_id, name=args.name)
     print(f"Kernel {args.kernel_id} restored to {args.name} ({done['mode']}) "
           f"in {time.monotonic() - started:.2f} s")  # fmt: skip
     if done["reason"]:
@@ -279,20 +325,19 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _reset(args: argparse.Namespace) -> int:
-    asyncio.run(Runtime().reset(args.kernel_id))
+    Ops()("reset", kernel_id=args.kernel_id)
     print(f"Kernel {args.kernel_id} restarted on the image's pristine files")
     return 0
 
 
 def _bases(args: argparse.Namespace) -> int:
-    from .runtime import bases
-
+    ops = Ops()
     if args.delete:
-        bases.delete(args.delete)
+        ops("delete_base", base_id=args.delete)
         print(f"Deleted base {args.delete}; kernelspecs naming it start kernels cold")
         return 0
     rows = [["ID", "SNAPSHOT", "OWNER", "CREATED", "MEMORY", "WORKING FOLDER"]]
-    for meta in bases.listing():
+    for meta in ops("bases"):
         rows.append([
             meta["id"], meta["snapshot"], meta["snapshot_owner"],
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"])),
@@ -303,61 +348,80 @@ def _bases(args: argparse.Namespace) -> int:
 
 
 def _snapshots(args: argparse.Namespace) -> int:
-    from .runtime import snapshots
-
-    runtime = Runtime()
+    ops = Ops()
     if args.delete:
-        owner = _snapshot_owner(runtime, args)
-        snapshots.delete(owner, args.delete)
+        if args.owner is not None and not args.owner.isdigit():
+            raise UsageError(f"--owner {args.owner!r} is not a uid; use a number, e.g. 1000")
+        owner = ops("delete_snapshot", name=args.delete, kernel_id=args.kernel_id, owner=args.owner)
         print(f"Deleted snapshot {args.delete} of user {owner}")
         return 0
-    owners = (
-        [str(runtime.record(args.kernel_id).uid)]
-        if args.kernel_id
-        else sorted({str(r.uid) for r in runtime.records()} | set(snapshots.owners()))
-    )
     rows = [["OWNER", "NAME", "CREATED", "MODE", "MEMORY", "FILES", "PARENT", "MESSAGE"]]
-    for owner in owners:
-        for meta in snapshots.listing(owner):
-            rows.append([
-                owner, meta["name"],
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"])),
-                meta["mode"], format_size(meta["memory_bytes"]), format_size(meta["file_bytes"]),
-                meta["parent"] or "-", meta["message"],
-            ])  # fmt: skip
+    for owner, meta in ops("snapshots", kernel_id=args.kernel_id):
+        rows.append([
+            owner, meta["name"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"])),
+            meta["mode"], format_size(meta["memory_bytes"]), format_size(meta["file_bytes"]),
+            meta["parent"] or "-", meta["message"],
+        ])  # fmt: skip
     print(table(rows) if len(rows) > 1 else "no snapshots")
     return 0
 
 
-def _snapshot_owner(runtime: Runtime, args: argparse.Namespace) -> str:
-    """Whose snapshot ``--delete NAME`` deletes: ``--owner``, else the kernel's owner,
-    else the one user who has a snapshot of that name. No live kernel is needed: a
-    user whose kernel is gone can still delete their snapshots.
+def _daemon(args: argparse.Namespace) -> int:
+    from .runtime import daemon
+    from .runtime.quotas import DaemonConfig
 
-    Raises:
-        UsageError: several users have one of that name and none was named, or
-            nobody has it.
-    """
-    from .runtime import snapshots
+    config = DaemonConfig.load(Path(args.config) if args.config else None)
+    if args.socket:
+        config.socket = args.socket
+    pid_file = Path(args.pid_file) if args.pid_file else daemon.default_pid_file(config.socket)
+    if args.detach:
+        return _detach(args, config.socket, pid_file)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return daemon.run(config, pid_file)
 
-    if args.owner is not None:
-        if not args.owner.isdigit():
-            raise UsageError(f"--owner {args.owner!r} is not a uid; use a number, e.g. 1000")
-        return str(int(args.owner))
-    if args.kernel_id:
-        return str(runtime.record(args.kernel_id).uid)
-    snapshots.check_name(args.delete)
-    having = [o for o in snapshots.owners() if args.delete in snapshots.names(o)]
-    if len(having) > 1:
-        raise UsageError(
-            f"users {', '.join(having)} each have a snapshot named {args.delete!r}; "
-            "say whose with --owner UID"
+
+def _detach(args: argparse.Namespace, socket_file: str, pid_file: Path) -> int:
+    """Start the daemon in the background, its output in ``--log``; return once it
+    answers, or fail with the end of its log."""
+    argv = [sys.executable, "-m", "sandbox_kernel.cli", "daemon", "--pid-file", str(pid_file)]
+    if args.config:
+        argv += ["--config", args.config]
+    if args.socket:
+        argv += ["--socket", args.socket]
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
-    if not having:
-        raise UsageError(
-            f"no user has a snapshot named {args.delete!r}; `sandbox-kernel snapshots` lists them"
-        )
-    return having[0]
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    client = DaemonClient(socket_file)
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = log.read_text(errors="replace").splitlines()[-5:]
+            raise SandboxError("the daemon did not start:\n  " + "\n  ".join(tail))
+        try:
+            client.call_sync("whoami")
+        except SandboxError:
+            time.sleep(0.05)  # polling a child we started; it reports no readiness
+            continue
+        print(f"sandbox-kernel daemon runs, pid {child.pid}, socket {socket_file}, log {log}")
+        return 0
+    child.kill()
+    raise SandboxError(f"the daemon did not answer within {DETACH_TIMEOUT:.0f} s; see {log}")
+
+
+def _events(args: argparse.Namespace) -> int:
+    async def follow() -> None:
+        async for event in DaemonClient().events():
+            print(json.dumps(event), flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(follow())
+    return 0
 
 
 _HANDLERS: dict[str, Any] = {
@@ -373,6 +437,8 @@ _HANDLERS: dict[str, Any] = {
     "logs": _logs,
     "limits": _limits,
     "gc": _gc,
+    "daemon": _daemon,
+    "events": _events,
 }
 
 

@@ -89,3 +89,24 @@ class RequirementMissing(SandboxError):
         self.what = what
         self.fix = fix
         super().__init__(f"{what} is missing; fix it with: {fix}")
+
+
+class QuotaError(SandboxError, ValueError):
+    """A request would take a user past one of their quotas (the daemon's config).
+    Nothing already running or stored is touched.
+
+    Attributes:
+        quota: the quota's name in the config, e.g. ``kernels``.
+        limit: its value for the user, as people read it.
+    """
+
+    def __init__(self, quota: str, limit: str, problem: str) -> None:
+        self.quota = quota
+        self.limit = limit
+        super().__init__(
+            f"quota {quota} = {limit}: {problem}; ask the server's operator to raise it"
+        )
+
+
+class DaemonError(SandboxError):
+    """The daemon cannot be reached, or answered with something that is no reply."""

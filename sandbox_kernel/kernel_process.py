@@ -15,9 +15,8 @@ import os
 import signal
 from typing import Any
 
-from .display import format_size
+from .backends import Backend
 from .errors import SandboxError
-from .runtime import Runtime
 from .runtime.process import has_exited, wait_exit
 
 
@@ -38,11 +37,11 @@ class KernelProcess:
 
     def __init__(
         self,
-        runtime: Runtime,
+        backend: Backend,
         kernel_id: str,
         log: logging.Logger | logging.LoggerAdapter[Any],
     ) -> None:
-        self.runtime = runtime
+        self.backend = backend
         self.kernel_id = kernel_id
         self.log = log
         self.pid: int | None = None
@@ -71,10 +70,11 @@ class KernelProcess:
             except ProcessLookupError:
                 self._pidfd = None  # already gone: poll() reports the exit
 
-    async def adopt(self, pid: int) -> None:
-        """Follow the kernel's new process after a restore or reset by its magic.
-        The control server's callback."""
-        self.track(pid)
+    def adopt(self, pid: int) -> None:
+        """Follow the kernel's new process after a restore or reset by its magic
+        (the backend's ``on_new_process``)."""
+        if pid != self.pid:
+            self.track(pid)
 
     def forget(self) -> None:
         """Stop following the process (it is gone, or the container is taken down)."""
@@ -106,11 +106,14 @@ class KernelProcess:
         pid = None
         if not self.shutdown_requested:
             try:
-                pid = await self.runtime.finish_restore(self.kernel_id)
+                pid = await self.backend.call("pid", kernel_id=self.kernel_id, finish=True)
             except SandboxError as err:
                 self.log.warning("Kernel %s: a cut-short restore failed: %s", self.kernel_id, err)
         if pid is None:
-            pid = await self.runtime.container_pid(self.kernel_id)
+            try:
+                pid = await self.backend.call("pid", kernel_id=self.kernel_id)
+            except SandboxError as err:
+                self.log.warning("Kernel %s is gone: %s", self.kernel_id, err)
         if pid is None:
             return False
         if pid != self.pid:  # else the control server already followed it
@@ -127,7 +130,7 @@ class KernelProcess:
             return 0
         if not self._exited() or await self.follow_restore():
             return None
-        return self.status()
+        return await self.status()
 
     async def wait(self) -> int:
         """Wait for the kernel to exit, without polling, following it across
@@ -138,7 +141,7 @@ class KernelProcess:
             await wait_exit(self._pidfd)
             if not await self.follow_restore():
                 break
-        status = self.status()
+        status = await self.status()
         self.forget()
         return status
 
@@ -158,21 +161,18 @@ class KernelProcess:
 
     # ---- how it ended --------------------------------------------------------------
 
-    def status(self) -> int:
+    async def status(self) -> int:
         """The exit status of the process that exited, derived once and kept. An
         OOM kill and an exit by itself are logged, the OOM kill also to the kernel's
         log, where the user's ``sandbox-kernel logs`` finds it."""
         if self._exit_status is not None:
             return self._exit_status
-        if self.runtime.oom_killed(self.kernel_id):
-            limit = self.runtime.record(self.kernel_id).limits.memory
-            message = (
-                f"The kernel ran out of memory: it used its whole memory limit "
-                f"({format_size(limit)}) and the OOM killer ended it. Use less memory "
-                "or raise the limit (`sandbox-kernel install --memory ...`)."
-            )
-            self.log.warning("Kernel %s: %s", self.kernel_id, message)
-            self.runtime.append_log(self.kernel_id, message)
+        try:
+            ended = await self.backend.call("ended", kernel_id=self.kernel_id)
+        except SandboxError as err:
+            ended = {"oom": "", "log_tail": f"(no log: {err})"}
+        if ended["oom"]:
+            self.log.warning("Kernel %s: %s", self.kernel_id, ended["oom"])
             status = -signal.SIGKILL
         elif self._signalled is not None:
             status = -self._signalled
@@ -183,15 +183,7 @@ class KernelProcess:
             # Died by itself: the restarter's message says nothing of why; its log does.
             self.log.warning(
                 "Kernel %s exited by itself; the end of its log:\n%s",
-                self.kernel_id, self.log_tail(),
+                self.kernel_id, ended["log_tail"],
             )  # fmt: skip
         self._exit_status = status
         return status
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of the kernel's log, or why there is none."""
-        try:
-            text = self.runtime.log_path(self.kernel_id).read_text(errors="replace")
-        except OSError as err:
-            return f"(no log: {err.strerror})"
-        return "\n".join(text.splitlines()[-lines:])

@@ -15,9 +15,9 @@ Selected by a kernelspec's ``metadata.kernel_provisioner``::
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,14 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Enum, Float, Int, List, Unicode, Union, default, validate
 
-from .control_channel import ControlChannel
+from .backends import DAEMON_MODES, Backend, choose
 from .errors import KernelStateError
 from .kernel_process import KernelProcess
-from .runtime import Limits, Runtime
+from .runtime import Limits
 from .runtime.bundle import CONNECTION_FILE
 from .runtime.layers import check_image_name
-from .runtime.lifecycle import KERNEL_PORTS, KernelConfig, default_uid
+from .runtime.lifecycle import KERNEL_PORTS, default_uid
 from .runtime.network import NETWORK_MODES
-from .runtime.record import Start
-
-#: How long a kernel restored from a base has to confirm it took its new key.
-BASE_CONFIRM_TIMEOUT = 10.0
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
 MAGICS = "sandbox_kernel.magics"
@@ -63,10 +59,18 @@ class SandboxProvisioner(KernelProvisionerBase):
 
     The kernel binds its ZMQ ports on every interface of its namespace; the
     connection info the client gets points at the container's own address, which
-    only the host can reach. The runtime does the work; a :class:`KernelProcess`
-    follows the kernel's process and derives its exit status; a
-    :class:`ControlChannel` serves the kernel's ``%container`` magic.
+    only the host can reach. A backend (``backends.py``) does the work: the
+    sandbox-kernel daemon, or this process when it is root; it also serves the
+    kernel's ``%container`` magic. A :class:`KernelProcess` follows the kernel's
+    process and derives its exit status.
     """
+
+    daemon = Enum(
+        list(DAEMON_MODES), default_value="auto",
+        help="`auto`: run kernels through the sandbox-kernel daemon when its socket "
+        "exists, else in this server, which must then be root. `required`: always "
+        "through the daemon. `off`: always in this (root) server.",
+    ).tag(config=True)  # fmt: skip
 
     base = Unicode(
         "", help="Id of a base snapshot (`sandbox-kernel install --base SNAPSHOT` sets it): "
@@ -101,7 +105,8 @@ class SandboxProvisioner(KernelProvisionerBase):
     ).tag(config=True)  # fmt: skip
     kernel_uid = Int(
         help="User id the kernel runs as. Default: the server's user; when the server "
-        "runs as root, the owner of the working directory, or `unprivileged_uid`."
+        "runs as root, the owner of the working directory, or `unprivileged_uid`. "
+        "Through the daemon, a non-root server's kernels always run as its user."
     ).tag(config=True)  # fmt: skip
     unprivileged_uid = Int(
         65534, help="User id for kernels of a root server whose files are root's."
@@ -119,11 +124,30 @@ class SandboxProvisioner(KernelProvisionerBase):
         super().__init__(**kwargs)
         # Per instance, never the base class's shared dict.
         self.connection_info: KernelConnectionInfo = {}
-        self.runtime = Runtime()
-        self.process = KernelProcess(self.runtime, self.kernel_id, self.log)
-        self.control = ControlChannel(self.runtime, self.kernel_id, self.process.adopt)
+        self._backend: Backend | None = None
+        self.process: KernelProcess | None = None
+        self._unsubscribe: Callable[[], None] = _nothing
         self._cwd: str = str(Path.cwd())
         self._launched = False
+
+    @property
+    def backend(self) -> Backend:
+        """Where this kernel runs, chosen at its first use by the ``daemon`` trait.
+
+        Raises:
+            ConfigError: no daemon runs and this server is not root.
+        """
+        if self._backend is None:
+            self._backend = choose(self.daemon)
+        return self._backend
+
+    @property
+    def kernel(self) -> KernelProcess:
+        """The kernel's process as followed here (made at the first use)."""
+        if self.process is None:
+            self.process = KernelProcess(self.backend, self.kernel_id, self.log)
+            self._unsubscribe = self.backend.on_new_process(self.kernel_id, self.process.adopt)
+        return self.process
 
     # ---- traits ------------------------------------------------------------------
 
@@ -139,6 +163,8 @@ class SandboxProvisioner(KernelProvisionerBase):
 
     @default("kernel_uid")
     def _default_uid(self) -> int:
+        if os.geteuid() != 0:
+            return os.geteuid()
         return default_uid(self._cwd, self.unprivileged_uid)
 
     @default("kernel_gid")
@@ -155,12 +181,12 @@ class SandboxProvisioner(KernelProvisionerBase):
     @property
     def has_process(self) -> bool:
         """Whether there is a kernel process to follow (jupyter_client's question)."""
-        return self.process.pid is not None
+        return self.process is not None and self.process.pid is not None
 
     @property
     def pid(self) -> int | None:
         """The host pid of the kernel's init (the container's PID 1), or None."""
-        return self.process.pid
+        return None if self.process is None else self.process.pid
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Prepare the container and point the connection info at its address.
@@ -171,31 +197,30 @@ class SandboxProvisioner(KernelProvisionerBase):
         """
         km = self.parent
         self._cwd = str(kwargs.get("cwd") or str(Path.cwd()))
-        config = KernelConfig(
-            image=self.image,
-            limits=self.limits,
-            network=self.network,
-            uid=self.kernel_uid,
-            gid=self.kernel_gid,
-            cwd=self._cwd,
-            executable=self.kernel_spec.argv[0],
-            base=self.base,
-        )
-        record = await self.runtime.prepare(self.kernel_id, config)
+        config = {
+            "image": self.image,
+            "limits": self.limits.to_dict(),
+            "network": self.network,
+            "uid": self.kernel_uid,
+            "gid": self.kernel_gid,
+            "cwd": self._cwd,
+            "executable": self.kernel_spec.argv[0],
+            "base": self.base,
+        }
+        record = await self.backend.call("prepare", kernel_id=self.kernel_id, config=config)
         try:
-            self.control.open(record)
             extra_arguments = kwargs.pop("extra_arguments", [])
             if km is None:
                 raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
             km.transport = "tcp"
-            km.ip = record.kernel_ip
+            km.ip = record["kernel_ip"]
             for name, port in KERNEL_PORTS.items():
                 setattr(km, name, port)
             env = kwargs.get("env", {})
             km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
             self.connection_info = km.get_connection_info()
             cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
-            self.process.launching()
+            self.kernel.launching()
             return await super().pre_launch(cmd=cmd, **kwargs)
         except BaseException:
             if not self._launched:
@@ -218,53 +243,33 @@ class SandboxProvisioner(KernelProvisionerBase):
         env = allowed_env(kwargs.get("env", {}), self.env_allowlist, spec_env)
         first = not self._launched
         try:
-            pid = await self.runtime.start(self.kernel_id, argv, env, dict(self.connection_info))
-            self._track(pid)
-            await self.control.listen()
+            started = await self.backend.call(
+                "launch", kernel_id=self.kernel_id, argv=argv, env=env,
+                connection=_plain(dict(self.connection_info)),
+            )  # fmt: skip
+            self._track(started["pid"])
         except BaseException:
             if first:
                 await self._undo_first_launch()
             raise
         self._launched = True
-        record = self.runtime.record(self.kernel_id)
-        if record.start is Start.BASE:
-            await self._confirm_base_start()
-        elif record.base_note:
-            self.log.warning("Kernel %s started cold: %s", self.kernel_id, record.base_note)
-        self.log.info("Started sandboxed %s", record.describe())
+        if started["warning"]:
+            self.log.warning("Kernel %s started cold: %s", self.kernel_id, started["warning"])
+        self.log.info("Started sandboxed %s (%s)", started["describe"], self.backend.name)
         return self.connection_info
 
     async def _undo_first_launch(self) -> None:
         """Remove everything of a kernel whose first launch failed, at any step:
         jupyter_client calls no cleanup for a kernel that never started. Seen with
-        many kernels in one server, where a step past ``runtime.start`` failed and
-        the container ran on until ``gc``."""
-        self.process.forget()
-        try:
-            await self.control.close()
-        finally:
-            await self.runtime.remove(self.kernel_id)
-
-    async def _confirm_base_start(self) -> None:
-        """Let no client in before a kernel restored from a base holds its own key.
-
-        The restored process still signs with the base's connection key until its
-        magic reads the new one, then calls the control server with the new
-        credentials. Without that call in time, the kernel starts cold instead.
-        """
-        if await self.control.heard_within(BASE_CONFIRM_TIMEOUT):
-            return
-        note = (
-            f"the kernel restored from base {self.base} did not take its new key within "
-            f"{BASE_CONFIRM_TIMEOUT:.0f} s (is the sandbox_kernel.magics extension loaded?)"
-        )
-        self.log.warning("Kernel %s restarts cold: %s", self.kernel_id, note)
-        self._track(await self.runtime.start_cold(self.kernel_id, note))
+        many kernels in one server, where a step past the start failed and the
+        container ran on until ``gc``."""
+        self.kernel.forget()
+        await self.backend.call("remove", kernel_id=self.kernel_id)
 
     def _track(self, pid: int | None) -> None:
         """Follow ``pid`` as the kernel's process (see :meth:`KernelProcess.track`).
         Also called by bench/snapshot.py after a restore it made itself."""
-        self.process.track(pid)
+        self.kernel.track(pid)
 
     # ---- process-like methods ----------------------------------------------------
 
@@ -278,11 +283,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         reported gone. While it runs, a freeze left by a crashed snapshot is thawed
         and its log kept under its cap.
         """
-        if self.process.running:
-            await self.runtime.thaw_if_stale(self.kernel_id)
-            self.runtime.trim_log(self.kernel_id)
+        if self.kernel.running:
+            await self.backend.call("tend", kernel_id=self.kernel_id)
             return None
-        return await self.process.poll()
+        return await self.kernel.poll()
 
     async def wait(self) -> int | None:
         """Wait for the kernel to exit, without polling; return its status.
@@ -290,7 +294,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         Called by ``KernelManager.finish_shutdown`` and ``kill_kernel`` under their
         own timeouts. Afterwards ``has_process`` is False.
         """
-        return await self.process.wait()
+        return await self.kernel.wait()
 
     async def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the kernel, the container's PID 1.
@@ -298,7 +302,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         Interrupt (SIGINT) raises KeyboardInterrupt in the running cell. The signal
         goes through a pidfd, so it can never reach a process that reused the pid.
         """
-        await self.process.send_signal(signum)
+        await self.kernel.send_signal(signum)
 
     async def kill(self, restart: bool = False) -> None:
         """SIGKILL the kernel. Called by ``KernelManager`` for an immediate shutdown."""
@@ -312,7 +316,7 @@ class SandboxProvisioner(KernelProvisionerBase):
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """Noted, so a kernel that then exits on its own reports status 0."""
-        self.process.shutdown_requested = True
+        self.kernel.shutdown_requested = True
 
     async def cleanup(self, restart: bool = False) -> None:
         """Take the container down. Called by ``KernelManager.cleanup_resources``.
@@ -320,12 +324,12 @@ class SandboxProvisioner(KernelProvisionerBase):
         On a restart the writable layer and the network stay, so the new kernel
         keeps its files and address. Otherwise nothing of the kernel is left.
         """
-        self.process.forget()
+        self.kernel.forget()
         if restart:
-            await self.runtime.stop(self.kernel_id)
+            await self.backend.call("stop", kernel_id=self.kernel_id)
             return
-        await self.control.close()
-        await self.runtime.remove(self.kernel_id)
+        self._unsubscribe()
+        await self.backend.call("remove", kernel_id=self.kernel_id)
 
     # ---- persistence -------------------------------------------------------------
 
@@ -335,7 +339,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         info["connection_info"] = {
             k: v.decode() if isinstance(v, bytes) else v for k, v in info["connection_info"].items()
         }
-        info.update({"pid": self.pid, "cwd": self._cwd})
+        info.update({"pid": self.pid, "cwd": self._cwd, "daemon": self.backend.name == "daemon"})
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -346,10 +350,18 @@ class SandboxProvisioner(KernelProvisionerBase):
         """
         await super().load_provisioner_info(provisioner_info)
         # The superclass took the kernel id from the info: follow that kernel.
-        self.process = KernelProcess(self.runtime, self.kernel_id, self.log)
-        self.control = ControlChannel(self.runtime, self.kernel_id, self.process.adopt)
+        self._unsubscribe()
+        self.process = None
         self._cwd = provisioner_info.get("cwd") or self._cwd
-        await asyncio.to_thread(self.runtime.adopt, self.kernel_id)
-        pid = await self.runtime.container_pid(self.kernel_id)
+        pid = await self.backend.call("adopt", kernel_id=self.kernel_id)
         self._track(pid)
         self._launched = True
+
+
+def _nothing() -> None:
+    pass
+
+
+def _plain(info: dict[str, Any]) -> dict[str, Any]:
+    """Connection info as JSON data: the key as text."""
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()}

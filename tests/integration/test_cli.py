@@ -18,7 +18,7 @@ async def test_ps_lists_use_against_limits(kernels: Kernels, make_spec) -> None:
     done = await run_cli("ps")
     assert done.returncode == 0, done.stderr
     header, *rows = done.stdout.splitlines()
-    assert header.split()[:3] == ["KERNEL", "ID", "STATUS"]
+    assert header.split()[:4] == ["KERNEL", "ID", "USER", "STATUS"]
     row = next(r for r in rows if r.startswith(km.kernel_id))
     assert "running" in row
     assert "/ 768M" in row

@@ -193,7 +193,7 @@ async def test_a_launch_failing_past_the_container_start_leaves_nothing(
     did with "Too many open files" at ~84 kernels in one server): no container, veth,
     mount, cgroup, address or kernel folder may stay. The no_leftovers fixture
     checks the first ones."""
-    from sandbox_kernel.control_channel import ControlChannel
+    from sandbox_kernel.runtime.service import ControlChannel
 
     async def out_of_descriptors(self: ControlChannel) -> None:
         raise OSError(24, "Too many open files")

@@ -29,7 +29,7 @@ def cli(*args: str, state: str | None = None) -> subprocess.CompletedProcess[str
         (["restore", "no-such-kernel", "s1"], "no sandboxed kernel with id 'no-such-kernel'"),
         (["snapshot", "no-such-kernel", "s1"], "no sandboxed kernel with id 'no-such-kernel'"),
         (["reset", "no-such-kernel"], "no sandboxed kernel with id 'no-such-kernel'"),
-        (["snapshots", "--delete", "nope"], "no user has a snapshot named 'nope'"),
+        (["snapshots", "--delete", "nope"], "snapshot 'nope' is not kept"),
         (["snapshots", "--delete", "nope", "--owner", "me"], "--owner 'me' is not a uid"),
         (["install", "--name", "k", "--network", "wide"], "network mode 'wide' is not known"),
         (["install", "--name", "k", "--image", "nope"], "image 'nope' does not exist"),

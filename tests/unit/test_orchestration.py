@@ -63,7 +63,7 @@ def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fakes]:
 
 def make_runtime(fakes: Fakes) -> Runtime:
     drivers = fakes.drivers
-    return Runtime(drivers, Rootfs(drivers, make_home=lambda executable, store: None))
+    return Runtime(drivers, Rootfs(drivers, make_home=lambda executable, store, uid, gid: None))
 
 
 def config(cwd: Path, base: str = "", memory: str = "1G") -> KernelConfig:

@@ -1,0 +1,655 @@
+"""The kernel service: every operation on kernels, with who may do what.
+
+One :class:`KernelService` runs where the root work is done: inside the daemon
+(``sandbox-kernel daemon``), serving every user of a shared machine, or inside a
+root Jupyter server that runs its kernels itself (the in-process mode). Both
+reach it the same way, :meth:`KernelService.call` with an operation's name and
+plain JSON data, so the one path is tested in either mode.
+
+Each call names its :class:`~.callers.Caller`. A caller sees and acts on their own
+kernels, snapshots and bases only (another's look like none at all); root, or a
+member of the config's admin group, sees everything. A non-root caller's kernel
+runs as that caller, and the paths they name are opened as them (see
+``callers.py``). Quotas (``quotas.py``) hold them to the config's limits.
+
+The service also keeps each kernel's control server (the ``%container``
+channel, :class:`ControlChannel`) for the kernel's whole life, and tells
+subscribers of events: a kernel started, restored, stopped or removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pwd
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sandbox_kernel.display import format_size
+from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
+
+from . import bases, snapshots
+from .callers import Caller, groups_of
+from .control import ControlServer, write_credentials
+from .lifecycle import KernelConfig
+from .limits import Limits
+from .network import Addresses
+from .quotas import DaemonConfig, check_kernel, check_limits
+from .record import KernelRecord, Start
+from .runtime import Runtime
+
+#: How long a kernel restored from a base has to confirm it took its new key.
+BASE_CONFIRM_TIMEOUT = 10.0
+
+Progress = Callable[[str], None]
+Event = dict[str, Any]
+#: An operation: (service, caller, args, progress) -> result.
+Handler = Callable[["KernelService", Caller, dict[str, Any], Progress | None], Awaitable[Any]]
+
+
+class Args(dict[str, Any]):
+    """An operation's arguments: one that is missing is a clear error."""
+
+    def __missing__(self, key: str) -> Any:
+        raise ConfigError("argument", key, "is missing from the request")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of the service.
+
+    Attributes:
+        handler: the method that carries it out.
+        admin: only root or the admin group may call it.
+    """
+
+    handler: Handler
+    admin: bool = False
+
+
+OPS: dict[str, Op] = {}
+
+
+def _op(name: str, admin: bool = False) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        OPS[name] = Op(handler, admin)
+        return handler
+
+    return register
+
+
+class ControlChannel:
+    """One kernel's control server and its credentials: made at the kernel's first
+    prepare, listening from its first start, kept across restarts (the kernel keeps
+    its address), closed when the kernel is removed."""
+
+    def __init__(self, service: KernelService, record: KernelRecord, runtime: Any) -> None:
+        host = Addresses.of(record.index).host_ip
+        run_dir = service.runtime.run_dir(record.kernel_id)
+        token = write_credentials(run_dir, host, record.kernel_id, record.uid, record.gid)
+        kernel_id = record.kernel_id
+
+        async def new_process(pid: int) -> None:
+            service.emit({"event": "process", "kernel_id": kernel_id, "pid": pid})
+
+        self.server = ControlServer(
+            runtime, kernel_id, host, record.kernel_ip, token, new_process, log=service.log
+        )
+
+    async def listen(self) -> None:
+        """Start serving, if not yet (the veth exists once the container is up)."""
+        if not self.server.listening:
+            await self.server.start()
+
+    async def heard_within(self, seconds: float) -> bool:
+        """Whether the kernel made a good request within ``seconds``."""
+        try:
+            await asyncio.wait_for(self.server.heard.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+class _Governed:
+    """The runtime as one kernel's control server sees it: a limit the kernel's
+    magic asks for is held to its owner's quotas too."""
+
+    def __init__(self, service: KernelService, kernel_id: str) -> None:
+        self._service = service
+        self._kernel_id = kernel_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service.runtime, name)
+
+    async def update_limits(
+        self, kernel_id: str, limits: Limits, /, operator: bool = False
+    ) -> Limits:
+        record = self._service.runtime.record(kernel_id)
+        self._service.check_limits_quota(self._service.owner_of(record), record, limits)
+        return await self._service.runtime.update_limits(kernel_id, limits, operator)
+
+
+class KernelService:
+    """Carries out operations for callers. ``config`` holds the admin group and the
+    quotas (the daemon's); the in-process mode has none."""
+
+    def __init__(
+        self,
+        runtime: Runtime | None = None,
+        config: DaemonConfig | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.runtime = runtime or Runtime()
+        self.config = config or DaemonConfig()
+        self.log = log or logging.getLogger("sandbox_kernel.service")
+        self.channels: dict[str, ControlChannel] = {}
+        self._subscribers: list[Callable[[Event], None]] = []
+        # Prepares of one caller are counted against their quota one at a time.
+        self._quota_lock = asyncio.Lock()
+
+    # ---- calls -----------------------------------------------------------------------
+
+    async def call(
+        self,
+        caller: Caller,
+        op: str,
+        args: dict[str, Any],
+        progress: Progress | None = None,
+    ) -> Any:
+        """Carry out ``op`` with ``args`` for ``caller``; its result (plain data).
+
+        Raises:
+            ConfigError: no such operation, bad arguments, or an admin operation
+                asked by someone else.
+            SandboxError: the operation failed; its message is for the caller.
+        """
+        found = OPS.get(op)
+        if found is None:
+            raise ConfigError("operation", op, f"is not known; use one of {', '.join(OPS)}")
+        if found.admin and not self.config.is_admin(caller):
+            raise ConfigError("operation", op, "is for root (or the admin group) only")
+        if not isinstance(args, dict):
+            raise ConfigError("arguments of", op, "must be an object")
+        try:
+            return await found.handler(self, caller, Args(args), progress)
+        except TypeError as err:  # e.g. a limit the caller named that is none
+            raise ConfigError("arguments of", op, f"do not fit it ({err})") from None
+
+    # ---- who may see what ------------------------------------------------------------
+
+    def owner_of(self, record: KernelRecord) -> Caller:
+        """The user a kernel belongs to, as a caller (for their quotas)."""
+        uid = record.belongs_to
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = record.gid
+        return Caller(uid, gid, 0, groups_of(uid, gid))
+
+    def sees(self, caller: Caller, record: KernelRecord) -> bool:
+        return self.config.is_admin(caller) or record.belongs_to == caller.uid
+
+    def kernel(self, caller: Caller, kernel_id: object) -> KernelRecord:
+        """The record of ``caller``'s kernel ``kernel_id``: another user's kernel is
+        not found, exactly as one that does not exist.
+
+        Raises:
+            KernelNotFound, ConfigError (a malformed id).
+        """
+        if not isinstance(kernel_id, str):
+            raise ConfigError("kernel id", kernel_id, "is not a kernel id")
+        record = self.runtime.record(kernel_id)
+        if not self.sees(caller, record):
+            raise KernelNotFound(kernel_id)
+        return record
+
+    def snapshot_owner(self, caller: Caller, owner: object = None) -> str:
+        """Whose snapshots ``caller`` means: their own, or any for an admin."""
+        if owner is None or owner == "":
+            return str(caller.uid)
+        text = str(owner)
+        if not text.isdigit():
+            raise ConfigError("owner", owner, "is not a uid; use a number, e.g. 1000")
+        if int(text) != caller.uid and not self.config.is_admin(caller):
+            raise ConfigError("owner", owner, "is another user; you can act on your own only")
+        return str(int(text))
+
+    # ---- quotas ----------------------------------------------------------------------
+
+    def running_limits(self, uid: int, but: str = "") -> list[Limits]:
+        """The limits of every kernel ``uid`` has, but kernel ``but``."""
+        return [
+            r.limits for r in self.runtime.records() if r.belongs_to == uid and r.kernel_id != but
+        ]
+
+    def check_limits_quota(self, owner: Caller, record: KernelRecord, change: Limits) -> None:
+        """Refuse a change of a kernel's limits past its owner's quotas."""
+        quota = self.config.quota_for(owner)
+        others = self.running_limits(owner.uid, but=record.kernel_id)
+        check_limits(quota, record.limits.merged(change), others)
+
+    def snapshot_quota(self, owner: str) -> tuple[int | None, int | None]:
+        """The snapshot quotas of ``owner`` (a uid): ``snapshots.QUOTA_SOURCE``."""
+        if not owner.isdigit():
+            return None, None
+        uid = int(owner)
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = uid
+        quota = self.config.quota_for(Caller(uid, gid, 0, groups_of(uid, gid)))
+        return quota.snapshot_bytes, quota.snapshots
+
+    # ---- events ----------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener`` with each event from now on; returns the unsubscribe."""
+        self._subscribers.append(listener)
+        return lambda: self._subscribers.remove(listener)
+
+    def emit(self, event: Event) -> None:
+        """Tell every subscriber. An event names its kernel and the kernel's owner."""
+        kernel_id = event.get("kernel_id")
+        if kernel_id and "owner_uid" not in event:
+            with contextlib.suppress(SandboxError, OSError):
+                event["owner_uid"] = self.runtime.record(kernel_id).belongs_to
+        for listener in list(self._subscribers):
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not stop the others
+                self.log.exception("an event listener failed")
+
+    # ---- control channels ------------------------------------------------------------
+
+    async def open_channel(self, record: KernelRecord, listen: bool) -> ControlChannel:
+        """The kernel's control channel, made if it has none."""
+        channel = self.channels.get(record.kernel_id)
+        if channel is None:
+            governed = _Governed(self, record.kernel_id)
+            channel = await asyncio.to_thread(ControlChannel, self, record, governed)
+            self.channels[record.kernel_id] = channel
+        if listen:
+            await channel.listen()
+        return channel
+
+    async def close_channel(self, kernel_id: str) -> None:
+        channel = self.channels.pop(kernel_id, None)
+        if channel is not None:
+            await channel.server.close()
+
+    async def adopt_all(self) -> list[str]:
+        """Take up every kernel that runs (a restarted daemon): thaw what a dead
+        snapshot left frozen, finish a restore cut short, serve its control channel.
+        Returns the ids taken up."""
+        taken = []
+        for record in await asyncio.to_thread(self.runtime.records):
+            kid = record.kernel_id
+            try:
+                await self.runtime.thaw_if_stale(kid)
+                pid = await self.runtime.finish_restore(kid)
+                if pid is None:
+                    pid = await self.runtime.container_pid(kid)
+                if pid is None:
+                    continue
+                await self.open_channel(self.runtime.record(kid), listen=True)
+                taken.append(kid)
+            except (SandboxError, OSError) as err:
+                self.log.warning("kernel %s could not be taken up: %s", kid, err)
+        return taken
+
+    async def close_gone_channels(self) -> None:
+        """Close the channels of kernels that are gone (``gc`` removed them)."""
+        for kid in list(self.channels):
+            if not self.runtime.store.exists(kid):
+                await self.close_channel(kid)
+
+    async def close(self) -> None:
+        for kid in list(self.channels):
+            await self.close_channel(kid)
+
+
+# ---- a kernel's life: the provisioner's operations --------------------------------------
+
+
+def _config(caller: Caller, data: dict[str, Any]) -> KernelConfig:
+    """The kernel config a caller sent. A non-root caller's kernel runs as them."""
+    uid, gid = data.get("uid"), data.get("gid")
+    if not caller.is_root:
+        if uid not in (None, caller.uid):
+            raise ConfigError(
+                "kernel_uid", uid, f"is not yours; your kernels run as you (uid {caller.uid})"
+            )
+        if gid not in (None, caller.gid, *caller.groups):
+            raise ConfigError(
+                "kernel_gid", gid, f"is no group of yours; use {caller.gid} or leave it unset"
+            )
+        uid = caller.uid
+        gid = caller.gid if gid is None else gid
+    for what, value in (("kernel_uid", uid), ("kernel_gid", gid)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(what, value, "is not a user or group id")
+    assert isinstance(uid, int) and isinstance(gid, int)
+    strings = ("image", "network", "cwd", "executable")
+    for key in strings:
+        if not isinstance(data.get(key), str):
+            raise ConfigError(key, data.get(key), "must be a string")
+    return KernelConfig(
+        image=data["image"],
+        limits=Limits.parse(**(data.get("limits") or {})),
+        network=data["network"],
+        uid=uid,
+        gid=gid,
+        cwd=data["cwd"],
+        executable=data["executable"],
+        base=str(data.get("base") or ""),
+        caller=caller,
+    )
+
+
+def _kernel_info(record: KernelRecord) -> dict[str, Any]:
+    return {
+        "kernel_id": record.kernel_id,
+        "kernel_ip": record.kernel_ip,
+        "uid": record.uid,
+        "gid": record.gid,
+        "start": record.start.value,
+        "base": record.base,
+        "base_note": record.base_note,
+        "describe": record.describe(),
+        "limits": record.limits.to_dict(),
+    }
+
+
+@_op("prepare")
+async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    kernel_id = args["kernel_id"]
+    config = _config(caller, args["config"])
+    async with svc._quota_lock:
+        if svc.runtime.store.exists(kernel_id):
+            record = svc.kernel(caller, kernel_id)  # a restart: the same kernel
+        else:
+            quota = svc.config.quota_for(caller)
+            check_kernel(quota, config.limits, svc.running_limits(caller.uid))
+        record = await svc.runtime.prepare(kernel_id, config)
+    if record.belongs_to != caller.uid and not caller.is_root:
+        raise KernelNotFound(kernel_id)
+    try:
+        await svc.open_channel(record, listen=False)
+    except BaseException:
+        await svc.runtime.remove(kernel_id)
+        raise
+    return _kernel_info(record)
+
+
+@_op("launch")
+async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Start the prepared kernel; a kernel restored from a base must take its new
+    key (its magic calls the control server with it) or starts cold instead."""
+    record = svc.kernel(caller, args["kernel_id"])
+    kid = record.kernel_id
+    argv, env = args["argv"], args["env"]
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        raise ConfigError("argv", argv, "must be a list of strings")
+    if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
+        raise ConfigError("env", "...", "must map names to strings")
+    pid = await svc.runtime.start(kid, argv, env, dict(args["connection"]))
+    channel = await svc.open_channel(svc.runtime.record(kid), listen=True)
+    record = svc.runtime.record(kid)
+    warning = ""
+    if record.start is Start.BASE and not await channel.heard_within(BASE_CONFIRM_TIMEOUT):
+        warning = (
+            f"the kernel restored from base {record.base} did not take its new key within "
+            f"{BASE_CONFIRM_TIMEOUT:.0f} s (is the sandbox_kernel.magics extension loaded?)"
+        )
+        pid = await svc.runtime.start_cold(kid, warning)
+        record = svc.runtime.record(kid)
+    elif record.start is Start.COLD and record.base_note:
+        warning = record.base_note
+    svc.emit({"event": "started", "kernel_id": kid, "pid": pid})
+    return {**_kernel_info(record), "pid": pid, "warning": warning}
+
+
+@_op("stop")
+async def _stop(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    record = svc.kernel(caller, args["kernel_id"])
+    await svc.runtime.stop(record.kernel_id)
+    svc.emit({"event": "stopped", "kernel_id": record.kernel_id})
+
+
+@_op("remove")
+async def _remove(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    try:
+        record = svc.kernel(caller, args["kernel_id"])
+    except KernelNotFound:
+        return None  # gone already: fine
+    owner = record.belongs_to
+    await svc.close_channel(record.kernel_id)
+    await svc.runtime.remove(record.kernel_id)
+    svc.emit({"event": "removed", "kernel_id": record.kernel_id, "owner_uid": owner})
+
+
+@_op("pid")
+async def _pid(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """The host pid of the kernel's init once no restore is in progress (None if it
+    runs no more); ``finish``: first finish a restore cut short."""
+    record = svc.kernel(caller, args["kernel_id"])
+    pid = None
+    if args.get("finish"):
+        pid = await svc.runtime.finish_restore(record.kernel_id)
+    if pid is None:
+        pid = await svc.runtime.container_pid(record.kernel_id)
+    return pid
+
+
+@_op("tend")
+async def _tend(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Thaw a kernel a dead snapshot left frozen, and keep its log under its cap."""
+    record = svc.kernel(caller, args["kernel_id"])
+    await svc.runtime.thaw_if_stale(record.kernel_id)
+    await asyncio.to_thread(svc.runtime.trim_log, record.kernel_id)
+
+
+@_op("ended")
+async def _ended(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Why the kernel's process ended: ``{"oom": message or "", "log_tail"}``. An
+    OOM kill's message also goes to the kernel's log."""
+    record = svc.kernel(caller, args["kernel_id"])
+    kid = record.kernel_id
+    oom = ""
+    if svc.runtime.oom_killed(kid):
+        oom = (
+            f"The kernel ran out of memory: it used its whole memory limit "
+            f"({format_size(record.limits.memory)}) and the OOM killer ended it. Use less "
+            "memory or raise the limit (`sandbox-kernel install --memory ...`)."
+        )
+        await asyncio.to_thread(svc.runtime.append_log, kid, oom)
+    return {"oom": oom, "log_tail": await asyncio.to_thread(_log_tail, svc, kid, 20)}
+
+
+def _log_tail(svc: KernelService, kernel_id: str, lines: int | None) -> str:
+    try:
+        text = svc.runtime.log_path(kernel_id).read_text(errors="replace")
+    except OSError as err:
+        return f"(no log: {err.strerror})"
+    kept = text.splitlines()
+    if lines is not None:
+        kept = kept[-lines:] if lines > 0 else []
+    return "\n".join(kept)
+
+
+@_op("adopt")
+async def _adopt(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Make the caller's process the kernel's owner (a restarted Jupyter server);
+    the kernel's pid."""
+    record = svc.kernel(caller, args["kernel_id"])
+    kid = record.kernel_id
+    await asyncio.to_thread(svc.runtime.lifecycle.adopt, kid, caller.pid)
+    pid = await svc.runtime.container_pid(kid)
+    if pid is not None:
+        await svc.open_channel(svc.runtime.record(kid), listen=True)
+    return pid
+
+
+# ---- what a person asks: the CLI's operations -----------------------------------------
+
+
+def _usage(svc: KernelService, record: KernelRecord) -> dict[str, Any] | None:
+    use = svc.runtime.usage(record)
+    return None if use is None else dict(use.__dict__)
+
+
+@_op("kernels")
+async def _kernels(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """The caller's kernels (every kernel for an admin), with their use now."""
+    records = await asyncio.to_thread(svc.runtime.records)
+    return [
+        {**r.to_dict(), "owner_uid": r.belongs_to, "usage": await asyncio.to_thread(_usage, svc, r)}
+        for r in records
+        if svc.sees(caller, r)
+    ]
+
+
+@_op("logs")
+async def _logs(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    record = svc.kernel(caller, args["kernel_id"])
+    tail = args.get("tail")
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int)):
+        raise ConfigError("--tail", tail, "is not a number of lines")
+    return await asyncio.to_thread(_log_tail, svc, record.kernel_id, tail)
+
+
+@_op("limits")
+async def _limits(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Show or change a kernel's limits. Root and admins may go above the kernel's
+    ceiling; its owner may move within it, and within their quotas."""
+    record = svc.kernel(caller, args["kernel_id"])
+    change = Limits.parse(**(args.get("limits") or {}))
+    if change == Limits():
+        return record.limits.to_dict()
+    operator = svc.config.is_admin(caller)
+    if not caller.is_root:
+        svc.check_limits_quota(svc.owner_of(record), record, change)
+    limits = await svc.runtime.update_limits(record.kernel_id, change, operator=operator)
+    return limits.to_dict()
+
+
+@_op("snapshot")
+async def _snapshot(
+    svc: KernelService, caller: Caller, args: dict[str, Any], progress: Progress | None
+) -> Any:
+    record = svc.kernel(caller, args["kernel_id"])
+    meta = await svc.runtime.snapshot(
+        record.kernel_id, args["name"], str(args.get("message") or ""),
+        live=bool(args.get("live", True)), progress=progress,
+    )  # fmt: skip
+    svc.emit({"event": "snapshot", "kernel_id": record.kernel_id, "name": meta["name"]})
+    return meta
+
+
+@_op("restore")
+async def _restore(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    record = svc.kernel(caller, args["kernel_id"])
+    done = await svc.runtime.restore(record.kernel_id, args["name"])
+    svc.emit({"event": "process", "kernel_id": record.kernel_id, "pid": done["pid"]})
+    return done
+
+
+@_op("reset")
+async def _reset(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    record = svc.kernel(caller, args["kernel_id"])
+    done = await svc.runtime.reset(record.kernel_id)
+    svc.emit({"event": "process", "kernel_id": record.kernel_id, "pid": done["pid"]})
+    return done
+
+
+@_op("diff")
+async def _diff(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    record = svc.kernel(caller, args["kernel_id"])
+    return await asyncio.to_thread(svc.runtime.diff, record.kernel_id, args.get("name"))
+
+
+@_op("snapshots")
+async def _snapshots(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """``[[owner, meta], ...]``: of one kernel's owner, else the caller's (every
+    owner's for an admin)."""
+
+    def listing() -> list[list[Any]]:
+        if args.get("kernel_id"):
+            owners = [str(svc.kernel(caller, args["kernel_id"]).uid)]
+        elif svc.config.is_admin(caller):
+            records = svc.runtime.records()
+            owners = sorted({str(r.uid) for r in records} | set(snapshots.owners()))
+        else:
+            owners = [str(caller.uid)]
+        return [[owner, meta] for owner in owners for meta in snapshots.listing(owner)]
+
+    return await asyncio.to_thread(listing)
+
+
+_NOT_KEPT = "is not kept; `sandbox-kernel snapshots` lists those you may delete"
+
+
+@_op("delete_snapshot")
+async def _delete_snapshot(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Delete snapshot ``name`` of ``owner`` (a uid), else of the kernel's owner,
+    else the caller's own (an admin's: the one user who has one of that name). No
+    live kernel is needed. Returns the owner."""
+    name = snapshots.check_name(args["name"])
+    if args.get("owner") not in (None, ""):
+        owner = svc.snapshot_owner(caller, args["owner"])
+    elif args.get("kernel_id"):
+        owner = str(svc.kernel(caller, args["kernel_id"]).uid)
+    elif svc.config.is_admin(caller):
+        having = [o for o in snapshots.owners() if name in snapshots.names(o)]
+        if not having:
+            raise ConfigError("snapshot", name, _NOT_KEPT)
+        if len(having) > 1:
+            raise ConfigError(
+                "snapshot", name,
+                f"is kept by users {', '.join(having)}; say whose with --owner UID",
+            )  # fmt: skip
+        owner = having[0]
+    else:
+        owner = str(caller.uid)
+        kept = owner in await asyncio.to_thread(snapshots.owners)
+        if not kept or name not in await asyncio.to_thread(snapshots.names, owner):
+            raise ConfigError("snapshot", name, _NOT_KEPT)
+    await asyncio.to_thread(snapshots.delete, owner, name)
+    return owner
+
+
+@_op("bases")
+async def _bases(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """The base snapshots the caller made (every base for an admin)."""
+    metas = await asyncio.to_thread(bases.listing)
+    admin = svc.config.is_admin(caller)
+    return [m for m in metas if admin or str(m.get("snapshot_owner")) == str(caller.uid)]
+
+
+@_op("delete_base")
+async def _delete_base(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    base_id = args["base_id"]
+    meta = await asyncio.to_thread(bases.load, base_id)
+    if not svc.config.is_admin(caller) and str(meta.get("snapshot_owner")) != str(caller.uid):
+        raise ConfigError("base", base_id, "is not known; `sandbox-kernel bases` lists yours")
+    await asyncio.to_thread(bases.delete, base_id)
+
+
+@_op("gc", admin=True)
+async def _gc(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    removed = await svc.runtime.gc(dry_run=bool(args.get("dry_run")))
+    await svc.close_gone_channels()
+    return removed
+
+
+@_op("whoami")
+async def _whoami(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Who the service takes the caller for, and their quotas."""
+    quota = svc.config.quota_for(caller)
+    return {
+        "uid": caller.uid, "gid": caller.gid, "pid": caller.pid,
+        "admin": svc.config.is_admin(caller),
+        "quota": {k: quota.show(k) for k in quota.__dataclass_fields__},
+    }  # fmt: skip

@@ -1,0 +1,124 @@
+"""Where the provisioner's kernels are run: by the daemon, or in this process.
+
+The provisioner's ``daemon`` trait picks (see :func:`choose`). Both backends take
+the same operations with the same plain data (``runtime/service.py``): the daemon
+over its socket, as the server's user; the in-process one directly, as this
+(root) process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .daemon_client import START_HINT, DaemonClient, daemon_running, socket_path
+from .errors import ConfigError
+from .runtime.callers import Caller
+from .runtime.service import KernelService
+
+#: The modes of the provisioner's ``daemon`` trait.
+DAEMON_MODES = ("auto", "required", "off")
+Progress = Callable[[str], None]
+
+
+class Backend(Protocol):
+    """What the provisioner calls."""
+
+    name: str
+
+    async def call(
+        self, op: str, progress: Callable[[str], None] | None = None, **args: Any
+    ) -> Any:
+        """Carry out ``op`` (see ``service.OPS``)."""
+        ...
+
+    def on_new_process(self, kernel_id: str, follow: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``follow(pid)`` when the kernel's magic replaces its process (a
+        restore); returns the unsubscribe."""
+        ...
+
+
+_services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KernelService] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def local_service() -> KernelService:
+    """This process's kernel service: one per event loop, shared by its kernels."""
+    loop = asyncio.get_running_loop()
+    service = _services.get(loop)
+    if service is None:
+        service = _services[loop] = KernelService()
+    return service
+
+
+class LocalBackend:
+    """Runs kernels in this process, which must be root."""
+
+    name = "in-process"
+
+    def __init__(self) -> None:
+        self.caller = Caller.of_process()
+
+    async def call(
+        self, op: str, progress: Callable[[str], None] | None = None, **args: Any
+    ) -> Any:
+        return await local_service().call(self.caller, op, args, progress)
+
+    def on_new_process(self, kernel_id: str, follow: Callable[[int], None]) -> Callable[[], None]:
+        def listener(event: dict[str, Any]) -> None:
+            if event.get("event") == "process" and event.get("kernel_id") == kernel_id:
+                follow(int(event["pid"]))
+
+        return local_service().subscribe(listener)
+
+
+class DaemonBackend:
+    """Asks the daemon, as this process's user."""
+
+    name = "daemon"
+
+    def __init__(self, path: str | None = None) -> None:
+        self.client = DaemonClient(path)
+
+    async def call(
+        self, op: str, progress: Callable[[str], None] | None = None, **args: Any
+    ) -> Any:
+        return await self.client.call(op, progress, **args)
+
+    def on_new_process(self, kernel_id: str, follow: Callable[[int], None]) -> Callable[[], None]:
+        # The kernel's pidfd reports the old process's end, and the provisioner
+        # then asks for the new one: no stream per kernel is needed.
+        return lambda: None
+
+
+def choose(mode: str) -> Backend:
+    """The backend for the ``daemon`` trait's ``mode``.
+
+    ``auto``: the daemon if its socket is there, else this process if it is root.
+    ``required``: the daemon. ``off``: this process, which must be root.
+
+    Raises:
+        ConfigError: naming what is missing and the command that fixes it.
+    """
+    path = socket_path()
+    root = os.geteuid() == 0
+    if mode == "required" or (mode == "auto" and daemon_running(path)):
+        if not daemon_running(path):
+            raise ConfigError(
+                "SandboxProvisioner.daemon", mode,
+                f"needs the sandbox-kernel daemon, and {path} is missing; start it: {START_HINT}",
+            )  # fmt: skip
+        return DaemonBackend(path)
+    if mode not in DAEMON_MODES:
+        raise ConfigError("SandboxProvisioner.daemon", mode, "is not auto, required or off")
+    if not root:
+        raise ConfigError(
+            "sandbox kernels", f"uid {os.geteuid()}",
+            f"need the sandbox-kernel daemon when the server does not run as root, and "
+            f"{path} is missing; start it: {START_HINT}",
+        )  # fmt: skip
+    return LocalBackend()

@@ -1,0 +1,137 @@
+"""The daemon's clients: the provisioner (async) and the ``sandbox-kernel`` command.
+
+See ``runtime/daemon.py`` for the wire format. Errors come back as the same
+exception classes the runtime raises in-process, with the daemon's message, so a
+caller cannot tell the modes apart but by speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from . import errors
+from .runtime import snapshots
+from .runtime.quotas import DEFAULT_SOCKET
+
+#: Bytes of one reply line the client accepts (a long ``diff`` or listing).
+MAX_REPLY = 64 << 20
+#: What starts a daemon, for messages.
+START_HINT = "sudo sandbox-kernel daemon --detach (or: sudo systemctl start sandbox-kernel)"
+
+_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.SandboxError, errors.ConfigError, errors.CommandError, errors.KernelNotFound,
+        errors.KernelStateError, errors.ImageNotFound, errors.RequirementMissing,
+        errors.QuotaError, errors.DaemonError, snapshots.QuotaExceeded,
+        snapshots.SnapshotNotFound, snapshots.SnapshotCorrupt, snapshots.StoreFull,
+    )
+}  # fmt: skip
+
+
+def socket_path() -> str:
+    """The daemon's socket: ``$SANDBOX_KERNEL_SOCKET``, else the default."""
+    return os.environ.get("SANDBOX_KERNEL_SOCKET") or DEFAULT_SOCKET
+
+
+def daemon_running(path: str | None = None) -> bool:
+    """Whether a daemon's socket is there (it may still refuse a connection)."""
+    return os.path.exists(path or socket_path())
+
+
+def _error(data: object) -> Exception:
+    """The exception a reply's ``error`` describes, as the runtime would raise it."""
+    if not isinstance(data, dict):
+        return errors.DaemonError(f"the daemon sent a malformed error: {data!r:.200}")
+    cls = _ERRORS.get(str(data.get("type")), errors.SandboxError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, str(data.get("message", "")))
+    return err
+
+
+def _unreachable(path: str, err: OSError) -> errors.DaemonError:
+    return errors.DaemonError(
+        f"the sandbox-kernel daemon at {path} cannot be reached ({err.strerror or err}); "
+        f"start it: {START_HINT}"
+    )
+
+
+class DaemonClient:
+    """Calls the daemon at ``path`` (default :func:`socket_path`)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or socket_path()
+
+    def _request(self, op: str, args: dict[str, Any]) -> bytes:
+        return json.dumps({"op": op, "args": args}).encode() + b"\n"
+
+    @staticmethod
+    def _reply(line: bytes, progress: Callable[[str], None] | None) -> tuple[bool, Any]:
+        """(done, result) of one reply line; raises the error it carries."""
+        if not line:
+            raise errors.DaemonError("the daemon closed the connection without a reply")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise errors.DaemonError(f"the daemon sent no JSON: {line[:200]!r}") from None
+        if "progress" in reply:
+            if progress is not None:
+                progress(str(reply["progress"]))
+            return False, None
+        if reply.get("ok"):
+            return True, reply.get("result")
+        raise _error(reply.get("error"))
+
+    async def call(
+        self, op: str, progress: Callable[[str], None] | None = None, **args: Any
+    ) -> Any:
+        """Carry out ``op`` in the daemon; its result, or the error it raised."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
+        except OSError as err:
+            raise _unreachable(self.path, err) from None
+        try:
+            writer.write(self._request(op, args))
+            await writer.drain()
+            while True:
+                done, result = self._reply(await reader.readline(), progress)
+                if done:
+                    return result
+        except (ConnectionError, ValueError) as err:
+            raise errors.DaemonError(f"the daemon's connection broke: {err}") from None
+        finally:
+            writer.close()
+
+    def call_sync(self, op: str, progress: Callable[[str], None] | None = None, **args: Any) -> Any:
+        """:meth:`call`, blocking (for the command line)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(self.path)
+            except OSError as err:
+                raise _unreachable(self.path, err) from None
+            sock.sendall(self._request(op, args))
+            with sock.makefile("rb") as replies:
+                while True:
+                    done, result = self._reply(replies.readline(MAX_REPLY), progress)
+                    if done:
+                        return result
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The caller's events as they happen, until the caller stops iterating."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
+        except OSError as err:
+            raise _unreachable(self.path, err) from None
+        try:
+            writer.write(self._request("events", {}))
+            await writer.drain()
+            self._reply(await reader.readline(), None)
+            while line := await reader.readline():
+                yield json.loads(line)["event"]
+        finally:
+            writer.close()
