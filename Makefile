@@ -46,7 +46,8 @@ lint: venv
 	ln -s $(CURDIR)/magics build/typecheck/sandbox_kernel/magics
 	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p sandbox_kernel
 
-test: setup lint
+# The daemon's tests run users' servers with the unprivileged venv's Python.
+test: setup lint $(UNPRIV_VENV)/.installed
 	$(PY) -m pytest tests
 	$(MAKE) unit-unprivileged
 

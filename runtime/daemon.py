@@ -104,6 +104,10 @@ class Daemon:
         taken = await self.service.adopt_all()
         if taken:
             self.log.info("took up %d running kernels: %s", len(taken), ", ".join(taken))
+        # What a daemon killed mid-work left (an unfinished snapshot), and kernels
+        # whose servers died meanwhile.
+        for line in await self.service.runtime.gc():
+            self.log.info("gc removed %s", line)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         self._server = await asyncio.start_unix_server(

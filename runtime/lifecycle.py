@@ -257,12 +257,20 @@ class Lifecycle:
                     what, str(value),
                     "is the host id that root inside every kernel maps to; choose another",
                 )  # fmt: skip
+        # The caller's paths are opened as the caller; this package's own folders
+        # (bound in so the kernel finds the magic) as root.
+        own = package_dirs()
         with as_caller(config.caller):
             cwd, cwd_identity = check_cwd(config.cwd)
             if config.caller is not None and not config.caller.is_root:
                 check_caller_access(config, cwd_identity)
-            prefixes = merge_prefixes([*python_prefixes(config.executable), *package_dirs()])
-            identities = [hostpath.first_use(str(p), "Python prefix")[0] for p in prefixes]
+            prefixes = merge_prefixes([*python_prefixes(config.executable), *own])
+            theirs = {
+                p: hostpath.first_use(str(p), "Python prefix")[0] for p in prefixes if p not in own
+            }
+        identities = [
+            theirs.get(p) or hostpath.first_use(str(p), "Python prefix")[0] for p in prefixes
+        ]
         image_layers = layers.image_layers(config.image)
         base, why_cold, inside = fitting_base(config, [str(p) for p in prefixes])
         points = layers.mountpoint_layer([*prefixes, Path(inside)])

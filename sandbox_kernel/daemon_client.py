@@ -20,6 +20,12 @@ from .runtime.quotas import DEFAULT_SOCKET
 
 #: Bytes of one reply line the client accepts (a long ``diff`` or listing).
 MAX_REPLY = 64 << 20
+#: Seconds a call waits for a daemon that is restarting (its socket missing or
+#: refusing) before it fails.
+RECONNECT_TIMEOUT = 30.0
+#: Operations that change nothing: asked again if the daemon died while answering.
+IDEMPOTENT = frozenset({"pid", "tend", "ended", "kernels", "logs", "snapshots", "bases",
+                        "whoami", "diff"})  # fmt: skip
 #: What starts a daemon, for messages.
 START_HINT = "sudo sandbox-kernel daemon --detach (or: sudo systemctl start sandbox-kernel)"
 
@@ -61,6 +67,13 @@ def _unreachable(path: str, err: OSError) -> errors.DaemonError:
     )
 
 
+class _Retry(Exception):
+    """A call that may be made again; ``error`` is what to raise if not."""
+
+    def __init__(self, error: errors.DaemonError) -> None:
+        self.error = error
+
+
 class DaemonClient:
     """Calls the daemon at ``path`` (default :func:`socket_path`)."""
 
@@ -90,11 +103,31 @@ class DaemonClient:
     async def call(
         self, op: str, progress: Callable[[str], None] | None = None, **args: Any
     ) -> Any:
-        """Carry out ``op`` in the daemon; its result, or the error it raised."""
+        """Carry out ``op`` in the daemon; its result, or the error it raised.
+
+        A daemon that is restarting is waited for up to :data:`RECONNECT_TIMEOUT`
+        seconds; an operation that changes nothing is asked again if the daemon
+        died while answering it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECONNECT_TIMEOUT
+        delay = 0.02
+        while True:
+            try:
+                return await self._call_once(op, progress, args)
+            except _Retry as retry:
+                if loop.time() + delay > deadline:
+                    raise retry.error from None
+            await asyncio.sleep(delay)  # the daemon is restarting: back off, then ask again
+            delay = min(delay * 2, 1.0)
+
+    async def _call_once(
+        self, op: str, progress: Callable[[str], None] | None, args: dict[str, Any]
+    ) -> Any:
         try:
             reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
         except OSError as err:
-            raise _unreachable(self.path, err) from None
+            raise _Retry(_unreachable(self.path, err)) from None
         try:
             writer.write(self._request(op, args))
             await writer.drain()
@@ -102,8 +135,11 @@ class DaemonClient:
                 done, result = self._reply(await reader.readline(), progress)
                 if done:
                     return result
-        except (ConnectionError, ValueError) as err:
-            raise errors.DaemonError(f"the daemon's connection broke: {err}") from None
+        except (ConnectionError, ValueError, errors.DaemonError) as err:
+            broke = errors.DaemonError(f"the daemon's connection broke during {op}: {err}")
+            if op in IDEMPOTENT:
+                raise _Retry(broke) from None
+            raise broke from None
         finally:
             writer.close()
 

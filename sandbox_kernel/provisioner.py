@@ -26,7 +26,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Enum, Float, Int, List, Unicode, Union, default, validate
 
 from .backends import DAEMON_MODES, Backend, choose
-from .errors import KernelStateError
+from .errors import DaemonError, KernelStateError
 from .kernel_process import KernelProcess
 from .runtime import Limits
 from .runtime.bundle import CONNECTION_FILE
@@ -284,7 +284,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         and its log kept under its cap.
         """
         if self.kernel.running:
-            await self.backend.call("tend", kernel_id=self.kernel_id)
+            try:
+                await self.backend.call("tend", kernel_id=self.kernel_id)
+            except DaemonError as err:  # tending can wait: the kernel runs
+                self.log.debug("Kernel %s: %s", self.kernel_id, err)
             return None
         return await self.kernel.poll()
 

@@ -203,3 +203,7 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# The daemon's fixtures (they use the helpers above).
+from .daemon import daemon, users  # noqa: E402, F401

@@ -28,6 +28,8 @@ workdir = integration.workdir
 kernels = integration.kernels
 no_leftovers = integration.no_leftovers
 names = integration.names
+daemon = integration.daemon
+users = integration.users
 
 #: Made-up secrets in the server's environment (what a hub or a cloud sets).
 SECRETS = {

@@ -1,0 +1,176 @@
+"""Shared servers: Jupyter servers running as their users start sandboxed kernels
+through the real daemon, and no user can see or touch another's."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sandbox_kernel.runtime import Runtime, snapshots
+
+from .conftest import wait_until
+from .daemon import Daemon, User, UserServer
+
+NOT_FOUND = "no sandboxed kernel with id"
+
+
+async def test_a_users_server_runs_kernels_as_that_user(daemon: Daemon, users) -> None:
+    alice, _ = users
+    async with UserServer(alice) as server:
+        started = await server.start()
+        kid = started["kernel_id"]
+        assert started["backend"] == "daemon"
+        assert await server.run(kid, "import os; print(os.getuid(), os.getgid())") == (
+            f"{alice.uid} {alice.gid}\n"
+        )
+        record = Runtime().record(kid)
+        assert (record.uid, record.belongs_to) == (alice.uid, alice.uid)
+        out = await server.run(kid, "x = 41\n%container snapshot s1")
+        assert "Snapshot s1" in out
+        await server.run(kid, "x = 0")
+        done = await alice.cli("restore", kid, "s1")
+        assert done.returncode == 0, done.stderr
+        assert await wait_until_value(server, kid, "x + 1") == "42"
+        ps = await alice.cli("ps")
+        assert kid in ps.stdout and alice.name in ps.stdout
+        await server.ask("shutdown", kernel_id=kid)
+    assert not Runtime().store.exists(kid)
+
+
+async def wait_until_value(server: UserServer, kid: str, expr: str) -> str:
+    """The value of ``expr`` once the kernel answers again (after a restore)."""
+
+    async def value() -> str | None:
+        reply = await server.ask("run", kernel_id=kid, code=f"print({expr})")
+        return None if reply.get("error") else str(reply["text"]).strip()
+
+    return str(await wait_until(value, 60, f"{expr} to be evaluated"))
+
+
+async def test_another_user_cannot_see_or_touch_the_kernel(daemon: Daemon, users) -> None:
+    alice, bob = users
+    async with UserServer(alice) as server:
+        kid = (await server.start())["kernel_id"]
+        await server.run(kid, "%container snapshot mine")
+        ps = await bob.cli("ps")
+        assert ps.returncode == 0 and kid not in ps.stdout
+        listed = await bob.cli("snapshots")
+        assert "mine" not in listed.stdout
+        for args in (
+            ["snapshot", kid, "theirs"], ["restore", kid, "mine"], ["reset", kid],
+            ["logs", kid], ["limits", kid, "--memory", "1G"], ["snapshots", kid],
+        ):  # fmt: skip
+            done = await bob.cli(*args)
+            assert done.returncode == 2, (args, done)
+            assert NOT_FOUND in done.stderr, (args, done.stderr)
+        done = await bob.cli("snapshots", "--delete", "mine", "--owner", str(alice.uid))
+        assert done.returncode == 2 and "another user" in done.stderr
+        # Raw requests, with a body that lies about who asks.
+        for op, args in (
+            ("stop", {"kernel_id": kid}), ("remove", {"kernel_id": kid}),
+            ("diff", {"kernel_id": kid}), ("pid", {"kernel_id": kid}),
+            ("adopt", {"kernel_id": kid}), ("restore", {"kernel_id": kid, "name": "mine"}),
+            ("prepare", {"kernel_id": kid, "config": _config(bob)}),
+            ("delete_snapshot", {"name": "mine", "owner": alice.uid}),
+        ):  # fmt: skip
+            reply = bob.request(op, **{"uid": alice.uid, "caller": alice.uid, **args})
+            if op == "remove":  # removing what you cannot see is a no-op
+                assert reply == {"ok": True, "result": None}
+                continue
+            assert reply["ok"] is False, (op, reply)
+        assert bob.request("kernels", uid=0)["result"] == []
+        # Alice's kernel and snapshot are untouched.
+        assert await server.run(kid, "print('still here')") == "still here\n"
+        assert "mine" in snapshots.names(str(alice.uid))
+
+
+def _config(user: User, **changes: object) -> dict[str, object]:
+    config: dict[str, object] = {
+        "image": "host", "limits": {"memory": "512M"}, "network": "none",
+        "uid": user.uid, "gid": user.gid, "cwd": str(user.home),
+        "executable": "/usr/bin/python3", "base": "",
+    }  # fmt: skip
+    config.update(changes)
+    return config
+
+
+async def test_a_user_cannot_get_another_uid_or_folder(daemon: Daemon, users) -> None:
+    alice, bob = users
+    private = alice.home / "private"
+    private.mkdir(exist_ok=True)
+    private.chmod(0o700)
+    link = bob.home / "to-root"
+    link.unlink(missing_ok=True)
+    link.symlink_to("/root")
+    cases = {
+        "kernel_uid 0 is not yours": _config(bob, uid=0),
+        f"kernel_uid {alice.uid} is not yours": _config(bob, uid=alice.uid),
+        "kernel_gid 0 is no group of yours": _config(bob, gid=0),
+        "cannot be read by you": _config(bob, cwd=str(private)),
+        "working directory '/root'": _config(bob, cwd="/root"),
+        "a symlink is refused": _config(bob, cwd=str(link)),
+        "kernel executable": _config(bob, executable="/root/.no-python"),
+    }
+    for i, (message, config) in enumerate(cases.items()):
+        reply = bob.request("prepare", kernel_id=f"deadbeef-0000-4000-8000-00000000000{i}",
+                            config=config)  # fmt: skip
+        assert reply["ok"] is False, (message, reply)
+        assert message in reply["error"]["message"], (message, reply)
+    assert not [r for r in Runtime().records() if r.belongs_to == bob.uid]
+
+
+async def test_quotas_refuse_with_a_clear_line(daemon: Daemon, users) -> None:
+    alice, _ = users
+    daemon.config.write_text(
+        f'[users.{alice.name}]\nkernels = 1\nmemory = "1G"\nsnapshot_bytes = "1M"\n'
+    )
+    await daemon.stop()
+    await daemon.start()
+    async with UserServer(alice) as server:
+        kid = (await server.start())["kernel_id"]
+        second = await server.ask("start", config={"memory": "512M"}, cwd=str(alice.home))
+        assert "quota kernels = 1" in second["error"]
+        done = await alice.cli("limits", kid, "--memory", "2G")
+        assert done.returncode == 2 and "quota memory = 1G" in done.stderr
+        reply = alice.request("prepare", kernel_id="deadbeef-0000-4000-8000-0000000000aa",
+                              config=_config(alice, limits={"memory": "4G"}))  # fmt: skip
+        assert "quota" in reply["error"]["message"]
+        out = await server.run(kid, "b = bytearray(50_000_000)\n%container snapshot big")
+        assert "was not taken" in out and "past the limit of 1M" in out, out
+        assert "big" not in snapshots.names(str(alice.uid))
+        assert await server.run(kid, "print(len(b))") == "50000000\n"
+
+
+async def test_a_daemon_killed_mid_snapshot_and_mid_restore(daemon: Daemon, users) -> None:
+    """SIGKILL in the middle: after a restart the daemon takes the kernel up again,
+    it keeps running, and nothing half-written is listed."""
+    alice, _ = users
+    async with UserServer(alice) as server:
+        kid = (await server.start(memory="1G"))["kernel_id"]
+        # Every page written, so that a dump or a restore takes a while.
+        await server.run(kid, "b = bytearray(b'x') * 300_000_000; b[-1] = 7")
+        await server.run(kid, "%container snapshot good")
+        for verb, args in (("snapshot", [kid, "cut"]), ("restore", [kid, "good"])):
+            cli = asyncio.ensure_future(alice.cli(verb, *args))
+            await _until_busy(kid)
+            daemon.kill()
+            done = await cli
+            assert done.returncode != 0, done
+            await daemon.start()
+            assert await wait_until_value(server, kid, "b[-1]") == "7"
+            names = snapshots.names(str(alice.uid))
+            assert set(names) <= {"good", "cut"}, names
+            for name in names:
+                snapshots.verify(str(alice.uid), name)  # whole, or not listed at all
+            assert not snapshots.leftovers()
+        assert await server.run(kid, "%container list")
+
+
+async def _until_busy(kid: str) -> None:
+    """Wait until a snapshot or restore of ``kid`` holds its lock (is under way)."""
+    store = Runtime().store
+
+    def busy() -> bool:
+        with store.busy(kid) as held_here:
+            return held_here is None
+
+    await wait_until(busy, 60, "the operation to start", interval=0.01)
