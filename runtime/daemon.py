@@ -213,7 +213,7 @@ class Daemon:
             return
         try:
             request = json.loads(line)
-            op, args = request["op"], request.get("args") or {}
+            op, args = request["op"], request.get("args", {})
             if not isinstance(op, str):
                 raise TypeError(op)
         except (ValueError, KeyError, TypeError):

@@ -365,6 +365,9 @@ def _kernel_info(record: KernelRecord) -> dict[str, Any]:
 @_op("prepare")
 async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     kernel_id = args["kernel_id"]
+    if not isinstance(kernel_id, str):
+        raise ConfigError("kernel id", kernel_id, "is not a kernel id")
+    svc.runtime.kernel_dir(kernel_id)  # checks its form
     config = _config(caller, args["config"])
     async with svc._quota_lock:
         if svc.runtime.store.exists(kernel_id):
