@@ -8,7 +8,7 @@ TOUR := notebooks/tour.ipynb
 TOUR_OUT := notebooks/tour-executed.ipynb
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench clean
+.PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench hub hub-setup clean
 
 setup: system venv criu kernelspec
 
@@ -46,8 +46,9 @@ lint: venv
 	ln -s $(CURDIR)/magics build/typecheck/sandbox_kernel/magics
 	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p sandbox_kernel
 
-# The daemon's tests run users' servers with the unprivileged venv's Python.
-test: setup lint $(UNPRIV_VENV)/.installed
+# The daemon's tests run users' servers with the unprivileged venv's Python, and a
+# real JupyterHub from the hub's venv.
+test: setup lint $(UNPRIV_VENV)/.installed hub-setup
 	$(PY) -m pytest tests
 	$(MAKE) unit-unprivileged
 
@@ -69,6 +70,35 @@ $(UNPRIV_VENV)/.installed: pyproject.toml
 	$(UNPRIV_VENV)/bin/python -m pip install -q -e '.[test]'
 	chmod -R a+rX $(UNPRIV_VENV)
 	touch $@
+
+# A real JupyterHub (docs/jupyterhub_config.py) in a venv every user can run, with
+# configurable-http-proxy from npm and the sandboxed kernelspec.
+HUB_VENV := build/hub-venv
+HUB_NODE := build/hub-node
+HUB_USERS := sk-demo-1 sk-demo-2 sk-demo-3
+hub-setup: $(HUB_VENV)/.installed $(HUB_NODE)/.installed
+$(HUB_VENV)/.installed: pyproject.toml
+	@command -v /usr/bin/python3 >/dev/null && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || \
+		(apt-get update -q && apt-get install -y -q python3 python3-venv)
+	rm -rf $(HUB_VENV)
+	/usr/bin/python3 -m venv $(HUB_VENV)
+	$(HUB_VENV)/bin/python -m pip install -q --upgrade pip
+	$(HUB_VENV)/bin/python -m pip install -q jupyterhub jupyterlab -e .
+	$(HUB_VENV)/bin/sandbox-kernel install --name $(KERNEL) --display-name "Python 3 (sandbox)" --sys-prefix
+	chmod -R a+rX $(HUB_VENV)
+	touch $@
+$(HUB_NODE)/.installed:
+	@command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q npm)
+	mkdir -p $(HUB_NODE)
+	npm install --silent --prefix $(HUB_NODE) configurable-http-proxy
+	touch $@
+
+# Try it: three users (password "sandbox"), their kernels through the daemon.
+hub: setup hub-setup
+	@for u in $(HUB_USERS); do id $$u >/dev/null 2>&1 || useradd --create-home $$u; done
+	@test -S /run/sandbox-kernel/daemon.sock || $(SK) daemon --detach
+	@echo "Open http://127.0.0.1:8000 and log in as sk-demo-1, sk-demo-2 or sk-demo-3, password sandbox"
+	SK_HUB_USERS=$$(echo $(HUB_USERS) | tr ' ' ,) $(HUB_VENV)/bin/jupyterhub -f docs/jupyterhub_config.py
 
 lab: setup
 	$(PY) -m pip install -q jupyterlab

@@ -62,6 +62,27 @@ WORKERS = 32
 MAX_QUEUED_EVENTS = 1000
 
 
+#: The systemd unit ``sandbox-kernel daemon --unit`` prints, for this installation.
+UNIT = """\
+[Unit]
+Description=sandbox-kernel daemon: sandboxed Jupyter kernels for every user
+After=local-fs.target network.target
+
+[Service]
+Type=simple
+ExecStart={python} -m sandbox_kernel.cli daemon
+# Stopping the daemon stops serving, not the kernels: they run on, and a new
+# daemon takes them up again.
+KillMode=process
+Restart=on-failure
+RestartSec=1
+LimitNOFILE=1048576
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def default_pid_file(socket_path: str) -> Path:
     """The pid file beside the socket: ``/run/sandbox-kernel/daemon.pid``."""
     return Path(socket_path).with_name("daemon.pid")

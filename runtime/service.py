@@ -146,8 +146,7 @@ class KernelService:
         self.log = log or logging.getLogger("sandbox_kernel.service")
         self.channels: dict[str, ControlChannel] = {}
         self._subscribers: list[Callable[[Event], None]] = []
-        # Prepares of one caller are counted against their quota one at a time.
-        self._quota_lock = asyncio.Lock()
+        self._user_locks: dict[int, asyncio.Lock] = {}
 
     # ---- calls -----------------------------------------------------------------------
 
@@ -217,6 +216,10 @@ class KernelService:
         return str(int(text))
 
     # ---- quotas ----------------------------------------------------------------------
+
+    def user_lock(self, uid: int) -> asyncio.Lock:
+        """The lock under which one user's new kernels are counted against their quota."""
+        return self._user_locks.setdefault(uid, asyncio.Lock())
 
     def running_limits(self, uid: int, but: str = "") -> list[Limits]:
         """The limits of every kernel ``uid`` has, but kernel ``but``."""
@@ -369,13 +372,20 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
         raise ConfigError("kernel id", kernel_id, "is not a kernel id")
     svc.runtime.kernel_dir(kernel_id)  # checks its form
     config = _config(caller, args["config"])
-    async with svc._quota_lock:
-        if svc.runtime.store.exists(kernel_id):
-            record = svc.kernel(caller, kernel_id)  # a restart: the same kernel
-        else:
-            quota = svc.config.quota_for(caller)
-            check_kernel(quota, config.limits, svc.running_limits(caller.uid))
+    if svc.runtime.store.exists(kernel_id):
+        svc.kernel(caller, kernel_id)  # a restart: the caller's own kernel
         record = await svc.runtime.prepare(kernel_id, config)
+    else:
+        quota = svc.config.quota_for(caller)
+        if quota.kernels is None and quota.memory_total is None:
+            check_limits(quota, config.limits, [])
+            record = await svc.runtime.prepare(kernel_id, config)
+        else:
+            # Counted and made under the user's lock: two starts at once cannot
+            # both take the last place.
+            async with svc.user_lock(caller.uid):
+                check_kernel(quota, config.limits, svc.running_limits(caller.uid))
+                record = await svc.runtime.prepare(kernel_id, config)
     if record.belongs_to != caller.uid and not caller.is_root:
         raise KernelNotFound(kernel_id)
     try:

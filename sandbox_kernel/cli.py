@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help=f"where to listen (default {DEFAULT_SOCKET})")
     p.add_argument("--pid-file", help="the pid file, also its lock (default beside the socket)")
     p.add_argument("--detach", action="store_true", help="run in the background")
+    p.add_argument("--unit", action="store_true",
+                   help="print a systemd unit that runs it (save it as "
+                   "/etc/systemd/system/sandbox-kernel.service)")  # fmt: skip
     p.add_argument(
         "--log", default=DEFAULT_LOG, help=f"with --detach: its log (default {DEFAULT_LOG})"
     )
@@ -371,6 +374,9 @@ def _daemon(args: argparse.Namespace) -> int:
     from .runtime import daemon
     from .runtime.quotas import DaemonConfig
 
+    if args.unit:
+        print(daemon.UNIT.format(python=sys.executable), end="")
+        return 0
     config = DaemonConfig.load(Path(args.config) if args.config else None)
     if args.socket:
         config.socket = args.socket

@@ -207,3 +207,4 @@ async def wait_until(
 
 # The daemon's fixtures (they use the helpers above).
 from .daemon import daemon, users  # noqa: E402, F401
+from .hub import hub  # noqa: E402, F401

@@ -4,10 +4,14 @@ through the real daemon, and no user can see or touch another's."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from pathlib import Path
 
+from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.runtime import Runtime, snapshots
 
-from .conftest import wait_until
+from .conftest import run_cli, wait_until
 from .daemon import Daemon, User, UserServer
 
 NOT_FOUND = "no sandboxed kernel with id"
@@ -174,3 +178,23 @@ async def _until_busy(kid: str) -> None:
             return held_here is None
 
     await wait_until(busy, 60, "the operation to start", interval=0.01)
+
+
+async def test_detach_starts_one_daemon_and_a_second_is_refused(tmp_path: Path) -> None:
+    sock = "/run/sandbox-kernel-detach-test/daemon.sock"
+    pid_file, log = tmp_path / "daemon.pid", tmp_path / "daemon.log"
+    args = ("daemon", "--detach", "--socket", sock, "--pid-file", str(pid_file), "--log", str(log))
+    done = await run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    pid = int(pid_file.read_text())
+    try:
+        assert f"pid {pid}" in done.stdout
+        again = await run_cli(*args)
+        assert again.returncode == 2
+        assert f"runs already (pid {pid})" in again.stderr
+        me = await DaemonClient(sock).call("whoami")
+        assert me["uid"] == 0 and me["admin"] is True
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        await wait_until(lambda: not Path(sock).exists(), 30, "the daemon to stop")
+        Path(sock).parent.rmdir()
