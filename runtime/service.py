@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pwd
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -663,6 +664,6 @@ async def _whoami(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     quota = svc.config.quota_for(caller)
     return {
         "uid": caller.uid, "gid": caller.gid, "pid": caller.pid,
-        "admin": svc.config.is_admin(caller),
+        "admin": svc.config.is_admin(caller), "served_by": os.getpid(),
         "quota": {k: quota.show(k) for k in quota.__dataclass_fields__},
     }  # fmt: skip

@@ -397,6 +397,16 @@ def _detach(args: argparse.Namespace, socket_file: str, pid_file: Path) -> int:
         argv += ["--config", args.config]
     if args.socket:
         argv += ["--socket", args.socket]
+    client = DaemonClient(socket_file)
+    try:
+        other = client.call_sync("whoami")["served_by"]
+    except SandboxError:
+        other = None  # none answers: start one
+    if other is not None:
+        raise ConfigError(
+            "daemon socket", socket_file,
+            f"is served by a daemon that runs already (pid {other}); stop it first",
+        )  # fmt: skip
     log = Path(args.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
@@ -404,14 +414,15 @@ def _detach(args: argparse.Namespace, socket_file: str, pid_file: Path) -> int:
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
     deadline = time.monotonic() + DETACH_TIMEOUT
-    client = DaemonClient(socket_file)
     while time.monotonic() < deadline:
         if child.poll() is not None:
             tail = log.read_text(errors="replace").splitlines()[-5:]
             raise SandboxError("the daemon did not start:\n  " + "\n  ".join(tail))
         try:
-            client.call_sync("whoami")
+            served_by = client.call_sync("whoami")["served_by"]
         except SandboxError:
+            served_by = None
+        if served_by != child.pid:
             time.sleep(0.05)  # polling a child we started; it reports no readiness
             continue
         print(f"sandbox-kernel daemon runs, pid {child.pid}, socket {socket_file}, log {log}")

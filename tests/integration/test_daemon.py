@@ -191,7 +191,7 @@ async def test_detach_starts_one_daemon_and_a_second_is_refused(tmp_path: Path) 
         assert f"pid {pid}" in done.stdout
         again = await run_cli(*args)
         assert again.returncode == 2
-        assert f"runs already (pid {pid})" in again.stderr
+        assert f"already (pid {pid})" in again.stderr
         me = await DaemonClient(sock).call("whoami")
         assert me["uid"] == 0 and me["admin"] is True
     finally:
