@@ -18,7 +18,7 @@ Targets (issue 11): all N start; the time until all are ready at most 1.3 times
 the local kernels'; memory per kernel at most the local kernel's + 10 MiB. Both
 kernelspecs live in a temporary folder. Needs root::
 
-    .venv/bin/python bench/scale.py [--kernels 100] [--json out.json] [--strict]
+    .venv/bin/python bench/scale.py [--kernels 100] [--daemon] [--json out.json] [--strict]
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,11 +65,13 @@ class Result:
     failures: list[str] = field(default_factory=list)
 
 
-def make_kernelspecs(tmp: Path) -> KernelSpecManager:
+def make_kernelspecs(tmp: Path, daemon: str = "off") -> KernelSpecManager:
     """Both kernelspecs under ``tmp/share/jupyter/kernels``; a manager that sees them.
-    The sandbox's limits leave room for N kernels on this machine."""
+    The sandbox's limits leave room for N kernels on this machine; ``daemon`` is the
+    provisioner's setting (``off``: in this process)."""
     limits = Limits.parse(memory="512M", cpus="1", pids="256", disk="1G")
-    install(SANDBOX, "bench", provisioner_config("host", limits, "none"), prefix=str(tmp))
+    config = {**provisioner_config("host", limits, "none"), "daemon": daemon}
+    install(SANDBOX, "bench", config, prefix=str(tmp))
     kernels = tmp / "share" / "jupyter" / "kernels"
     write_kernel_spec(kernels / LOCAL)
     return KernelSpecManager(kernel_dirs=[str(kernels)])
@@ -185,11 +189,20 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", type=int, default=100, help="kernels of each kind")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--daemon", action="store_true",
+                        help="start the sandboxed kernels through a daemon of the run's own "
+                        "(as a shared server does), not in this process")  # fmt: skip
     args = parser.parse_args(argv)
     raise_file_limit()
     tmp = Path(tempfile.mkdtemp(prefix="sandbox-bench-scale-"))
+    daemon = None
+    if args.daemon:
+        from daemon import SOCKET, start_daemon  # bench/daemon.py
+
+        os.environ["SANDBOX_KERNEL_SOCKET"] = SOCKET
+        daemon = start_daemon(tmp / "daemon.log")
     try:
-        ksm = make_kernelspecs(tmp)
+        ksm = make_kernelspecs(tmp, "required" if args.daemon else "off")
         cwd = tmp / "work"
         cwd.mkdir()
         cwd.chmod(0o755)
@@ -201,9 +214,13 @@ async def main(argv: list[str] | None = None) -> int:
         local = await measure(LOCAL, args.kernels, ksm, cwd)
         print(f"  {local}", file=sys.stderr)
     finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
     lines, ok = report(ours, local)
-    print(f"{args.kernels} kernels at once through one AsyncMultiKernelManager\n")
+    how = "through the daemon" if args.daemon else "in-process"
+    print(f"{args.kernels} kernels at once through one AsyncMultiKernelManager ({how})\n")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(ours), asdict(local)], indent=2))

@@ -115,7 +115,7 @@ class ControlChannel:
 
 class _Governed:
     """The runtime as one kernel's control server sees it: a limit the kernel's
-    magic asks for is held to its owner's quotas too."""
+    magic asks for is held to its owner's quotas too, and its snapshots are events."""
 
     def __init__(self, service: KernelService, kernel_id: str) -> None:
         self._service = service
@@ -130,6 +130,13 @@ class _Governed:
         record = self._service.runtime.record(kernel_id)
         self._service.check_limits_quota(self._service.owner_of(record), record, limits)
         return await self._service.runtime.update_limits(kernel_id, limits, operator)
+
+    async def snapshot(
+        self, kernel_id: str, name: str, message: str = "", /, *, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        meta = await self._service.runtime.snapshot(kernel_id, name, message, progress=progress)
+        self._service.emit({"event": "snapshot", "kernel_id": kernel_id, "name": meta["name"]})
+        return meta
 
 
 class KernelService:

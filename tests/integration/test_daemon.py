@@ -12,7 +12,7 @@ from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.runtime import Runtime, snapshots
 
 from .conftest import run_cli, wait_until
-from .daemon import Daemon, User, UserServer
+from .daemon import USER_PYTHON, Daemon, User, UserServer
 
 NOT_FOUND = "no sandboxed kernel with id"
 
@@ -36,6 +36,9 @@ async def test_a_users_server_runs_kernels_as_that_user(daemon: Daemon, users) -
         assert await wait_until_value(server, kid, "x + 1") == "42"
         ps = await alice.cli("ps")
         assert kid in ps.stdout and alice.name in ps.stdout
+        # The server signals its own kernel (its pidfd), as its user.
+        interrupted = await server.ask("interrupt", kernel_id=kid)
+        assert "KeyboardInterrupt" in interrupted["error"], interrupted
         await server.ask("shutdown", kernel_id=kid)
     assert not Runtime().store.exists(kid)
 
@@ -198,3 +201,33 @@ async def test_detach_starts_one_daemon_and_a_second_is_refused(tmp_path: Path) 
         os.kill(pid, signal.SIGTERM)
         await wait_until(lambda: not Path(sock).exists(), 30, "the daemon to stop")
         Path(sock).parent.rmdir()
+
+
+async def test_events_reach_the_owner_and_admins_only(daemon: Daemon, users) -> None:
+    alice, bob = users
+    seen: list[dict[str, object]] = []
+
+    async def follow() -> None:
+        async for event in daemon.client.events():  # root: an admin sees every user's
+            seen.append(event)
+
+    watcher = asyncio.ensure_future(follow())
+    bobs = await asyncio.create_subprocess_exec(
+        *bob.argv(str(USER_PYTHON), "-m", "sandbox_kernel.cli", "events"),
+        stdout=asyncio.subprocess.PIPE, cwd="/",
+    )  # fmt: skip
+    try:
+        async with UserServer(alice) as server:
+            kid = (await server.start())["kernel_id"]
+            await server.run(kid, "%container snapshot ev")
+            await wait_until(
+                lambda: {"started", "snapshot"} <= {e["event"] for e in seen}, 30, "the events"
+            )
+            await server.ask("shutdown", kernel_id=kid)
+            await wait_until(lambda: "removed" in {e["event"] for e in seen}, 30, "removed")
+        assert all(e["owner_uid"] == alice.uid for e in seen if e["kernel_id"] == kid)
+    finally:
+        watcher.cancel()
+        bobs.terminate()
+        out, _ = await bobs.communicate()
+    assert out == b"", out  # Bob saw none of Alice's

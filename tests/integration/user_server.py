@@ -6,6 +6,7 @@ test drives it with JSON lines on stdin; each gets one JSON line on stdout:
 
     {"op": "start", "config": {...}, "cwd": PATH}  -> {"kernel_id", "backend", "pid"}
     {"op": "run", "kernel_id": ID, "code": TEXT}   -> {"text", "error"}
+    {"op": "interrupt", "kernel_id": ID}           -> {"text", "error"} of a cell interrupted
     {"op": "shutdown", "kernel_id": ID}            -> {}
 
 A failure answers ``{"error": "Type: message"}``. At end of input every kernel it
@@ -76,6 +77,15 @@ class Server:
         kc = self.clients[kernel_id]
         await kc.execute_interactive(code, timeout=120, output_hook=hook)
         return {"text": "".join(texts), "error": "\n".join(errors)}
+
+    async def interrupt(self, kernel_id: str) -> dict[str, Any]:
+        """Run a cell that sleeps, interrupt it once it runs; what the cell raised."""
+        running = asyncio.ensure_future(
+            self.run(kernel_id, "print('asleep', flush=True)\nimport time; time.sleep(60)")
+        )
+        await asyncio.sleep(1.0)  # the cell has started (it prints at once)
+        await self.managers[kernel_id].interrupt_kernel()
+        return await asyncio.wait_for(running, 30)
 
     async def shutdown(self, kernel_id: str) -> dict[str, Any]:
         self.clients.pop(kernel_id).stop_channels()
