@@ -67,6 +67,10 @@ def _unreachable(path: str, err: OSError) -> errors.DaemonError:
     )
 
 
+class _Broken(errors.DaemonError):
+    """The connection ended before a reply: the daemon died or restarted."""
+
+
 class _Retry(Exception):
     """A call that may be made again; ``error`` is what to raise if not."""
 
@@ -87,7 +91,7 @@ class DaemonClient:
     def _reply(line: bytes, progress: Callable[[str], None] | None) -> tuple[bool, Any]:
         """(done, result) of one reply line; raises the error it carries."""
         if not line:
-            raise errors.DaemonError("the daemon closed the connection without a reply")
+            raise _Broken("the daemon closed the connection without a reply")
         try:
             reply = json.loads(line)
         except ValueError:
@@ -132,10 +136,16 @@ class DaemonClient:
             writer.write(self._request(op, args))
             await writer.drain()
             while True:
-                done, result = self._reply(await reader.readline(), progress)
+                try:
+                    line = await reader.readline()
+                except ValueError as err:  # a line past MAX_REPLY
+                    raise errors.DaemonError(f"the daemon's reply is too long: {err}") from None
+                done, result = self._reply(line, progress)
                 if done:
                     return result
-        except (ConnectionError, ValueError, errors.DaemonError) as err:
+        except (ConnectionError, _Broken) as err:
+            # Only the transport's failures: an error the daemon sent goes to the
+            # caller as it is.
             broke = errors.DaemonError(f"the daemon's connection broke during {op}: {err}")
             if op in IDEMPOTENT:
                 raise _Retry(broke) from None
