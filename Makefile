@@ -7,6 +7,8 @@ KERNEL := python3-sandbox
 TOUR := notebooks/tour.ipynb
 TOUR_OUT := notebooks/tour-executed.ipynb
 export DEBIAN_FRONTEND := noninteractive
+# Venvs of Debian's own Python, which every user can run (see unit-unprivileged, hub).
+UNPRIV_VENV := build/unit-venv
 
 .PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench hub hub-setup clean
 
@@ -57,7 +59,6 @@ unit: venv
 
 # The unit tests again as uid 65534, to show they need no root. Debian's own Python:
 # the default one here may live under /root, where other users cannot run it.
-UNPRIV_VENV := build/unit-venv
 unit-unprivileged: $(UNPRIV_VENV)/.installed
 	setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
 		$(UNPRIV_VENV)/bin/python -m pytest tests/unit -q -p no:cacheprovider

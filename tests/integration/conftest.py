@@ -47,7 +47,9 @@ def ksm(spec_prefix: Path) -> KernelSpecManager:
 
 @pytest.fixture(scope="session")
 def make_spec(spec_prefix: Path) -> Callable[..., str]:
-    """Install a sandbox kernelspec with these limits; return its name."""
+    """Install a sandbox kernelspec with these limits; return its name. Its kernels
+    run in the test's own process (``daemon: off``) even where a daemon runs: the
+    daemon's own tests start one of their own."""
     made: dict[tuple[Any, ...], str] = {}
 
     def make(
@@ -58,9 +60,8 @@ def make_spec(spec_prefix: Path) -> Callable[..., str]:
         if key not in made:
             name = f"sbx-{len(made)}"
             limits = Limits.parse(memory=memory, cpus=cpus, pids=pids, disk=disk)
-            install(
-                name, name, provisioner_config("host", limits, network), prefix=str(spec_prefix)
-            )
+            config = {**provisioner_config("host", limits, network), "daemon": "off"}
+            install(name, name, config, prefix=str(spec_prefix))
             made[key] = name
         return made[key]
 
