@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import shlex
 import time
+from html import escape as html_escape
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -17,7 +18,16 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 
 from sandbox_kernel import protocol
-from sandbox_kernel.display import format_size, table
+from sandbox_kernel.display import (
+    DIFF_GROUPS,
+    Rich,
+    format_size,
+    group_diff,
+    html_table,
+    relative_time,
+    table,
+    tree_order,
+)
 
 from .channel import Channel, ChannelError, Interrupted, available
 from .handoff import RestoreHandoff
@@ -26,6 +36,25 @@ from .handoff import RestoreHandoff
 COMMANDS = protocol.COMMANDS
 #: A snapshot that takes longer than this many seconds prints its steps as they start.
 PROGRESS_AFTER = 0.3
+#: What ``%container`` alone prints: each command with one line.
+HELP = """\
+%container COMMAND: snapshots, restores and limits of this kernel's container.
+
+  snapshot [NAME] [-m MESSAGE]   save the files and the live memory
+  restore NAME                   go back to a snapshot, in place
+  list                           the snapshots, as a tree of parents
+  delete NAME                    delete a snapshot
+  reset                          restart on the image's pristine files
+  diff [NAME] [--all]            files added, changed, deleted since a snapshot
+  limits [--memory M] [--cpus C] [--pids P]   show or change the limits
+  status                         use against the limits, and the snapshots"""
+
+
+def _show(rich: Rich) -> None:
+    """Display ``rich``: an HTML table where the frontend renders one, else its text."""
+    from IPython.display import display
+
+    display(rich)
 
 
 def _parse(command: str, line: str) -> Any:
@@ -55,6 +84,7 @@ def _parser(command: str) -> MagicArgumentParser:
         parser.add_argument(
             "name", nargs="?", help="compare with this snapshot (default: the latest)"
         )
+        parser.add_argument("--all", action="store_true", help="also IPython's own history files")
     elif command == "limits":
         parser.add_argument("--memory", help="memory limit, e.g. 2G")
         parser.add_argument("--cpus", help="CPU quota in cores, e.g. 1.5")
@@ -86,11 +116,14 @@ class ContainerMagics(Magics):
         %container list                          the snapshots, with time, size, parent, mode
         %container delete NAME                   delete a snapshot
         %container reset                         restart on the image's pristine files
-        %container diff [NAME]                   files added, changed, deleted since a snapshot
+        %container diff [NAME] [--all]           files added, changed, deleted since a snapshot
         %container limits [--memory M] [--cpus C] [--pids P]   show or change the limits
         %container status                        use against the limits, and snapshots
         """
         command, _, rest = line.strip().partition(" ")
+        if command in ("", "help", "-h", "--help"):
+            print(HELP)
+            return
         if command not in COMMANDS:
             raise UsageError(
                 f"%container: unknown command {command!r}; use one of {', '.join(COMMANDS)}"
@@ -140,6 +173,12 @@ class ContainerMagics(Magics):
     def _restore(self, line: str) -> None:
         args = _parse("restore", line)
         assert self.handoff is not None
+        names = [m["name"] for m in self._call("list")["snapshots"]]
+        if args.name not in names:
+            raise UsageError(
+                f"%container restore: no snapshot named {args.name!r}; "
+                "`%container list` shows yours"
+            )
         parent, idents = self.handoff.cell_origin()
         print(f"Restoring {args.name} ...", flush=True)
         self._call("restore", name=args.name, parent=parent, ident=idents)
@@ -158,15 +197,7 @@ class ContainerMagics(Magics):
             print("No snapshots yet: `%container snapshot NAME` takes one.")
             print(usage)
             return
-        rows = [["NAME", "TIME", "MODE", "MEMORY", "FILES", "PARENT", "MESSAGE"]]
-        for m in metas:
-            rows.append([
-                m["name"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"])),
-                m["mode"], format_size(m["memory_bytes"]), format_size(m["file_bytes"]),
-                m["parent"] or "-", m["message"],
-            ])  # fmt: skip
-        print(table(rows))
-        print(usage)
+        _show(snapshot_table(metas, usage, time.time()))
 
     def _delete(self, line: str) -> None:
         args = _parse("delete", line)
@@ -182,36 +213,17 @@ class ContainerMagics(Magics):
     def _diff(self, line: str) -> None:
         args = _parse("diff", line)
         changes = self._call("diff", name=args.name)
-        base = changes["since"] or "the kernel's start"
-        if not any(changes[k] for k in ("added", "changed", "deleted")):
-            print(f"No changes since {base}.")
-            return
-        print(f"Changes since {base}:")
-        for mark, key in (("A", "added"), ("C", "changed"), ("D", "deleted")):
-            for path in changes[key]:
-                print(f"{mark} {path}")
+        _show(diff_view(changes, args.all))
 
     def _limits(self, line: str) -> None:
         args = _parse("limits", line)
         limits = self._call("limits", memory=args.memory, cpus=args.cpus, pids=args.pids)
-        print(
-            f"memory {format_size(limits['memory']) if limits['memory'] else 'unlimited'}, "
-            f"cpus {limits['cpus'] or 'unlimited'}, pids {limits['pids'] or 'unlimited'}"
-        )
+        rows = [["LIMIT", "VALUE"], *_limit_rows(limits)]
+        text = ", ".join(f"{name} {value}" for name, value in rows[1:])
+        _show(Rich(text, html_table(rows)))
 
     def _status(self, line: str) -> None:
-        status = self._call("status")
-        use, limits = status["usage"] or {}, status["limits"]
-        rows = [["", "USE", "LIMIT"]]
-        rows.append(["memory", format_size(use.get("memory")), format_size(limits["memory"])])
-        cpu = use.get("cpu_seconds")
-        rows.append(["cpu", f"{cpu:.1f} s" if cpu is not None else "-", str(limits["cpus"] or "-")])
-        rows.append(["pids", str(use.get("pids", "-")), str(limits["pids"] or "-")])
-        print(table(rows))
-        print(
-            f"{status['snapshots']} snapshots, {format_size(status['snapshot_bytes'])}; "
-            f"files from {status['current'] or 'the image'}"
-        )
+        _show(status_view(self._call("status")))
 
     # ---- plumbing ----------------------------------------------------------------
 
@@ -229,3 +241,79 @@ class ContainerMagics(Magics):
             raise
         except ChannelError as err:
             raise UsageError(f"%container {op}: {err}") from None
+
+
+# ---- views: the same figures as HTML and as text -------------------------------------
+
+
+def snapshot_table(metas: list[dict[str, Any]], usage: str, now: float) -> Rich:
+    """The snapshots as a tree (a child under its parent), with relative times."""
+    rows = [["NAME", "TAKEN", "MODE", "MEMORY", "FILES", "MESSAGE"]]
+    for depth, m in tree_order(metas):
+        name = ("   " * (depth - 1) + "└─ " if depth else "") + m["name"]
+        rows.append([
+            name, relative_time(m["created"], now), m["mode"],
+            format_size(m["memory_bytes"]), format_size(m["file_bytes"]), m["message"],
+        ])  # fmt: skip
+    return Rich(f"{table(rows)}\n{usage}", html_table(rows, caption=usage))
+
+
+def diff_view(changes: dict[str, Any], everything: bool = False) -> Rich:
+    """A diff grouped into added, changed and deleted, each sorted."""
+    base = changes["since"] or "the kernel's start"
+    grouped = group_diff(changes, everything)
+    hidden = sum(len(changes.get(k) or []) for k, _ in DIFF_GROUPS) - sum(
+        len(v) for v in grouped.values()
+    )
+    note = f" ({hidden} of IPython's history files hidden; --all shows them)" if hidden else ""
+    counts = ", ".join(f"{len(grouped[k])} {k}" for k, _ in DIFF_GROUPS)
+    if not any(grouped.values()):
+        text = f"No changes since {base}{note}."
+        return Rich(text, f"<p>{html_escape(text)}</p>")
+    head = f"Changes since {base}: {counts}{note}."
+    lines = [head]
+    rows = [["", "PATH"]]
+    for key, mark in DIFF_GROUPS:
+        for path in grouped[key]:
+            lines.append(f"{mark} {path}")
+            rows.append([key, path])
+    return Rich("\n".join(lines), html_table(rows, caption=head))
+
+
+def _cores(cpus: float | None) -> str:
+    if not cpus:
+        return "unlimited"
+    return f"{cpus:g} core" + ("" if cpus == 1 else "s")
+
+
+def _limit_rows(limits: dict[str, Any]) -> list[list[str]]:
+    memory = format_size(limits["memory"]) if limits["memory"] else "unlimited"
+    cpus = _cores(limits["cpus"])
+    pids = str(limits["pids"]) if limits["pids"] else "unlimited"
+    return [["memory", memory], ["cpus", cpus], ["pids", pids]]
+
+
+def status_view(status: dict[str, Any]) -> Rich:
+    """Use against the limits in one unit style per row, and where the files came from."""
+    use, limits = status["usage"] or {}, status["limits"]
+
+    def share(used: float | None, limit: float | None) -> str:
+        if used is None or not limit:
+            return ""
+        return f"{used / limit:.0%}"
+
+    cpu = use.get("cpu_seconds")
+    rows = [["", "IN USE", "LIMIT", "SHARE"]]
+    rows.append(["memory", format_size(use.get("memory")),
+                 format_size(limits["memory"]) if limits["memory"] else "unlimited",
+                 share(use.get("memory"), limits["memory"])])  # fmt: skip
+    rows.append(["cpu", f"{cpu:.1f} s of CPU time" if cpu is not None else "-",
+                 _cores(limits["cpus"]), ""])  # fmt: skip
+    rows.append(["pids", str(use.get("pids", "-")), str(limits["pids"] or "unlimited"),
+                 share(use.get("pids"), limits["pids"])])  # fmt: skip
+    origin = (
+        f"Its files came from snapshot {status['current']}."
+        if status["current"] else "Its files came from the image."
+    )  # fmt: skip
+    foot = f"{status['snapshots']} snapshots, {format_size(status['snapshot_bytes'])}. {origin}"
+    return Rich(f"{table(rows)}\n{foot}", html_table(rows, caption=foot))

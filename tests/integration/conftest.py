@@ -161,7 +161,13 @@ async def execute_notebook(nb: Any, ksm: KernelSpecManager, spec: str, cwd: Path
             client.kc.stop_channels()
         if km.has_kernel:
             await km.shutdown_kernel(now=True)
-    return ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in nb.cells]
+    return [
+        "".join(
+            o.get("text") or o.get("data", {}).get("text/plain", "")
+            for o in cell.get("outputs", [])
+        )
+        for cell in nb.cells
+    ]
 
 
 @dataclass

@@ -34,6 +34,9 @@ async def run_cell(kc: Any, code: str, timeout: float = 60) -> Cell:
                 cell.stdout += content["text"]
             else:
                 cell.stderr += content["text"]
+        elif kind in ("display_data", "execute_result"):
+            # Rich output's text form, where a notebook without HTML shows it.
+            cell.stdout += content["data"].get("text/plain", "") + "\n"
         elif kind == "error":
             cell.ename, cell.evalue = content["ename"], content["evalue"]
         if kind in ("stream", "error", "execute_result", "display_data"):

@@ -95,7 +95,7 @@ async def test_limits_and_status_from_the_notebook(kernels: Kernels, make_spec) 
     # Within the kernelspec's 1G and 512 pids: a kernel may not go above them.
     _, kc = await kernels.start(make_spec(memory="1G", pids="512"))
     out = (await run_cell(kc, "%container limits --memory 600M --pids 300")).check()
-    assert out.strip() == "memory 600M, cpus 1.0, pids 300"
+    assert out.strip() == "memory 600M, cpus 1 core, pids 300"
     out = (
         await run_cell(kc, "print(open('/sys/fs/cgroup/memory/memory.limit_in_bytes').read())")
     ).check()
@@ -175,3 +175,22 @@ async def test_a_big_snapshot_shows_its_progress(kernels: Kernels, make_spec, na
     assert lines[0] == f"Taking snapshot {name} ...", out
     assert any(line.startswith("  checksumming and syncing") for line in lines), out
     assert lines[-1].startswith(f"Snapshot {name}: live"), out
+
+
+async def test_help_rich_tables_and_a_quiet_diff(kernels: Kernels, make_spec, name: str) -> None:
+    _, kc = await kernels.start(make_spec())
+    out = (await run_cell(kc, "%container")).check()
+    assert "snapshot [NAME] [-m MESSAGE]" in out and "diff [NAME] [--all]" in out
+    (await run_cell(kc, f"%container snapshot {name}")).check()
+    cell = await run_cell(kc, "%container list")
+    shown = [
+        o["content"]["data"] for o in cell.outputs if o["header"]["msg_type"] == "display_data"
+    ]
+    assert len(shown) == 1 and "<table>" in shown[0]["text/html"]
+    assert f"<td>{name}</td>" in shown[0]["text/html"] and name in shown[0]["text/plain"]
+    (await run_cell(kc, "open('added.txt', 'w').write('x')")).check()
+    out = (await run_cell(kc, "%container diff")).check()
+    assert out.startswith(f"Changes since {name}: 1 added") and "+ " in out and "added.txt" in out
+    assert "history.sqlite" not in out
+    cell = await run_cell(kc, "%container restore no-such-one")
+    assert cell.ename == "UsageError" and cell.stdout == ""  # one error, nothing before it
