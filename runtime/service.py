@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import pwd
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -135,8 +136,21 @@ class _Governed:
         self, kernel_id: str, name: str, message: str = "", /, *, progress: Progress | None = None
     ) -> dict[str, Any]:
         meta = await self._service.runtime.snapshot(kernel_id, name, message, progress=progress)
+        self._service.log_snapshot(kernel_id, meta)
         self._service.emit({"event": "snapshot", "kernel_id": kernel_id, "name": meta["name"]})
         return meta
+
+    async def restore(self, kernel_id: str, name: str, /) -> dict[str, Any]:
+        started = time.monotonic()
+        done = await self._service.runtime.restore(kernel_id, name)
+        self._service.log_restore(kernel_id, name, done, time.monotonic() - started)
+        return done
+
+    async def reset(self, kernel_id: str, /) -> dict[str, Any]:
+        started = time.monotonic()
+        done = await self._service.runtime.reset(kernel_id)
+        self._service.log_reset(kernel_id, time.monotonic() - started)
+        return done
 
 
 class KernelService:
@@ -252,6 +266,35 @@ class KernelService:
             gid = uid
         quota = self.config.quota_for(Caller(uid, gid, 0, groups_of(uid, gid)))
         return quota.snapshot_bytes, quota.snapshots
+
+    # ---- what operators read ----------------------------------------------------------
+
+    def log_snapshot(self, kernel_id: str, meta: dict[str, Any]) -> None:
+        self.log.info(
+            "snapshot %s of kernel %s (owner %s): %s, memory %s, files %s, %.2f s",
+            meta["name"], kernel_id, self._owner_text(kernel_id), meta["mode"],
+            format_size(meta["memory_bytes"]), format_size(meta["file_bytes"]), meta["seconds"],
+        )  # fmt: skip
+
+    def log_restore(self, kernel_id: str, name: str, done: dict[str, Any], seconds: float) -> None:
+        self.log.info(
+            "restored kernel %s (owner %s) to snapshot %s: %s, %.2f s%s",
+            kernel_id, self._owner_text(kernel_id), name, done.get("mode"), seconds,
+            f" ({done['reason']})" if done.get("reason") else "",
+        )  # fmt: skip
+
+    def log_reset(self, kernel_id: str, seconds: float) -> None:
+        self.log.info(
+            "reset kernel %s (owner %s) to the image's files, %.2f s",
+            kernel_id, self._owner_text(kernel_id), seconds,
+        )  # fmt: skip
+
+    def _owner_text(self, kernel_id: str) -> str:
+        """Whose the kernel's snapshots are: its user's uid."""
+        try:
+            return str(self.runtime.record(kernel_id).uid)
+        except (SandboxError, OSError):
+            return "?"
 
     # ---- events ----------------------------------------------------------------------
 
@@ -565,6 +608,7 @@ async def _snapshot(
         record.kernel_id, args["name"], str(args.get("message") or ""),
         live=bool(args.get("live", True)), progress=progress,
     )  # fmt: skip
+    svc.log_snapshot(record.kernel_id, meta)
     svc.emit({"event": "snapshot", "kernel_id": record.kernel_id, "name": meta["name"]})
     return meta
 
@@ -572,7 +616,9 @@ async def _snapshot(
 @_op("restore")
 async def _restore(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
+    started = time.monotonic()
     done = await svc.runtime.restore(record.kernel_id, args["name"])
+    svc.log_restore(record.kernel_id, args["name"], done, time.monotonic() - started)
     svc.emit({"event": "process", "kernel_id": record.kernel_id, "pid": done["pid"]})
     return done
 
@@ -580,7 +626,9 @@ async def _restore(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
 @_op("reset")
 async def _reset(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
+    started = time.monotonic()
     done = await svc.runtime.reset(record.kernel_id)
+    svc.log_reset(record.kernel_id, time.monotonic() - started)
     svc.emit({"event": "process", "kernel_id": record.kernel_id, "pid": done["pid"]})
     return done
 

@@ -9,6 +9,7 @@ over its socket, as the server's user; the in-process one directly, as this
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import weakref
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from .errors import ConfigError
 from .runtime.callers import Caller
 from .runtime.service import KernelService
 
+Log = logging.Logger | logging.LoggerAdapter[Any]
 #: The modes of the provisioner's ``daemon`` trait.
 DAEMON_MODES = ("auto", "required", "off")
 Progress = Callable[[str], None]
@@ -46,12 +48,13 @@ _services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KernelService] =
 )
 
 
-def local_service() -> KernelService:
-    """This process's kernel service: one per event loop, shared by its kernels."""
+def local_service(log: Log | None = None) -> KernelService:
+    """This process's kernel service: one per event loop, shared by its kernels. The
+    first ``log`` given (the server's) gets its lines for operators."""
     loop = asyncio.get_running_loop()
     service = _services.get(loop)
     if service is None:
-        service = _services[loop] = KernelService()
+        service = _services[loop] = KernelService(log=log)  # type: ignore[arg-type]
     return service
 
 
@@ -60,13 +63,14 @@ class LocalBackend:
 
     name = "in-process"
 
-    def __init__(self) -> None:
+    def __init__(self, log: Log | None = None) -> None:
         self.caller = Caller.of_process()
+        self.log = log
 
     async def call(
         self, op: str, progress: Callable[[str], None] | None = None, **args: Any
     ) -> Any:
-        return await local_service().call(self.caller, op, args, progress)
+        return await local_service(self.log).call(self.caller, op, args, progress)
 
     def on_new_process(self, kernel_id: str, follow: Callable[[int], None]) -> Callable[[], None]:
         def listener(event: dict[str, Any]) -> None:
@@ -95,7 +99,7 @@ class DaemonBackend:
         return lambda: None
 
 
-def choose(mode: str) -> Backend:
+def choose(mode: str, log: Log | None = None) -> Backend:
     """The backend for the ``daemon`` trait's ``mode``.
 
     ``auto``: the daemon if its socket is there, else this process if it is root.
@@ -121,4 +125,4 @@ def choose(mode: str) -> Backend:
             f"need the sandbox-kernel daemon when the server does not run as root, and "
             f"{path} is missing; start it: {START_HINT}",
         )  # fmt: skip
-    return LocalBackend()
+    return LocalBackend(log)

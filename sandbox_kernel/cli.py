@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from .kernelspec import install, provisioner_config
+    from .kernelspec import install, provisioner_config, same_display_name
 
     if args.network not in NETWORK_MODES:
         raise ConfigError("network mode", args.network, "is not known; use none or egress")
@@ -173,6 +173,16 @@ def _install(args: argparse.Namespace) -> int:
     prefix = sys.prefix if args.sys_prefix else None
     path = install(args.name, args.display_name, config, user=args.user, prefix=prefix)
     print(f"Installed kernelspec {args.name} in {path}")
+    display_name = args.display_name or f"Python {sys.version_info[0]} (sandbox)"
+    twins = same_display_name(args.name, display_name)
+    if twins:
+        print(
+            f"sandbox-kernel: warning: kernelspecs {', '.join(twins)} have the same display "
+            f"name {display_name!r}; the launcher shows them as identical cards. Give this "
+            "one its own with --display-name, or remove the others "
+            "(`jupyter kernelspec remove NAME`)",
+            file=sys.stderr,
+        )
     print(f"  image {args.image}, {limits.describe()}, network {args.network}")
     if base is not None:
         print(

@@ -68,3 +68,13 @@ def install(
                 spec_dir, kernel_name=name, user=user, prefix=prefix
             )
         )
+
+
+def same_display_name(name: str, display_name: str) -> list[str]:
+    """The other kernelspecs this Jupyter sees whose display name is ``display_name``:
+    the launcher would show identical cards."""
+    found = []
+    for other, info in KernelSpecManager().get_all_specs().items():
+        if other != name and info.get("spec", {}).get("display_name") == display_name:
+            found.append(other)
+    return sorted(found)

@@ -138,7 +138,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             ConfigError: no daemon runs and this server is not root.
         """
         if self._backend is None:
-            self._backend = choose(self.daemon)
+            self._backend = choose(self.daemon, self.log)
         return self._backend
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sandbox_kernel.runtime import snapshots
@@ -53,3 +55,17 @@ async def test_a_snapshot_is_deleted_after_its_kernel_is_gone(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"Deleted snapshot {name} of user {OWNER}"
     assert name not in snapshots.names(OWNER)
+
+
+async def test_install_warns_of_a_twin_display_name(tmp_path: Path) -> None:
+    env = {"JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_PATH": "",
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}  # fmt: skip
+    first = await run_cli(
+        "install", "--name", "twin-a", "--display-name", "Twin", "--user", env=env
+    )
+    assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
+    second = await run_cli(
+        "install", "--name", "twin-b", "--display-name", "Twin", "--user", env=env
+    )
+    assert second.returncode == 0
+    assert "kernelspecs twin-a have the same display name 'Twin'" in second.stderr

@@ -3,6 +3,7 @@ every later output, with no special handling on their side."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +16,10 @@ from jupyter_client.manager import AsyncKernelManager
 
 from sandbox_kernel.runtime import snapshots
 
-from .conftest import Kernels, execute_notebook
+from .conftest import OWNER, Kernels, execute_notebook, wait_until
 from .probe import run_cell
 
 pytestmark = pytest.mark.integration
-
-OWNER = "65534"
 
 
 @pytest.fixture
@@ -194,3 +193,23 @@ async def test_help_rich_tables_and_a_quiet_diff(kernels: Kernels, make_spec, na
     assert "history.sqlite" not in out
     cell = await run_cell(kc, "%container restore no-such-one")
     assert cell.ename == "UsageError" and cell.stdout == ""  # one error, nothing before it
+
+
+async def test_operators_read_snapshots_and_restores_in_the_log(
+    kernels: Kernels, make_spec, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    km, kc = await kernels.start(make_spec())
+    (await run_cell(kc, f"%container snapshot {name}")).check()
+    await run_cell(kc, f"%container restore {name}")
+    await run_cell(kc, "%container reset")
+    kid = km.kernel_id
+
+    def logged(start: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+    await wait_until(lambda: logged("reset kernel"), 60, "the reset's log line")
+    (line,) = logged(f"snapshot {name} of kernel {kid}")
+    assert f"(owner {OWNER})" in line and "memory" in line and " s" in line
+    (line,) = logged(f"restored kernel {kid} (owner {OWNER}) to snapshot {name}")
+    assert logged(f"reset kernel {kid} (owner {OWNER}) to the image's files")
