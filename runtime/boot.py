@@ -104,6 +104,7 @@ class Boot:
                 criu_config=kdir / "criu.conf",
                 root_id=CONTAINER_ROOT,
                 cgroup_binds=self.rootfs.cgroup_binds(record),
+                shm=record.shm,
             )
         )
         self.criu_config(kdir)

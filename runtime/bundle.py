@@ -115,6 +115,7 @@ class SpecParams:
     criu_config: Path | None = None
     root_id: int = CONTAINER_ROOT  # the host uid and gid of root inside; 0: no user namespace
     cgroup_binds: list[Bind] | None = None  # the kernel's cgroups, instead of a cgroup mount
+    shm: int | None = None  # the size of /dev/shm; None: the memory limit (see shm_options)
 
 
 def id_mappings(root_id: int, inside: int) -> list[dict[str, int]]:
@@ -175,7 +176,7 @@ _BASE_MOUNTS: list[dict[str, Any]] = [
     {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
      "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
     {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+     "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
     {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
      "options": ["nosuid", "noexec", "nodev"]},
     {"destination": "/sys", "type": "sysfs", "source": "sysfs",
@@ -191,10 +192,22 @@ _CGROUP_TMPFS: dict[str, Any] = {
 _NAMESPACES = ("pid", "network", "ipc", "uts", "mount", "cgroup")
 
 
+def shm_options(shm: int | None, memory: int | None) -> list[str]:
+    """The size of the kernel's /dev/shm: ``shm`` if the kernelspec sets one, else
+    the memory limit, else the tmpfs default (half the host's memory). Its pages are
+    charged to the kernel's memory cgroup, so the memory limit holds either way;
+    PyTorch's DataLoader, Ray and Arrow put their shared buffers there."""
+    size = shm or memory
+    return [f"size={size // 1024}k"] if size else []
+
+
 def _mounts(p: SpecParams) -> tuple[list[dict[str, Any]], list[str]]:
     """The spec's ``mounts`` and its read-only paths: the container's own filesystems,
     then the binds, parents before what is mounted below them."""
     mounts = copy.deepcopy(_BASE_MOUNTS)
+    for mount in mounts:
+        if mount["destination"] == "/dev/shm":
+            mount["options"] += shm_options(p.shm, p.limits.memory)
     binds = list(p.binds)
     readonly = list(READONLY_PATHS)
     if p.cgroup_binds is not None:

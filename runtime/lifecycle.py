@@ -52,6 +52,7 @@ class KernelConfig:
             (except for a kernel started from a base: see ``bases.py``).
         executable: the kernel's Python; its environment is bound in read-only.
         base: the id of the base snapshot new kernels start from, or empty.
+        shm: the size of /dev/shm in bytes; None: the memory limit.
         caller: who asked (see ``service.py``): the kernel is theirs, their process
             owns it, and ``cwd`` and ``executable`` are opened with their
             credentials. None: this process.
@@ -66,6 +67,7 @@ class KernelConfig:
     executable: str
     base: str = ""
     caller: Caller | None = None
+    shm: int | None = None
 
 
 def default_uid(cwd: str, fallback: int = 65534) -> int:
@@ -291,7 +293,7 @@ class Lifecycle:
             uid=config.uid, gid=config.gid, user=user, home=f"/home/{user}",
             created=time.time(),
             owner=owner_token(config.caller.pid if config.caller else None),
-            owner_uid=config.caller.uid if config.caller else config.uid,
+            owner_uid=config.caller.uid if config.caller else config.uid, shm=config.shm,
             base=base["id"] if base else None, base_note=why_cold,
             # A kernel with no base to try says so from the start: one write less.
             start=Start.PENDING if base or why_cold else Start.IMAGE,

@@ -60,6 +60,7 @@ class KernelRecord:
         uid, gid, user, home: who the kernel runs as.
         created: seconds since the epoch.
         owner: the process that owns the kernel: ``{"pid", "start"}``.
+        shm: the size of its /dev/shm (None: its memory limit).
         owner_uid: the user the kernel belongs to: who asked the daemon for it, or
             for a root server's kernel (and a record of an earlier version) its uid.
     """
@@ -92,6 +93,7 @@ class KernelRecord:
     snapshot: str | None = None
     restoring: str | None = None
     owner_uid: int | None = None
+    shm: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -36,7 +36,7 @@ from . import bases, snapshots
 from .callers import Caller, groups_of
 from .control import ControlServer, write_credentials
 from .lifecycle import KernelConfig
-from .limits import Limits
+from .limits import Limits, parse_size
 from .network import Addresses
 from .quotas import DaemonConfig, check_kernel, check_limits
 from .record import KernelRecord, Start
@@ -389,7 +389,9 @@ def _config(caller: Caller, data: dict[str, Any]) -> KernelConfig:
     for key in strings:
         if not isinstance(data.get(key), str):
             raise ConfigError(key, data.get(key), "must be a string")
+    shm = data.get("shm")
     return KernelConfig(
+        shm=parse_size(shm, "shm size") if shm not in (None, "") else None,
         image=data["image"],
         limits=Limits.parse(**(data.get("limits") or {})),
         network=data["network"],

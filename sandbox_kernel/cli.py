@@ -26,6 +26,7 @@ from .daemon_client import START_HINT, DaemonClient, daemon_running
 from .display import format_size, table
 from .errors import ConfigError, ImageNotFound, KernelNotFound, QuotaError, SandboxError
 from .runtime import Limits, volume
+from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
 from .runtime.quotas import DEFAULT_CONFIG, DEFAULT_SOCKET
 
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pids", default="512", help="most processes and threads (default 512)")
     p.add_argument("--disk", default="10G", help="size of the writable layer (default 10G)")
     p.add_argument("--network", default="none", help="none (default) or egress")
+    p.add_argument("--shm", help="size of /dev/shm, e.g. 1G (default: the memory limit)")
     p.add_argument("--base", metavar="SNAPSHOT",
                    help="a live snapshot every new kernel starts from (its imports and data "
                    "are there at once)")  # fmt: skip
@@ -157,6 +159,9 @@ def _install(args: argparse.Namespace) -> int:
     limits = Limits.parse(memory=args.memory, cpus=args.cpus, pids=args.pids, disk=args.disk)
     volume.check_disk_size(limits.disk)
     config = provisioner_config(args.image, limits, args.network)
+    if args.shm:
+        parse_size(args.shm, "--shm")
+        config["shm"] = args.shm
     base = None
     if args.base_owner and not args.base:
         raise ConfigError("--base-owner", args.base_owner, "needs --base SNAPSHOT too")

@@ -32,6 +32,7 @@ from .runtime import Limits
 from .runtime.bundle import CONNECTION_FILE
 from .runtime.layers import check_image_name
 from .runtime.lifecycle import KERNEL_PORTS, default_uid
+from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
@@ -98,6 +99,11 @@ class SandboxProvisioner(KernelProvisionerBase):
         [Unicode(), Int()], default_value="10G",
         help="Size of the kernel's writable layer, in bytes or with K, M, G (e.g. 5G).",
     ).tag(config=True)  # fmt: skip
+    shm = Union(
+        [Unicode(), Int()], default_value="",
+        help="Size of the kernel's /dev/shm, in bytes or with K, M, G (like Docker's "
+        "--shm-size). Empty: the memory limit. Its pages count against the memory limit.",
+    ).tag(config=True)  # fmt: skip
     network = Enum(
         list(NETWORK_MODES), default_value="none",
         help="`none`: no route out and no host service reachable. `egress`: outbound "
@@ -157,6 +163,12 @@ class SandboxProvisioner(KernelProvisionerBase):
         Limits.parse(**{proposal["trait"].name: proposal["value"]})
         return proposal["value"]
 
+    @validate("shm")
+    def _check_shm(self, proposal: dict[str, Any]) -> Any:
+        if proposal["value"] not in ("", None):
+            parse_size(proposal["value"], "shm size")
+        return proposal["value"]
+
     @validate("image")
     def _check_image(self, proposal: dict[str, Any]) -> str:
         return check_image_name(str(proposal["value"]))
@@ -206,6 +218,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             "cwd": self._cwd,
             "executable": self.kernel_spec.argv[0],
             "base": self.base,
+            "shm": self.shm,
         }
         record = await self.backend.call("prepare", kernel_id=self.kernel_id, config=config)
         try:

@@ -54,13 +54,15 @@ def make_spec(spec_prefix: Path) -> Callable[..., str]:
 
     def make(
         memory: str = "1G", cpus: str = "1", pids: str = "256", network: str = "none",
-        disk: str = "1G",
+        disk: str = "1G", shm: str = "",
     ) -> str:  # fmt: skip
-        key = (memory, cpus, pids, network, disk)
+        key = (memory, cpus, pids, network, disk, shm)
         if key not in made:
             name = f"sbx-{len(made)}"
             limits = Limits.parse(memory=memory, cpus=cpus, pids=pids, disk=disk)
             config = {**provisioner_config("host", limits, network), "daemon": "off"}
+            if shm:
+                config["shm"] = shm
             install(name, name, config, prefix=str(spec_prefix))
             made[key] = name
         return made[key]

@@ -173,3 +173,23 @@ async def test_kernels_through_a_multikernelmanager_with_a_relative_connection_d
         for kc in clients:
             kc.stop_channels()
         await mkm.shutdown_all(now=True)
+
+
+SHM_PROBE = """
+import os
+from multiprocessing import shared_memory
+st = os.statvfs('/dev/shm')
+print(st.f_blocks * st.f_frsize >> 20)
+block = shared_memory.SharedMemory(create=True, size=200 << 20)
+block.buf[:] = b'x' * (200 << 20)  # every page: SIGBUS past a 64M /dev/shm
+print(bytes(block.buf[-3:]).decode())
+block.close(); block.unlink()
+"""
+
+
+async def test_dev_shm_follows_the_memory_limit(kernels: Kernels, make_spec) -> None:
+    """PyTorch's DataLoader, Ray and Arrow put 100s of MB in /dev/shm."""
+    _, kc = await kernels.start(make_spec(memory="1G"))
+    assert (await run_cell(kc, SHM_PROBE)).check().split() == ["1024", "xxx"]
+    _, kc = await kernels.start(make_spec(memory="1G", shm="300M"))
+    assert (await run_cell(kc, SHM_PROBE)).check().split() == ["300", "xxx"]

@@ -3,7 +3,14 @@
 from pathlib import Path
 
 from sandbox_kernel.runtime import bundle
-from sandbox_kernel.runtime.bundle import Bind, SpecParams, make_spec, resources, wrap_argv
+from sandbox_kernel.runtime.bundle import (
+    Bind,
+    SpecParams,
+    make_spec,
+    resources,
+    shm_options,
+    wrap_argv,
+)
 from sandbox_kernel.runtime.limits import Limits
 
 
@@ -133,3 +140,19 @@ def test_rlimits_cap_open_files_and_file_size_at_the_disk_size() -> None:
         {"type": "RLIMIT_FSIZE", "hard": 10 << 30, "soft": 10 << 30},
     ]
     assert bundle.rlimits(4096, None) == [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}]
+
+
+def _shm(spec: dict[str, object]) -> list[str]:
+    (mount,) = [m for m in spec["mounts"] if m["destination"] == "/dev/shm"]  # type: ignore[attr-defined]
+    return list(mount["options"])
+
+
+def test_dev_shm_follows_the_memory_limit_or_its_own_setting() -> None:
+    assert "size=524288k" in _shm(make_spec(params(limits=Limits.parse(memory="512M"))))
+    assert "size=131072k" in _shm(
+        make_spec(params(limits=Limits.parse(memory="512M"), shm=128 << 20))
+    )
+    # Unlimited memory and no setting: tmpfs's own default; never the old fixed 64M.
+    unlimited = _shm(make_spec(params(limits=Limits())))
+    assert not [o for o in unlimited if o.startswith("size=")]
+    assert shm_options(None, None) == [] and shm_options(None, 1 << 30) == ["size=1048576k"]
