@@ -8,9 +8,11 @@ and does nothing.
 from __future__ import annotations
 
 import functools
+import json
 import shlex
 import time
 from html import escape as html_escape
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -36,6 +38,9 @@ from .handoff import RestoreHandoff
 COMMANDS = protocol.COMMANDS
 #: A snapshot that takes longer than this many seconds prints its steps as they start.
 PROGRESS_AFTER = 0.3
+#: Where the runtime leaves news of how the kernel's last process ended (see
+#: ``runtime/exits.py``).
+NOTICE = Path("/run/sandbox/notice.json")
 #: What ``%container`` alone prints: each command with one line.
 HELP = """\
 %container COMMAND: snapshots, restores and limits of this kernel's container.
@@ -103,6 +108,23 @@ class ContainerMagics(Magics):
         self.handoff = RestoreHandoff(shell, self.channel) if self.channel is not None else None
         if self.handoff is not None:
             self.handoff.start()
+            self._warn_of_last_end()
+
+    def _warn_of_last_end(self) -> None:
+        """If the kernel's last process died (out of memory, a signal), say so before
+        the first cell's output: the notebook's stock dialog tells nothing of why."""
+        text = last_end_warning(NOTICE)
+        shell = self.shell
+        if not text or shell is None:
+            return
+
+        def warn(*_: Any) -> None:
+            import sys
+
+            print(text, file=sys.stderr, flush=True)
+            shell.events.unregister("pre_run_cell", warn)
+
+        shell.events.register("pre_run_cell", warn)
 
     @line_magic
     @magic_arguments()
@@ -315,5 +337,29 @@ def status_view(status: dict[str, Any]) -> Rich:
         f"Its files came from snapshot {status['current']}."
         if status["current"] else "Its files came from the image."
     )  # fmt: skip
-    foot = f"{status['snapshots']} snapshots, {format_size(status['snapshot_bytes'])}. {origin}"
+    foot = (
+        f"{status['snapshots']} snapshots, {format_size(status['snapshot_bytes'])}. {origin}"
+        + _last_exit_line(status.get("last_exit"), time.time())
+    )
     return Rich(f"{table(rows)}\n{foot}", html_table(rows, caption=foot))
+
+
+def last_end_warning(notice: Path) -> str:
+    """The warning for the news in ``notice``, or "" when there is none."""
+    try:
+        last = json.loads(notice.read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(last, dict) or not last.get("text"):
+        return ""
+    return f"Warning: the previous kernel process ended: {last['text']}"
+
+
+def _last_exit_line(last: dict[str, Any] | None, now: float) -> str:
+    if not last:
+        return ""
+    when = relative_time(float(last.get("time", now)), now)
+    if last.get("reason") == "oom":
+        limit = format_size(last.get("limit")) if last.get("limit") else "unlimited"
+        return f" Last end: out of memory (limit {limit}), {when}."
+    return f" Last end: killed by {last.get('signal')}, {when}."

@@ -135,9 +135,11 @@ def wrap_argv(argv: list[str], init: str | None = None) -> list[str]:
     the kernel (CRIU cannot dump one), and the log outlives checkpoint and restore.
     The init (tini) is PID 1: it reaps the orphans a kernel's subprocesses leave,
     which a kernel as PID 1 would not (their pids would stay taken, up to the pids
-    limit), and passes signals on to the kernel.
+    limit), and passes signals on to the kernel. With ``-v`` it logs how the kernel
+    ended ("Main child exited with signal (with signal 'Bus error')"), which is how
+    the runtime learns of a kernel killed by a signal (see ``exits.py``).
     """
-    command = [init, "--", *argv] if init else argv
+    command = [init, "-v", "--", *argv] if init else argv
     return ["/bin/sh", "-c", 'exec >>"$0" 2>&1 </dev/null; exec "$@"', LOG_FILE, *command]
 
 

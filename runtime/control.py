@@ -439,4 +439,5 @@ class ControlServer:
             "snapshot_bytes": sum(m["memory_bytes"] + m["file_bytes"] for m in listed["snapshots"]),
             "store": listed["store"],
             "current": record.snapshot,
+            "last_exit": record.extra.get("last_exit"),
         }

@@ -32,9 +32,10 @@ from typing import Any
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
 
-from . import bases, snapshots
+from . import bases, exits, snapshots
 from .callers import Caller, groups_of
 from .control import ControlServer, write_credentials
+from .fsutil import write_json
 from .lifecycle import KernelConfig
 from .limits import Limits, parse_size
 from .network import Addresses
@@ -267,6 +268,24 @@ class KernelService:
         quota = self.config.quota_for(Caller(uid, gid, 0, groups_of(uid, gid)))
         return quota.snapshot_bytes, quota.snapshots
 
+    def notice_for_next_start(self, kernel_id: str) -> None:
+        """Put the news of the last process's end (once) where the next one finds it:
+        ``/run/sandbox/notice.json``; without news, remove an old notice."""
+        notice = self.runtime.run_dir(kernel_id) / exits.NOTICE
+
+        def take(record: KernelRecord) -> dict[str, Any] | None:
+            last = record.extra.get("last_exit")
+            if not last or last.get("shown"):
+                return None
+            record.extra["last_exit"] = {**last, "shown": True}
+            return dict(last)
+
+        last = self.runtime.store.update(kernel_id, take)
+        if last is None:
+            notice.unlink(missing_ok=True)
+            return
+        write_json(notice, last, mode=0o644)
+
     # ---- what operators read ----------------------------------------------------------
 
     def log_snapshot(self, kernel_id: str, meta: dict[str, Any]) -> None:
@@ -460,6 +479,7 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         raise ConfigError("argv", argv, "must be a list of strings")
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         raise ConfigError("env", "...", "must map names to strings")
+    await asyncio.to_thread(svc.notice_for_next_start, kid)
     pid = await svc.runtime.start(kid, argv, env, dict(args["connection"]))
     channel = await svc.open_channel(svc.runtime.record(kid), listen=True)
     record = svc.runtime.record(kid)
@@ -519,19 +539,26 @@ async def _tend(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any
 
 @_op("ended")
 async def _ended(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
-    """Why the kernel's process ended: ``{"oom": message or "", "log_tail"}``. An
-    OOM kill's message also goes to the kernel's log."""
+    """Why the kernel's process ended: ``{"oom", "signal", "text", "log_tail"}``
+    (``text`` empty for an exit by itself). An OOM kill or a signal is written to the
+    kernel's log and kept in its record, so the next start tells the user."""
     record = svc.kernel(caller, args["kernel_id"])
     kid = record.kernel_id
-    oom = ""
-    if svc.runtime.oom_killed(kid):
-        oom = (
-            f"The kernel ran out of memory: it used its whole memory limit "
-            f"({format_size(record.limits.memory)}) and the OOM killer ended it. Use less "
-            "memory or raise the limit (`sandbox-kernel install --memory ...`)."
-        )
-        await asyncio.to_thread(svc.runtime.append_log, kid, oom)
-    return {"oom": oom, "log_tail": await asyncio.to_thread(_log_tail, svc, kid, 20)}
+    tail = await asyncio.to_thread(_log_tail, svc, kid, 40)
+    oom = svc.runtime.oom_killed(kid)
+    sig = exits.signal_in_log(tail)
+    if args.get("asked") and not oom:
+        sig = None  # a shutdown or kill that was asked for is no news
+    last = exits.describe(oom, sig, record.limits.memory)
+    if last is not None:
+        await asyncio.to_thread(svc.runtime.append_log, kid, last["text"])
+        await svc.runtime.store.aupdate(kid, lambda r: r.extra.update(last_exit=last))
+    return {
+        "oom": last["text"] if oom and last else "",
+        "signal": last["signal"] if last else "",
+        "text": last["text"] if last else "",
+        "log_tail": "\n".join(tail.splitlines()[-20:]),
+    }
 
 
 def _log_tail(svc: KernelService, kernel_id: str, lines: int | None) -> str:

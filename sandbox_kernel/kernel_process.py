@@ -167,13 +167,17 @@ class KernelProcess:
         log, where the user's ``sandbox-kernel logs`` finds it."""
         if self._exit_status is not None:
             return self._exit_status
+        asked = self.shutdown_requested or self._signalled is not None
         try:
-            ended = await self.backend.call("ended", kernel_id=self.kernel_id)
+            ended = await self.backend.call("ended", kernel_id=self.kernel_id, asked=asked)
         except SandboxError as err:
-            ended = {"oom": "", "log_tail": f"(no log: {err})"}
+            ended = {"oom": "", "signal": "", "text": "", "log_tail": f"(no log: {err})"}
         if ended["oom"]:
             self.log.warning("Kernel %s: %s", self.kernel_id, ended["oom"])
             status = -signal.SIGKILL
+        elif ended["signal"] and self._signalled is None:
+            self.log.warning("Kernel %s: %s", self.kernel_id, ended["text"])
+            status = -signal.Signals[ended["signal"]].value
         elif self._signalled is not None:
             status = -self._signalled
         elif self.shutdown_requested:

@@ -34,8 +34,8 @@ async def run_cell(kc: Any, code: str, timeout: float = 60) -> Cell:
                 cell.stdout += content["text"]
             else:
                 cell.stderr += content["text"]
-        elif kind in ("display_data", "execute_result"):
-            # Rich output's text form, where a notebook without HTML shows it.
+        elif kind == "display_data":
+            # Rich output's text form (the magic's tables), where text is shown.
             cell.stdout += content["data"].get("text/plain", "") + "\n"
         elif kind == "error":
             cell.ename, cell.evalue = content["ename"], content["evalue"]

@@ -30,7 +30,26 @@ async def test_memory_bomb_is_oom_killed_and_the_kernel_comes_back(
     assert cell.outputs[-1]["content"]["data"]["text/plain"] == "False"
     log = Runtime().log_path(km.kernel_id).read_text()
     assert "ran out of memory" in log, f"the kernel's log does not say why it died:\n{log}"
-    assert "256M" in log
+    assert "256M" in log and "%container limits --memory" in log
+    # The notebook is told too: before the first cell's output, once.
+    assert cell.stderr.startswith("Warning: the previous kernel process ended: The kernel ran out")
+    assert "(256M)" in cell.stderr and "%container limits --memory" in cell.stderr
+    assert (await run_cell(kc, "print(1)")).stderr == ""
+    status = (await run_cell(kc, "%container status")).check()
+    assert "Last end: out of memory (limit 256M)" in status
+
+
+async def test_a_kernel_killed_by_a_signal_says_which(kernels: Kernels, make_spec) -> None:
+    km, kc = await kernels.start(make_spec())
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")
+    kc.execute("import os, signal; os.kill(os.getpid(), signal.SIGBUS)")
+    await asyncio.wait_for(restarted.wait(), 60)
+    await kc.wait_for_ready(timeout=60)
+    cell = await run_cell(kc, "print('back')")
+    assert cell.check() == "back\n"
+    assert "killed by signal SIGBUS (Bus error)" in cell.stderr, cell.stderr
+    assert "killed by signal SIGBUS" in Runtime().log_path(km.kernel_id).read_text()
 
 
 async def test_fork_bomb_stops_at_the_pids_limit(kernels: Kernels, make_spec) -> None:
