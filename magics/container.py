@@ -203,7 +203,8 @@ class ContainerMagics(Magics):
             )
         parent, idents = self.handoff.cell_origin()
         print(f"Restoring {args.name} ...", flush=True)
-        self._call("restore", name=args.name, parent=parent, ident=idents)
+        count = self.handoff.next_number()
+        self._call("restore", name=args.name, parent=parent, ident=idents, count=count)
         # A live restore replaces this process; reaching this line means the runtime
         # restarted the kernel on the snapshot's files instead.
         print(f"Restored the files of {args.name}; the kernel restarts.")
@@ -230,7 +231,8 @@ class ContainerMagics(Magics):
         assert self.handoff is not None
         parent, idents = self.handoff.cell_origin()
         print("Resetting: the kernel restarts on the image's pristine files.", flush=True)
-        self._call("reset", parent=parent, ident=idents)
+        count = self.handoff.next_number()
+        self._call("reset", parent=parent, ident=idents, count=count)
 
     def _diff(self, line: str) -> None:
         args = _parse("diff", line)

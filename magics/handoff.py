@@ -96,6 +96,18 @@ class RestoreHandoff:
         idents = ident if isinstance(ident, list) else [ident]
         return kernel.get_parent("shell"), [i.hex() for i in idents]
 
+    def next_number(self) -> int | None:
+        """The number the next cell gets: IPython counts a cell as it starts, so
+        while a cell runs the shell's count is already one past the cell's."""
+        count = getattr(self.shell, "execution_count", None)
+        return count if isinstance(count, int) else None
+
+    def _continue_numbering(self, count: object) -> None:
+        """Number the next cell ``count``: this process's memory is older (a
+        restore) or new (a reset), but the notebook's numbers never repeat."""
+        if isinstance(count, int) and not isinstance(count, bool):
+            self.shell.execution_count = count
+
     def finish_restore(self, info: dict[str, Any]) -> None:
         """In a process restored from a snapshot: complete the cell that asked for it.
 
@@ -125,6 +137,9 @@ class RestoreHandoff:
 
         session.send = send_once
         kernel.set_parent(new_ident, new_parent, "shell")
+        # Memory goes back, the numbering does not: this cell ends as the restore
+        # cell's number, and the next one follows it.
+        self._continue_numbering(info.get("count"))
         print(f"Restored to snapshot {info['name']} (live): files and memory are as they were.")
 
     def after_restore(self) -> None:
@@ -309,9 +324,15 @@ class RestoreHandoff:
             )
         parent = info["parent"]
         ident = [bytes.fromhex(i) for i in info["ident"]]
-        kernel.io_loop.add_callback(self._send_reply, parent, ident, text)
+        count = info.get("count")
+        self._continue_numbering(count)  # a fresh process would count from 1
+        # The asking cell's own number is one before the next one's.
+        number = count - 1 if isinstance(count, int) else None
+        kernel.io_loop.add_callback(self._send_reply, parent, ident, text, number)
 
-    def _send_reply(self, parent: dict[str, Any], ident: list[bytes], text: str) -> None:
+    def _send_reply(
+        self, parent: dict[str, Any], ident: list[bytes], text: str, count: int | None = None
+    ) -> None:
         """Send ``text`` as the output of the cell ``parent`` (routed by ``ident``),
         then its ``execute_reply`` and an idle status. Runs on the kernel's io loop."""
         kernel = self.kernel
@@ -325,8 +346,9 @@ class RestoreHandoff:
             kernel.iopub_socket, "stream", {"name": "stdout", "text": text},
             parent=parent, ident=kernel._topic("stream"),
         )  # fmt: skip
-        content = {
-            "status": "ok", "execution_count": kernel.execution_count,
+        content: dict[str, Any] = {
+            "status": "ok",
+            "execution_count": count if count is not None else kernel.execution_count,
             "user_expressions": {}, "payload": [],
         }  # fmt: skip
         session.send(stream, "execute_reply", content, parent=parent, ident=ident)

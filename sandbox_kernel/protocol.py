@@ -59,6 +59,7 @@ class Kind(enum.Enum):
     OBJECT = "a JSON object"
     LIST = "a list"
     LIMIT = "a string or a number"
+    COUNT = "a whole number"
 
     def accepts(self, value: object) -> bool:
         """Whether ``value`` (from JSON) is of this kind."""
@@ -68,6 +69,8 @@ class Kind(enum.Enum):
             return isinstance(value, dict)
         if self is Kind.LIST:
             return isinstance(value, list)
+        if self is Kind.COUNT:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
         return isinstance(value, str | int | float) and not isinstance(value, bool)
 
 
@@ -102,10 +105,27 @@ OPS: Mapping[str, Op] = _ops(
     Op("snapshot", (Arg("name", Kind.TEXT), Arg("message", Kind.TEXT, required=False))),
     # parent and ident: the restoring cell's request header and routing identities
     # (hex), so that a new process can answer that cell.
-    Op("restore", (Arg("name", Kind.TEXT), Arg("parent", Kind.OBJECT), Arg("ident", Kind.LIST))),
+    # ``count``: the number the asking kernel's next cell would get, which the new
+    # or restored process goes on from (numbers never repeat in one session).
+    Op(
+        "restore",
+        (
+            Arg("name", Kind.TEXT),
+            Arg("parent", Kind.OBJECT),
+            Arg("ident", Kind.LIST),
+            Arg("count", Kind.COUNT, required=False),
+        ),
+    ),
     Op("list"),
     Op("delete", (Arg("name", Kind.TEXT),)),
-    Op("reset", (Arg("parent", Kind.OBJECT), Arg("ident", Kind.LIST))),
+    Op(
+        "reset",
+        (
+            Arg("parent", Kind.OBJECT),
+            Arg("ident", Kind.LIST),
+            Arg("count", Kind.COUNT, required=False),
+        ),
+    ),
     Op("diff", (Arg("name", Kind.TEXT, required=False),)),
     Op(
         "limits",

@@ -51,11 +51,12 @@ async def test_restore_cell_completes_for_an_unchanged_client_20_times(
         ).check()
         state, counts = after.strip().splitlines()
         assert state == "at the snapshot []", f"round {i}: {after}"
-        # The execution count and the input history rewind with the memory, the
-        # same way every time.
+        # The input history rewinds with the memory, the same way every time; the
+        # execution count goes on (three cells a round), so numbers never repeat.
+        count, history = (int(n) for n in counts.split())
         if i == 0:
-            first_counts = counts
-        assert counts == first_counts, f"round {i}: {counts} != {first_counts}"
+            first_count, first_history = count, history
+        assert (count, history) == (first_count + 3 * i, first_history), f"round {i}: {counts}"
 
 
 async def test_nbclient_runs_a_notebook_that_restores(
@@ -213,3 +214,17 @@ async def test_operators_read_snapshots_and_restores_in_the_log(
     assert f"(owner {OWNER})" in line and "memory" in line and " s" in line
     (line,) = logged(f"restored kernel {kid} (owner {OWNER}) to snapshot {name}")
     assert logged(f"reset kernel {kid} (owner {OWNER}) to the image's files")
+
+
+async def test_execution_counts_never_repeat(kernels: Kernels, make_spec, name: str) -> None:
+    """Memory and files go back on a restore or reset; the notebook's numbers go on."""
+    _, kc = await kernels.start(make_spec())
+    counts = []
+    for code in ("x = 1", f"%container snapshot {name}", "x = 2", f"%container restore {name}",
+                 "print(x)", "%container reset", "print('fresh')", "1 + 1"):  # fmt: skip
+        reply = await kc.execute_interactive(code, timeout=120, output_hook=lambda msg: None)
+        assert reply["content"]["status"] == "ok", (code, reply["content"])
+        counts.append(reply["content"]["execution_count"])
+    assert counts == list(range(1, 9)), counts
+    cell = await run_cell(kc, "print(x if 'x' in dir() else 'reset')")
+    assert cell.check() == "reset\n"
