@@ -104,9 +104,11 @@ class RestoreHandoff:
 
     def _continue_numbering(self, count: object) -> None:
         """Number the next cell ``count``: this process's memory is older (a
-        restore) or new (a reset), but the notebook's numbers never repeat."""
+        restore) or new (a reset), but the notebook's numbers never repeat. Never
+        below the process's own count: its history database (restored with it) has
+        a line for each of its cells, and a number must not be used twice there."""
         if isinstance(count, int) and not isinstance(count, bool):
-            self.shell.execution_count = count
+            self.shell.execution_count = max(count, self.shell.execution_count)
 
     def finish_restore(self, info: dict[str, Any]) -> None:
         """In a process restored from a snapshot: complete the cell that asked for it.

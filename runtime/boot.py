@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from .limits import parse_size
 from .network import Addresses
 from .record import KernelRecord
 from .rootfs import Rootfs, kernel_path
+
+#: Sets a UTS namespace's hostname (Debian's hostname package is essential).
+HOSTNAME_BINARY = "/bin/hostname"
 
 
 def lazy_restore_size() -> int:
@@ -160,7 +164,7 @@ class Boot:
         egress = record.network == "egress"
         await self.network.remove_stale_veth(addr)
         script = kdir / "criu-network.sh"
-        text = self.network.restore_script(addr, egress)
+        text = self.network.restore_script(addr, egress) + _hostname_line(record.hostname)
         if not script.exists() or script.read_text() != text:
             # Written again whenever it changes (it names this process); nothing
             # is lost if a crash cuts the write short, so there is no fsync.
@@ -191,3 +195,11 @@ class Boot:
         if spec["linux"].get("resources") != wanted:
             spec["linux"]["resources"] = wanted
             write_json(bundle, spec)
+
+
+def _hostname_line(hostname: str) -> str:
+    """The action script's line that names the restored kernel as itself: CRIU
+    brings back the UTS namespace of the kernel that was dumped, and a base's is
+    another kernel's."""
+    uts = '--uts=/proc/"$CRTOOLS_INIT_PID"/ns/uts'
+    return f"{paths.nsenter_binary()} {uts} {HOSTNAME_BINARY} {shlex.quote(hostname)}\n"

@@ -93,6 +93,10 @@ async def test_new_kernels_start_from_the_base_with_their_own_key_and_folder(
     assert out.stdout.split("\n")[0] == "10 True ['from-the-base.txt', 'own.txt']", out
     out = await run_cell(kc2, "print(marker, 'mine' in globals())")
     assert out.stdout.strip() == "10 False"  # the two kernels share nothing
+    # Each has its own hostname (the base's was another kernel's).
+    for km, kc in ((km1, kc1), (km2, kc2)):
+        out = await run_cell(kc, "import socket; print(socket.gethostname())")
+        assert out.stdout.strip() == f"kernel-{km.kernel_id[:8]}"
     # A snapshot of a kernel started from the base shares the base's unchanged pages.
     snap = _name()
     done = await run_cli("snapshot", km1.kernel_id, snap)

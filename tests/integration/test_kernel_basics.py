@@ -45,7 +45,7 @@ async def test_own_hostname_and_processes(kernels: Kernels, make_spec) -> None:
     assert hostname != socket.gethostname()
     assert hostname.startswith("kernel-")
     # PID 1 is the container's init (tini), and the kernel is its only child.
-    assert cmdline.startswith("/usr/bin/tini -- ") and "ipykernel" in cmdline
+    assert cmdline.startswith("/usr/bin/tini -v -- ") and "ipykernel" in cmdline
     mypid, parent = ids.split()
     assert parent == "1", "the kernel should be the init's child"
     assert pids == f"[1, {mypid}]", f"the kernel sees other processes: {pids}"

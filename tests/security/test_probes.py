@@ -100,7 +100,9 @@ async def test_02_only_the_kernels_own_processes(pair) -> None:
     """,
     )
     cmds = r["cmds"]
-    assert cmds["1"].startswith("/usr/bin/tini -- "), f"PID 1 is not the container's init: {cmds}"
+    assert cmds["1"].startswith("/usr/bin/tini -v -- "), (
+        f"PID 1 is not the container's init: {cmds}"
+    )
     assert r["ppid_of_1"] == "0"
     strangers = {
         p: c for p, c in cmds.items() if p != "1" and "ipykernel" not in c and "python" not in c
