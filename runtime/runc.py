@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -140,13 +141,31 @@ async def list_containers() -> list[dict[str, Any]]:
     return result
 
 
+#: Tries of a freeze that the cgroup freezer did not finish ("unable to freeze").
+PAUSE_TRIES = 4
+
+
 async def pause(container_id: str) -> None:
     """Freeze every process of the container (cgroup freezer).
+
+    cgroup v1's freezer gives up when a task keeps escaping it, e.g. one forking
+    or exiting at that moment (seen under load with 20 busy kernels): runc then
+    reports "unable to freeze" and leaves the cgroup as it was. That is tried
+    again, after a thaw and a short pause, a few times.
 
     Raises:
         CommandError: runc could not freeze it.
     """
-    await run([paths.runc_binary(), "pause", container_id])
+    for attempt in range(PAUSE_TRIES):
+        try:
+            await run([paths.runc_binary(), "pause", container_id])
+            return
+        except CommandError as err:
+            if "unable to freeze" not in str(err) or attempt == PAUSE_TRIES - 1:
+                raise
+        with contextlib.suppress(CommandError):
+            await resume(container_id)
+        await asyncio.sleep(0.05 * (attempt + 1))  # let the fork or exit finish
 
 
 async def resume(container_id: str) -> None:

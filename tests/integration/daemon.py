@@ -176,6 +176,7 @@ async def daemon(tmp_path: Path, users: tuple[User, User]) -> AsyncIterator[Daem
                 snapshots.names(str(user.uid)) if str(user.uid) in snapshots.owners() else []
             ):
                 snapshots.delete(str(user.uid), name)
+        Path(SOCKET).with_name("daemon.pid").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             Path(SOCKET).parent.rmdir()
 
