@@ -78,6 +78,14 @@ class Caller:
         return cls(os.getuid(), os.getgid(), os.getpid(), tuple(os.getgroups()))
 
     @classmethod
+    def of_user(cls, uid: int, gid: int) -> Caller:
+        """User ``uid`` as a caller with no process (whose quotas, whose kernel): its
+        primary group from the user database, else ``gid``."""
+        with contextlib.suppress(KeyError):
+            gid = pwd.getpwuid(uid).pw_gid
+        return cls(uid, gid, 0, groups_of(uid, gid))
+
+    @classmethod
     def of_socket(cls, sock: socket.socket) -> Caller:
         """The caller at the other end of unix socket ``sock``, from the kernel."""
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

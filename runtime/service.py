@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
 
 from . import bases, exits, snapshots
-from .callers import Caller, groups_of
+from .callers import Caller
 from .control import ControlServer, write_credentials
 from .fsutil import write_json
 from .lifecycle import KernelConfig
@@ -92,14 +91,11 @@ class ControlChannel:
         host = Addresses.of(record.index).host_ip
         run_dir = service.runtime.run_dir(record.kernel_id)
         token = write_credentials(run_dir, host, record.kernel_id, record.uid, record.gid)
-        kernel_id = record.kernel_id
-
-        async def new_process(pid: int) -> None:
-            service.emit({"event": "process", "kernel_id": kernel_id, "pid": pid})
-
+        # The service's restore and reset tell subscribers of the new process.
         self.server = ControlServer(
-            runtime, kernel_id, host, record.kernel_ip, token, new_process, log=service.log
-        )
+            runtime, record.kernel_id, host, record.kernel_ip, token, _told_already,
+            log=service.log,
+        )  # fmt: skip
 
     async def listen(self) -> None:
         """Start serving, if not yet (the veth exists once the container is up)."""
@@ -115,9 +111,14 @@ class ControlChannel:
         return True
 
 
+async def _told_already(pid: int) -> None:
+    """The control server's ``on_new_process``: nothing left to do (see above)."""
+
+
 class _Governed:
     """The runtime as one kernel's control server sees it: a limit the kernel's
-    magic asks for is held to its owner's quotas too, and its snapshots are events."""
+    magic asks for is held to its owner's quotas too, and its snapshots, restores
+    and resets go the service's one way (logged, and told as events)."""
 
     def __init__(self, service: KernelService, kernel_id: str) -> None:
         self._service = service
@@ -136,22 +137,13 @@ class _Governed:
     async def snapshot(
         self, kernel_id: str, name: str, message: str = "", /, *, progress: Progress | None = None
     ) -> dict[str, Any]:
-        meta = await self._service.runtime.snapshot(kernel_id, name, message, progress=progress)
-        self._service.log_snapshot(kernel_id, meta)
-        self._service.emit({"event": "snapshot", "kernel_id": kernel_id, "name": meta["name"]})
-        return meta
+        return await self._service.snapshot(kernel_id, name, message, progress=progress)
 
     async def restore(self, kernel_id: str, name: str, /) -> dict[str, Any]:
-        started = time.monotonic()
-        done = await self._service.runtime.restore(kernel_id, name)
-        self._service.log_restore(kernel_id, name, done, time.monotonic() - started)
-        return done
+        return await self._service.restore(kernel_id, name)
 
     async def reset(self, kernel_id: str, /) -> dict[str, Any]:
-        started = time.monotonic()
-        done = await self._service.runtime.reset(kernel_id)
-        self._service.log_reset(kernel_id, time.monotonic() - started)
-        return done
+        return await self._service.reset(kernel_id)
 
 
 class KernelService:
@@ -203,12 +195,7 @@ class KernelService:
 
     def owner_of(self, record: KernelRecord) -> Caller:
         """The user a kernel belongs to, as a caller (for their quotas)."""
-        uid = record.belongs_to
-        try:
-            gid = pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            gid = record.gid
-        return Caller(uid, gid, 0, groups_of(uid, gid))
+        return Caller.of_user(record.belongs_to, record.gid)
 
     def sees(self, caller: Caller, record: KernelRecord) -> bool:
         return self.config.is_admin(caller) or record.belongs_to == caller.uid
@@ -260,56 +247,69 @@ class KernelService:
         """The snapshot quotas of ``owner`` (a uid): ``snapshots.QUOTA_SOURCE``."""
         if not owner.isdigit():
             return None, None
-        uid = int(owner)
-        try:
-            gid = pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            gid = uid
-        quota = self.config.quota_for(Caller(uid, gid, 0, groups_of(uid, gid)))
+        quota = self.config.quota_for(Caller.of_user(int(owner), int(owner)))
         return quota.snapshot_bytes, quota.snapshots
 
-    def notice_for_next_start(self, kernel_id: str) -> None:
+    def notice_for_next_start(self, record: KernelRecord) -> None:
         """Put the news of the last process's end (once) where the next one finds it:
-        ``/run/sandbox/notice.json``; without news, remove an old notice."""
+        ``/run/sandbox/notice.json``; without news, remove an old notice. The record
+        is written only when there is news."""
+        kernel_id = record.kernel_id
         notice = self.runtime.run_dir(kernel_id) / exits.NOTICE
-
-        def take(record: KernelRecord) -> dict[str, Any] | None:
-            last = record.extra.get("last_exit")
-            if not last or last.get("shown"):
-                return None
-            record.extra["last_exit"] = {**last, "shown": True}
-            return dict(last)
-
-        last = self.runtime.store.update(kernel_id, take)
-        if last is None:
+        last = record.extra.get("last_exit")
+        if not last or last.get("shown"):
             notice.unlink(missing_ok=True)
             return
+
+        def shown(current: KernelRecord) -> None:
+            current.extra["last_exit"] = {**current.extra["last_exit"], "shown": True}
+
+        self.runtime.store.update(kernel_id, shown)
         write_json(notice, last, mode=0o644)
 
-    # ---- what operators read ----------------------------------------------------------
+    # ---- snapshots, restores, resets: one way for the CLI and the magic ---------------
+    # Each is logged at INFO for operators (owner: the uid the kernel's snapshots are
+    # kept under) and told to subscribers.
 
-    def log_snapshot(self, kernel_id: str, meta: dict[str, Any]) -> None:
+    async def snapshot(
+        self,
+        kernel_id: str,
+        name: str,
+        message: str = "",
+        live: bool = True,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        meta = await self.runtime.snapshot(kernel_id, name, message, live, progress)
         self.log.info(
             "snapshot %s of kernel %s (owner %s): %s, memory %s, files %s, %.2f s",
             meta["name"], kernel_id, self._owner_text(kernel_id), meta["mode"],
             format_size(meta["memory_bytes"]), format_size(meta["file_bytes"]), meta["seconds"],
         )  # fmt: skip
+        self.emit({"event": "snapshot", "kernel_id": kernel_id, "name": meta["name"]})
+        return meta
 
-    def log_restore(self, kernel_id: str, name: str, done: dict[str, Any], seconds: float) -> None:
+    async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+        started = time.monotonic()
+        done = await self.runtime.restore(kernel_id, name)
         self.log.info(
             "restored kernel %s (owner %s) to snapshot %s: %s, %.2f s%s",
-            kernel_id, self._owner_text(kernel_id), name, done.get("mode"), seconds,
-            f" ({done['reason']})" if done.get("reason") else "",
+            kernel_id, self._owner_text(kernel_id), name, done.get("mode"),
+            time.monotonic() - started, f" ({done['reason']})" if done.get("reason") else "",
         )  # fmt: skip
+        self.emit({"event": "process", "kernel_id": kernel_id, "pid": done["pid"]})
+        return done
 
-    def log_reset(self, kernel_id: str, seconds: float) -> None:
+    async def reset(self, kernel_id: str) -> dict[str, Any]:
+        started = time.monotonic()
+        done = await self.runtime.reset(kernel_id)
         self.log.info(
             "reset kernel %s (owner %s) to the image's files, %.2f s",
-            kernel_id, self._owner_text(kernel_id), seconds,
+            kernel_id, self._owner_text(kernel_id), time.monotonic() - started,
         )  # fmt: skip
+        self.emit({"event": "process", "kernel_id": kernel_id, "pid": done["pid"]})
+        return done
 
     def _owner_text(self, kernel_id: str) -> str:
-        """Whose the kernel's snapshots are: its user's uid."""
         try:
             return str(self.runtime.record(kernel_id).uid)
         except (SandboxError, OSError):
@@ -479,10 +479,10 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         raise ConfigError("argv", argv, "must be a list of strings")
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         raise ConfigError("env", "...", "must map names to strings")
-    await asyncio.to_thread(svc.notice_for_next_start, kid)
+    await asyncio.to_thread(svc.notice_for_next_start, record)
     pid = await svc.runtime.start(kid, argv, env, dict(args["connection"]))
-    channel = await svc.open_channel(svc.runtime.record(kid), listen=True)
-    record = svc.runtime.record(kid)
+    record = svc.runtime.record(kid)  # the start says how it went
+    channel = await svc.open_channel(record, listen=True)
     warning = ""
     if record.start is Start.BASE and not await channel.heard_within(BASE_CONFIRM_TIMEOUT):
         warning = (
@@ -633,33 +633,22 @@ async def _snapshot(
     svc: KernelService, caller: Caller, args: dict[str, Any], progress: Progress | None
 ) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
-    meta = await svc.runtime.snapshot(
+    return await svc.snapshot(
         record.kernel_id, args["name"], str(args.get("message") or ""),
         live=bool(args.get("live", True)), progress=progress,
     )  # fmt: skip
-    svc.log_snapshot(record.kernel_id, meta)
-    svc.emit({"event": "snapshot", "kernel_id": record.kernel_id, "name": meta["name"]})
-    return meta
 
 
 @_op("restore")
 async def _restore(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
-    started = time.monotonic()
-    done = await svc.runtime.restore(record.kernel_id, args["name"])
-    svc.log_restore(record.kernel_id, args["name"], done, time.monotonic() - started)
-    svc.emit({"event": "process", "kernel_id": record.kernel_id, "pid": done["pid"]})
-    return done
+    return await svc.restore(record.kernel_id, args["name"])
 
 
 @_op("reset")
 async def _reset(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
-    started = time.monotonic()
-    done = await svc.runtime.reset(record.kernel_id)
-    svc.log_reset(record.kernel_id, time.monotonic() - started)
-    svc.emit({"event": "process", "kernel_id": record.kernel_id, "pid": done["pid"]})
-    return done
+    return await svc.reset(record.kernel_id)
 
 
 @_op("diff")
