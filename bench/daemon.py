@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
-from startup import time_start  # bench/startup.py
+from startup import measure  # bench/startup.py
 
 from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.runtime import Limits
@@ -64,17 +64,6 @@ def start_daemon(log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("the daemon did not listen within 60 s")
 
 
-async def measure(rounds: int, ksm: KernelSpecManager, cwd: Path) -> dict[str, list[float]]:
-    for name in (THROUGH, IN_PROCESS):
-        await time_start(name, ksm, cwd)
-    times: dict[str, list[float]] = {THROUGH: [], IN_PROCESS: []}
-    for i in range(rounds):
-        for name in (THROUGH, IN_PROCESS):
-            times[name].append(await time_start(name, ksm, cwd))
-            print(f"  round {i + 1}/{rounds} {name}: {times[name][-1]:.3f} s", file=sys.stderr)
-    return times
-
-
 def report(times: dict[str, list[float]]) -> dict[str, Any]:
     ours, peer = statistics.median(times[THROUGH]), statistics.median(times[IN_PROCESS])
     added_ms = (ours - peer) * 1000
@@ -104,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         ksm = make_kernelspecs(tmp)
         cwd = tmp / "cwd"
         cwd.mkdir()
-        result = report(asyncio.run(measure(args.rounds, ksm, cwd)))
+        result = report(asyncio.run(measure(args.rounds, ksm, cwd, (THROUGH, IN_PROCESS))))
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)

@@ -79,13 +79,16 @@ async def time_start(name: str, ksm: KernelSpecManager, cwd: Path) -> float:
             await km.shutdown_kernel(now=True)
 
 
-async def measure(rounds: int, ksm: KernelSpecManager, cwd: Path) -> dict[str, list[float]]:
-    """One untimed warm-up start of each kernel, then ``rounds`` timed starts, alternating."""
-    for name in (SANDBOX, LOCAL):
+async def measure(
+    rounds: int, ksm: KernelSpecManager, cwd: Path, names: tuple[str, ...] = (SANDBOX, LOCAL)
+) -> dict[str, list[float]]:
+    """One untimed warm-up start of each kernel of ``names``, then ``rounds`` timed
+    starts, alternating. Also used by bench/daemon.py."""
+    for name in names:
         await time_start(name, ksm, cwd)
-    times: dict[str, list[float]] = {SANDBOX: [], LOCAL: []}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
-        for name in (SANDBOX, LOCAL):
+        for name in names:
             times[name].append(await time_start(name, ksm, cwd))
             print(f"  round {i + 1}/{rounds} {name}: {times[name][-1]:.3f} s", file=sys.stderr)
     return times
