@@ -99,14 +99,14 @@ def users() -> Iterator[tuple[User, User]]:
     assert USER_PYTHON.exists(), (
         f"{USER_PYTHON} is missing: `make test` builds it (target build/unit-venv/.installed)"
     )
-    made = [name for name in USERS if not _exists(name)]
+    made = [name for name in USERS if not user_exists(name)]
     pair = (_make_user(USERS[0]), _make_user(USERS[1]))
     yield pair
     for name in made:
         subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
 
 
-def _exists(name: str) -> bool:
+def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
     except KeyError:

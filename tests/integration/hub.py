@@ -24,7 +24,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from sandbox_kernel.runtime import snapshots
 
 from .conftest import wait_until
-from .daemon import REPO, SOCKET, Daemon, User, _make_user
+from .daemon import REPO, SOCKET, Daemon, User, _make_user, user_exists
 
 HUB_VENV = REPO / "build/hub-venv"
 CONFIG = REPO / "docs/jupyterhub_config.py"
@@ -176,7 +176,7 @@ async def hub(daemon: Daemon, tmp_path: Path) -> AsyncIterator[Hub]:
     assert (HUB_VENV / "bin/jupyterhub").exists(), (
         f"{HUB_VENV} is missing: `make test` builds it (target hub-setup)"
     )
-    made = [name for name in HUB_USERS if not _user_exists(name)]
+    made = [name for name in HUB_USERS if not user_exists(name)]
     users = [_make_user(name) for name in HUB_USERS]
     folder = tmp_path / "hub"
     folder.mkdir()
@@ -194,13 +194,3 @@ async def hub(daemon: Daemon, tmp_path: Path) -> AsyncIterator[Hub]:
             await asyncio.to_thread(
                 subprocess.run, ["userdel", "--remove", name], check=False, capture_output=True
             )
-
-
-def _user_exists(name: str) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
@@ -19,12 +20,7 @@ async def test_memory_bomb_is_oom_killed_and_the_kernel_comes_back(
     kernels: Kernels, make_spec
 ) -> None:
     km, kc = await kernels.start(make_spec(memory="256M"))
-    assert isinstance(km, AsyncIOLoopKernelManager)
-    restarted = asyncio.Event()
-    km.add_restart_callback(restarted.set, "restart")
-    kc.execute("hog = []\nwhile True:\n    hog.append(b'x' * (16 << 20))")
-    await asyncio.wait_for(restarted.wait(), 60)
-    await kc.wait_for_ready(timeout=60)
+    await _dies_and_restarts(km, kc, "hog = []\nwhile True:\n    hog.append(b'x' * (16 << 20))")
     cell = await run_cell(kc, "print('back'); 'hog' in globals()")
     assert cell.check().strip() == "back"
     assert cell.outputs[-1]["content"]["data"]["text/plain"] == "False"
@@ -41,15 +37,22 @@ async def test_memory_bomb_is_oom_killed_and_the_kernel_comes_back(
 
 async def test_a_kernel_killed_by_a_signal_says_which(kernels: Kernels, make_spec) -> None:
     km, kc = await kernels.start(make_spec())
-    restarted = asyncio.Event()
-    km.add_restart_callback(restarted.set, "restart")
-    kc.execute("import os, signal; os.kill(os.getpid(), signal.SIGBUS)")
-    await asyncio.wait_for(restarted.wait(), 60)
-    await kc.wait_for_ready(timeout=60)
+    await _dies_and_restarts(km, kc, "import os, signal; os.kill(os.getpid(), signal.SIGBUS)")
     cell = await run_cell(kc, "print('back')")
     assert cell.check() == "back\n"
     assert "killed by signal SIGBUS (Bus error)" in cell.stderr, cell.stderr
     assert "killed by signal SIGBUS" in Runtime().log_path(km.kernel_id).read_text()
+
+
+async def _dies_and_restarts(km: AsyncIOLoopKernelManager, kc: Any, code: str) -> None:
+    """Run ``code``, which kills the kernel; return once jupyter_client's restarter
+    has started it again and it answers."""
+    assert isinstance(km, AsyncIOLoopKernelManager)
+    restarted = asyncio.Event()
+    km.add_restart_callback(restarted.set, "restart")
+    kc.execute(code)
+    await asyncio.wait_for(restarted.wait(), 60)
+    await kc.wait_for_ready(timeout=60)
 
 
 async def test_fork_bomb_stops_at_the_pids_limit(kernels: Kernels, make_spec) -> None:
