@@ -62,13 +62,18 @@ unit: venv
 unit-unprivileged: $(UNPRIV_VENV)/.installed
 	setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
 		$(UNPRIV_VENV)/bin/python -m pytest tests/unit -q -p no:cacheprovider
-$(UNPRIV_VENV)/.installed: pyproject.toml
+# A venv of Debian's Python at $(1) (made anew) with the pip packages $(2).
+define debian_venv
 	@command -v /usr/bin/python3 >/dev/null && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || \
 		(apt-get update -q && apt-get install -y -q python3 python3-venv)
-	rm -rf $(UNPRIV_VENV)
-	/usr/bin/python3 -m venv $(UNPRIV_VENV)
-	$(UNPRIV_VENV)/bin/python -m pip install -q --upgrade pip
-	$(UNPRIV_VENV)/bin/python -m pip install -q -e '.[test]'
+	rm -rf $(1)
+	/usr/bin/python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(2)
+endef
+
+$(UNPRIV_VENV)/.installed: pyproject.toml
+	$(call debian_venv,$(UNPRIV_VENV),-e '.[test]')
 	chmod -R a+rX $(UNPRIV_VENV)
 	touch $@
 
@@ -79,12 +84,7 @@ HUB_NODE := build/hub-node
 HUB_USERS := sk-demo-1 sk-demo-2 sk-demo-3
 hub-setup: $(HUB_VENV)/.installed $(HUB_NODE)/.installed
 $(HUB_VENV)/.installed: pyproject.toml
-	@command -v /usr/bin/python3 >/dev/null && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || \
-		(apt-get update -q && apt-get install -y -q python3 python3-venv)
-	rm -rf $(HUB_VENV)
-	/usr/bin/python3 -m venv $(HUB_VENV)
-	$(HUB_VENV)/bin/python -m pip install -q --upgrade pip
-	$(HUB_VENV)/bin/python -m pip install -q jupyterhub jupyterlab -e .
+	$(call debian_venv,$(HUB_VENV),jupyterhub jupyterlab -e .)
 	$(HUB_VENV)/bin/sandbox-kernel install --name $(KERNEL) --display-name "Python 3 (sandbox)" --sys-prefix
 	chmod -R a+rX $(HUB_VENV)
 	touch $@
