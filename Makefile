@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND := noninteractive
 # Venvs of Debian's own Python, which every user can run (see unit-unprivileged, hub).
 UNPRIV_VENV := build/unit-venv
 
-.PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench hub hub-setup clean
+.PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench hub hub-setup e2e-setup clean
 
 setup: system venv criu kernelspec
 
@@ -49,8 +49,9 @@ lint: venv
 	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p sandbox_kernel
 
 # The daemon's tests run users' servers with the unprivileged venv's Python, and a
-# real JupyterHub from the hub's venv.
-test: setup lint $(UNPRIV_VENV)/.installed hub-setup
+# real JupyterHub from the hub's venv; the browser tests (tests/e2e) run JupyterLab
+# from the hub's venv too, in Chromium.
+test: setup lint $(UNPRIV_VENV)/.installed hub-setup e2e-setup
 	$(PY) -m pytest tests
 	$(MAKE) unit-unprivileged
 
@@ -93,6 +94,13 @@ $(HUB_NODE)/.installed:
 	mkdir -p $(HUB_NODE)
 	npm install --silent --prefix $(HUB_NODE) configurable-http-proxy
 	touch $@
+
+# Headless Chromium and its driver for tests/e2e; selenium is in the `test` extra.
+e2e-setup: venv
+	@if ! test -x /usr/bin/chromium || ! command -v chromedriver >/dev/null; then \
+		echo "Installing chromium and chromium-driver"; \
+		apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+	fi
 
 # Try it: three users (password "sandbox"), their kernels through the daemon.
 hub: setup hub-setup
