@@ -161,7 +161,11 @@ class Notebook:
         """Run the cell as a person does: click into it, press Shift+Enter."""
         self.cell(index).find_element(By.CSS_SELECTOR, ".jp-InputArea-editor .cm-content").click()
         keys = ActionChains(self.driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER)
+        before = self.prompt(index)
         keys.key_up(Keys.SHIFT).perform()
+        wait(self.driver, 30, f"cell {index} of {self.name} to start", lambda _: (
+            self.prompt(index) in ("[*]:", "") or self.prompt(index) != before
+        ))  # fmt: skip
 
     def run(self, index: int, timeout: float = 120) -> str:
         """Run the cell and wait until its prompt shows a count and the kernel is idle;
@@ -171,6 +175,22 @@ class Notebook:
             self.count(index) is not None and self.kernel_status() == "idle"
         ))  # fmt: skip
         return self.output(index)
+
+    def wait_restarted(self, index: int, timeout: float = 120) -> None:
+        """Cell ``index`` killed the kernel: wait until JupyterLab has cleared the cell's
+        prompt and the restarted kernel is ready, dismissing the "Kernel Restarting"
+        dialog if it shows one."""
+        wait(self.driver, timeout, f"the kernel's death in cell {index}", lambda _: (
+            self.prompt(index) == "[ ]:" or self.page.dialog_title() == "Kernel Restarting"
+        ))  # fmt: skip
+
+        def ready(_: Chrome) -> bool:
+            if self.page.dialog_title() == "Kernel Restarting":
+                self.page.accept_dialog()
+                return False
+            return self.kernel_ready()
+
+        wait(self.driver, timeout, f"{self.name}'s kernel to be ready again", ready)
 
     def wait_output(self, index: int, text: str, timeout: float = 60) -> str:
         """Wait until the cell's output shows ``text``; its output text."""
