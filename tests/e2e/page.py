@@ -157,8 +157,19 @@ class Notebook:
         outputs = self.cell(index).find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")
         return "\n".join(o.text for o in outputs)
 
+    def show(self) -> None:
+        """Bring this notebook's tab to the front, if another notebook's is."""
+        tab = self.driver.find_element(
+            By.CSS_SELECTOR, f"li.lm-TabBar-tab[data-id='{self.panel_id}']"
+        )
+        if "lm-mod-current" not in (tab.get_attribute("class") or "").split():
+            tab.click()
+            wait(self.driver, 30, f"{self.name}'s tab to show", lambda _: self.panel.is_displayed())
+
     def execute(self, index: int) -> None:
-        """Run the cell as a person does: click into it, press Shift+Enter."""
+        """Run the cell as a person does: bring its notebook to the front, click into
+        the cell, press Shift+Enter."""
+        self.show()
         self.cell(index).find_element(By.CSS_SELECTOR, ".jp-InputArea-editor .cm-content").click()
         keys = ActionChains(self.driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER)
         before = self.prompt(index)
