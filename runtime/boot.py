@@ -19,7 +19,7 @@ from typing import Any
 
 from sandbox_kernel.errors import SandboxError
 
-from . import paths
+from . import bases, paths
 from .bundle import CONTAINER_ROOT, SpecParams, make_spec, resources
 from .drivers import Drivers
 from .fsutil import give, read_json, write_json
@@ -185,6 +185,19 @@ class Boot:
         if egress:
             await self.network.allow_egress(addr.veth)
         return pid
+
+    async def restore_base(self, kdir: Path, record: KernelRecord) -> int:
+        """Restore the memory of the kernel's base (its files must be the base's by
+        now); return its init's pid.
+
+        Raises:
+            SandboxError: CRIU is missing, the base is gone or damaged, or the
+                restore failed.
+        """
+        assert record.base is not None
+        criu = self.criu.criu_binary()
+        await asyncio.to_thread(bases.verify, record.base)
+        return await self.restore(kdir, record, criu, bases.base_dir(record.base) / "criu")
 
     def _current_limits(self, kdir: Path, record: KernelRecord) -> None:
         """Put the record's limits in the bundle: they may have changed live since it

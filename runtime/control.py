@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sandbox_kernel import protocol
-from sandbox_kernel.errors import SandboxError
-from sandbox_kernel.protocol import MAX_LINE, MAX_NONCE, MAX_SKEW, sign
+from sandbox_kernel.errors import ConfigError, SandboxError
+from sandbox_kernel.protocol import CLASS_ACTIONS, MAX_LINE, MAX_NONCE, MAX_SKEW, sign
 
 from .cgroups import Usage
 from .fsutil import write_json
@@ -174,9 +174,10 @@ class ControlServer:
         self.log = log if log is not None else logging.getLogger("sandbox_kernel.control")
         #: The restore or reset the kernel's next process must finish (``resume``).
         self.pending: dict[str, Any] | None = None
-        #: Set at the first request that passes the checks: the kernel process holds
+        #: Set at the first ``watch`` that passes the checks: the kernel process holds
         #: this server's credentials (a kernel restored from a base learns them
-        #: after its restore; see ``bases.py``).
+        #: after its restore; see ``bases.py``), and has numbered its cells afresh
+        #: (it asks ``resume`` first; see the magic's handoff).
         self.heard = asyncio.Event()
         self._handlers = self._dispatch_table()
         self._nonces: OrderedDict[str, float] = OrderedDict()
@@ -341,9 +342,9 @@ class ControlServer:
         if problem:
             self._complain(f"refused a request: {problem}")
             return protocol.refusal(problem)
-        self.heard.set()
         op: str = request["op"]
         if not protocol.OPS[op].answered:
+            self.heard.set()
             # Held open and never answered: the kernel learns it was restored when
             # CRIU closes this connection in its image. What the kernel sends on it
             # meanwhile is dropped, a chunk at a time, so that it is never buffered.
@@ -398,7 +399,7 @@ class ControlServer:
 
     async def _op_reset(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
         self.pending = {**args, "kind": "reset"}
-        done = await self.runtime.reset(self.kernel_id)
+        done = await self.runtime.reset(self.kernel_id, bool(args.get("pristine")))
         await self.on_new_process(done["pid"])
         return done
 
@@ -427,6 +428,20 @@ class ControlServer:
             # Never above the kernelspec's ceiling: the kernel is no operator.
             await self.runtime.update_limits(self.kernel_id, change, operator=False)
         return self.runtime.record(self.kernel_id).limits.to_dict()
+
+    async def _op_class(self, args: dict[str, Any], progress: Progress | None) -> Any:
+        # As the kernel's owner, through the service's own checks (a runtime of a
+        # process without one, e.g. a test's, has no classes).
+        call = getattr(self.runtime, "class_call", None)
+        if call is None:
+            raise ConfigError("%container class", args["action"], "needs the kernel service")
+        action = args["action"]
+        if action not in CLASS_ACTIONS:
+            raise ConfigError(
+                "%container class", action, f"is not an action; use {', '.join(CLASS_ACTIONS)}"
+            )
+        fields = {k: args[k] for k in ("name", "snapshot") if args.get(k) is not None}
+        return await call(self.kernel_id, f"class_{action}", fields)
 
     async def _op_status(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
         use = self.runtime.usage(self.kernel_id)

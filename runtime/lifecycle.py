@@ -12,6 +12,7 @@ import contextlib
 import os
 import pwd
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
 
-from . import bases, hostpath, layers, paths
+from . import bases, classes, hostpath, layers, paths
 from .boot import Boot
 from .bundle import CONTAINER_ROOT
 from .callers import Caller, as_caller
@@ -52,6 +53,8 @@ class KernelConfig:
             (except for a kernel started from a base: see ``bases.py``).
         executable: the kernel's Python; its environment is bound in read-only.
         base: the id of the base snapshot new kernels start from, or empty.
+        class_name: the class the kernel belongs to (its current base wins over
+            ``base``), or empty.
         shm: the size of /dev/shm in bytes; None: the memory limit.
         caller: who asked (see ``service.py``): the kernel is theirs, their process
             owns it, and ``cwd`` and ``executable`` are opened with their
@@ -68,6 +71,7 @@ class KernelConfig:
     base: str = ""
     caller: Caller | None = None
     shm: int | None = None
+    class_name: str = ""
 
 
 def default_uid(cwd: str, fallback: int = 65534) -> int:
@@ -185,22 +189,68 @@ def fitting_base(
 ) -> tuple[dict[str, Any] | None, str, str]:
     """The base a new kernel can start from: (its meta or None, why not, the
     in-container path of the working folder)."""
-    if not config.base:
-        return None, "", config.cwd
+    base_id = config.base
     try:
-        meta = bases.load(config.base)
+        if config.class_name:
+            base_id = classes.current_base(config.class_name)
+        if not base_id:
+            return None, "", config.cwd
+        meta = bases.load(base_id)
     except ConfigError as err:
         return None, str(err), config.cwd
+    why = misfit(meta, config.image, config.uid, config.gid, config.executable, prefixes)
+    if why:
+        return None, why, config.cwd
+    return meta, "", str(meta["cwd_inside"])
+
+
+def misfit(
+    meta: dict[str, Any], image: str, uid: int, gid: int, executable: str, prefixes: list[str]
+) -> str:
+    """Why base ``meta`` cannot be restored into a kernel of these settings, or "":
+    its process finds the mounts it was dumped with, and keeps its user."""
     wanted = {
-        "image": config.image, "uid": config.uid, "gid": config.gid,
-        "executable": config.executable, "python_prefixes": prefixes,
+        "image": image, "uid": uid, "gid": gid,
+        "executable": executable, "python_prefixes": prefixes,
     }  # fmt: skip
     for key, value in wanted.items():
         if key not in meta:
-            return None, "its snapshot is older than base snapshots; take it again", config.cwd
+            return "its snapshot is older than base snapshots; take it again"
         if meta[key] != value:
-            return None, f"its {key.replace('_', ' ')} is {meta[key]!r}, not {value!r}", config.cwd
-    return meta, "", str(meta["cwd_inside"])
+            return f"its {key.replace('_', ' ')} is {meta[key]!r}, not {value!r}"
+    return ""
+
+
+def follow_class(
+    store: KernelStore, record: KernelRecord, log: Callable[[str], None]
+) -> KernelRecord:
+    """Before a class kernel's restart or reset: take its class's current base, if
+    it was published again since and fits this kernel's mounts and user (else the
+    kernel keeps its own base, and ``log`` says why). Blocks."""
+    if not record.class_name:
+        return record
+    try:
+        base_id = classes.current_base(record.class_name)
+        meta = bases.load(base_id) if base_id != record.base else None
+    except ConfigError as err:
+        log(f"keeps its base: {err}")
+        return record
+    if meta is None:
+        return record
+    why = misfit(
+        meta, record.image, record.uid, record.gid, record.executable, record.python_prefixes
+    )
+    if not why and (meta["layers"] != record.layers or meta["cwd_inside"] != record.cwd_inside):
+        why = "its files or working folder are mounted elsewhere than this kernel's"
+    if why:
+        log(f"keeps its base: the class {record.class_name}'s new base does not fit: {why}")
+        return record
+
+    def take(current: KernelRecord) -> KernelRecord:
+        current.base = base_id
+        return current
+
+    return store.update(record.kernel_id, take)
 
 
 class Lifecycle:
@@ -294,6 +344,7 @@ class Lifecycle:
             created=time.time(),
             owner=owner_token(config.caller.pid if config.caller else None),
             owner_uid=config.caller.uid if config.caller else config.uid, shm=config.shm,
+            class_name=config.class_name or None,
             base=base["id"] if base else None, base_note=why_cold,
             # A kernel with no base to try says so from the start: one write less.
             start=Start.PENDING if base or why_cold else Start.IMAGE,
@@ -320,20 +371,23 @@ class Lifecycle:
         self, kernel_id: str, argv: list[str], env: dict[str, str], connection: dict[str, Any]
     ) -> int:
         """Start kernel ``kernel_id`` (prepared before) running ``argv``; return its host
-        pid. Its first start restores its base, if it has one that fits; later
-        starts are cold.
+        pid. A kernel with a base (a class kernel) restores it at every start: a
+        restart lands on the base's files and memory, as a reset does. Where the
+        base fails, the kernel starts cold and says why.
 
         Raises:
             CommandError: runc, ip or nft failed; mounts made so far are undone.
         """
         kdir = self.store.kernel_dir(kernel_id)
         record = self.store.load(kernel_id)
+        if record.wants_base and record.start is not Start.PENDING:
+            record = await asyncio.to_thread(self._base_files_again, kdir, record)
         await asyncio.to_thread(self._ready, kdir, record, argv, env, connection)
         try:
             if record.wants_base:
                 return await self._start_from_base(kdir, record)
             pid = await self.boot.run(kdir, record)
-            if record.start in (Start.PENDING, Start.BASE):  # else it says so already
+            if record.start is Start.PENDING:  # else it says so already
                 await self.store.aupdate(kernel_id, lambda r: r.started_cold())
             return pid
         except BaseException:
@@ -342,6 +396,27 @@ class Lifecycle:
                 await self.drivers.runc.delete(record.container_id)
             self.rootfs.unmount(kdir)
             raise
+
+    def _base_files_again(self, kdir: Path, record: KernelRecord) -> KernelRecord:
+        """Before a class kernel's restart: its files go back to the base's, which the
+        base's memory expects. A base that is gone leaves them (the start then falls
+        back to cold and says why). Blocks: in a thread."""
+        record = follow_class(
+            self.store, record, lambda text: self.rootfs.append_log(record.kernel_id, text)
+        )
+        assert record.base is not None
+        try:
+            meta = bases.load(record.base)
+        except ConfigError:
+            return record
+        self.rootfs.unmount(kdir)
+        self.rootfs.layer_from(record, bases.base_dir(record.base), meta)
+
+        def from_the_base(current: KernelRecord) -> KernelRecord:
+            current.snapshot = None  # the next snapshot's parent: none but the base
+            return current
+
+        return self.store.update(record.kernel_id, from_the_base)
 
     def _ready(
         self,
@@ -358,15 +433,10 @@ class Lifecycle:
 
     async def _start_from_base(self, kdir: Path, record: KernelRecord) -> int:
         """Start the kernel by restoring its base's memory; cold where that fails,
-        with the reason in the record's ``base_note`` and the kernel's log. Until a
-        start succeeds the record says nothing, so the next start tries again."""
-        assert record.base is not None
+        with the reason in the record's ``base_note`` and the kernel's log."""
         try:
-            criu = self.drivers.criu.criu_binary()
-            await asyncio.to_thread(bases.verify, record.base)
-            images = bases.base_dir(record.base) / "criu"
             # The restored process has its stdio open on the log (see bundle.py).
-            pid = await self.boot.restore(kdir, record, criu, images)
+            pid = await self.boot.restore_base(kdir, record)
         except SandboxError as err:
             note = f"the base could not be restored: {err}"
             self.rootfs.append_log(record.kernel_id, f"started cold: {note}")

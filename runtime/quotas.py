@@ -3,6 +3,7 @@
 Example::
 
     admin_group = "sandbox-admins"   # sees and acts on every user's kernels
+    teacher_group = "teachers"       # may publish classes (root and admins may too)
 
     [quota]                          # everyone's, unless overridden below
     kernels = 4                      # kernels running at once
@@ -107,6 +108,8 @@ class DaemonConfig:
 
     socket: str = DEFAULT_SOCKET
     admin_group: str = ""
+    #: Members may publish classes (kernelspecs every user sees); root and admins may.
+    teacher_group: str = ""
     defaults: dict[str, int | float | None] = field(default_factory=dict)
     users: dict[str, dict[str, int | float | None]] = field(default_factory=dict)
     groups: dict[str, dict[str, int | float | None]] = field(default_factory=dict)
@@ -137,7 +140,7 @@ class DaemonConfig:
         """The config a parsed TOML document gives. Raises ConfigError."""
         config = cls()
         for key, value in data.items():
-            if key in ("socket", "admin_group"):
+            if key in ("socket", "admin_group", "teacher_group"):
                 if not isinstance(value, str):
                     raise ConfigError(f"{where}: {key}", value, "must be a string")
                 setattr(config, key, value)
@@ -157,7 +160,8 @@ class DaemonConfig:
             else:
                 raise ConfigError(
                     f"{where}: {key}", value,
-                    "is not a setting; use socket, admin_group, gc_interval, quota, users, groups",
+                    "is not a setting; use socket, admin_group, teacher_group, gc_interval, quota, "
+                    "users, groups",
                 )  # fmt: skip
         if not config.socket.startswith("/"):
             raise ConfigError(f"{where}: socket", config.socket, "must be an absolute path")
@@ -166,6 +170,11 @@ class DaemonConfig:
     def is_admin(self, caller: Caller) -> bool:
         """Root, or a member of the admin group: sees and acts on everything."""
         return caller.is_root or bool(self.admin_group and caller.in_group(self.admin_group))
+
+    def may_teach(self, caller: Caller) -> bool:
+        """Root, an admin, or a member of the teacher group: may publish classes."""
+        group = self.teacher_group
+        return self.is_admin(caller) or bool(group and caller.in_group(group))
 
     def quota_for(self, caller: Caller) -> Quota:
         """``caller``'s quotas: the defaults, overridden by their groups' (of several

@@ -20,13 +20,14 @@ from .limits import Limits
 class Start(enum.Enum):
     """How the kernel's current process was started. The state machine:
 
-    - ``PENDING``: prepared, never started. With a base that fits, the first start
-      restores the base (``BASE``) or, if that fails, starts cold (``COLD``, with the
-      reason in :attr:`KernelRecord.base_note`); without one it starts from the image.
+    - ``PENDING``: prepared, never started. With a base that fits, every start
+      (restarts included) restores the base (``BASE``) or, if that fails, starts
+      cold (``COLD``, with the reason in :attr:`KernelRecord.base_note`); without
+      one it starts from the image.
     - ``IMAGE``: a cold start of a kernel that has no base.
     - ``BASE``: restored from its base's memory.
     - ``COLD``: a kernel with a base (or one that did not fit) that started without
-      it: a restart, or a base that failed.
+      it: a base that failed, or is gone.
     """
 
     PENDING = "pending"
@@ -61,6 +62,8 @@ class KernelRecord:
         created: seconds since the epoch.
         owner: the process that owns the kernel: ``{"pid", "start"}``.
         shm: the size of its /dev/shm (None: its memory limit).
+        class_name: the class it belongs to (see ``classes.py``): its starts and
+            resets follow the class's current base.
         owner_uid: the user the kernel belongs to: who asked the daemon for it, or
             for a root server's kernel (and a record of an earlier version) its uid.
     """
@@ -94,6 +97,7 @@ class KernelRecord:
     restoring: str | None = None
     owner_uid: int | None = None
     shm: int | None = None
+    class_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,12 +109,14 @@ class KernelRecord:
 
     @property
     def wants_base(self) -> bool:
-        """Whether the next start restores the base: its first start, with a base."""
-        return self.start is Start.PENDING and self.base is not None
+        """Whether the next start restores the base: every start of a kernel that
+        has one (a class kernel: restarts land on the base too)."""
+        return self.base is not None
 
     def started_from_base(self) -> None:
         """The base was restored."""
         self.start = Start.BASE
+        self.base_note = ""
 
     def started_cold(self, note: str | None = None) -> None:
         """A cold start; ``note`` says why the base was not used (kept if None)."""

@@ -9,21 +9,23 @@ through ``KernelStore.update``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from sandbox_kernel.errors import RequirementMissing, SandboxError
+from sandbox_kernel.errors import ConfigError, RequirementMissing, SandboxError
 
 from . import paths, snapshots
 from .boot import Boot, lazy_restore_size
 from .drivers import Drivers
+from .lifecycle import follow_class
 from .record import KernelRecord
 from .rootfs import Rootfs, check_disk, check_folders, inherited_bytes
 from .store import KernelStore
 
 
 class Restorer:
-    """Brings kernels back to a snapshot, or to the image's pristine files."""
+    """Brings kernels back to a snapshot, to their base, or to the image's files."""
 
     def __init__(self, drivers: Drivers, store: KernelStore, rootfs: Rootfs, boot: Boot) -> None:
         self.drivers = drivers
@@ -132,12 +134,16 @@ class Restorer:
         self.rootfs.layer_from(record, folder, meta)
         self.rootfs.mount(kdir, record)
 
-    async def reset(self, kernel_id: str) -> dict[str, Any]:
-        """Give kernel ``kernel_id`` a fresh start on the image's pristine files.
+    async def reset(self, kernel_id: str, pristine: bool = False) -> dict[str, Any]:
+        """Give kernel ``kernel_id`` a fresh start, with the same id, address and
+        connection info. Snapshots stay.
 
-        The teaching case: everything the kernel wrote is gone and a new kernel
-        process starts, with the same id, address and connection info. Snapshots
-        stay. Returns ``{"pid"}``; the provisioner picks up the new pid.
+        A class kernel (one with a base) goes back to its base, files and memory:
+        where the class started. With ``pristine``, or without a base, everything
+        the kernel wrote is gone and a new process starts on the image's pristine
+        files. Returns ``{"pid", "to"}``, ``to`` being ``base`` or ``image`` (a
+        base that cannot be restored gives a cold start on its files, ``files``,
+        with the reason in ``note``); the provisioner picks up the new pid.
 
         Raises:
             ConfigError: a user's folder was moved or replaced; the kernel runs on.
@@ -147,25 +153,57 @@ class Restorer:
             record = self.store.load(kernel_id)
             kdir = self.store.kernel_dir(kernel_id)
             check_folders(record)  # before the kernel is stopped (checked again at the mount)
+            if not pristine:
+                record = await asyncio.to_thread(
+                    follow_class, self.store, record,
+                    lambda text: self.rootfs.append_log(kernel_id, text),
+                )  # fmt: skip
             await self.drivers.runc.delete(record.container_id)
-            await asyncio.to_thread(self._fresh_files, kdir, record)
+            to_base = await asyncio.to_thread(
+                self._fresh_files, kdir, record, record.base is not None and not pristine
+            )
 
-            def pristine(current: KernelRecord) -> None:
+            def fresh(current: KernelRecord) -> None:
                 current.snapshot = None
 
-            await self.store.aupdate(kernel_id, pristine)
+            await self.store.aupdate(kernel_id, fresh)
             try:
                 await asyncio.to_thread(self.rootfs.mount, kdir, record)
-                pid = await self.boot.run(kdir, record)
+                if not to_base:
+                    return {"pid": await self.boot.run(kdir, record), "to": "image", "note": ""}
+                return await self._base_or_cold(kdir, record)
             except BaseException:
                 await asyncio.to_thread(self.rootfs.unmount, kdir)
                 raise
-            return {"pid": pid}
 
-    def _fresh_files(self, kdir: Path, record: KernelRecord) -> None:
-        """Give a stopped kernel a new, empty writable layer. Blocks."""
+    def _fresh_files(self, kdir: Path, record: KernelRecord, to_base: bool) -> bool:
+        """Give a stopped kernel new files: its base's if ``to_base`` and the base is
+        there, else an empty writable layer. Whether they are the base's. Blocks."""
         self.rootfs.unmount(kdir)
+        if to_base:
+            try:
+                self.rootfs.make_layer(kdir, record)
+                return True
+            except ConfigError as err:  # the base is gone
+                self.rootfs.append_log(record.kernel_id, f"reset to the image: {err}")
         self.rootfs.make_layer(kdir, record, fresh=True)
+        return False
+
+    async def _base_or_cold(self, kdir: Path, record: KernelRecord) -> dict[str, Any]:
+        """Restore the base's memory on its files, mounted; a cold start on them where
+        that fails, which the log and the record say."""
+        try:
+            pid = await self.boot.restore_base(kdir, record)
+        except SandboxError as err:
+            note = f"the base could not be restored: {err}"
+            self.rootfs.append_log(record.kernel_id, f"reset started cold: {note}")
+            with contextlib.suppress(SandboxError):
+                await self.drivers.runc.delete(record.container_id)
+            pid = await self.boot.run(kdir, record)
+            await self.store.aupdate(record.kernel_id, lambda r: r.started_cold(note))
+            return {"pid": pid, "to": "files", "note": note}
+        await self.store.aupdate(record.kernel_id, lambda r: r.started_from_base())
+        return {"pid": pid, "to": "base", "note": ""}
 
     async def thaw_if_stale(self, kernel_id: str) -> bool:
         """Thaw a kernel left frozen by a snapshot whose runtime died; True if it was.

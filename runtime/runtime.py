@@ -155,9 +155,10 @@ class Runtime:
         """Complete a restore cut short; the new pid, or None if there was none."""
         return await self.restorer.finish_restore(kernel_id)
 
-    async def reset(self, kernel_id: str) -> dict[str, Any]:
-        """Restart the kernel on the image's pristine files: ``{"pid"}``."""
-        return await self.restorer.reset(kernel_id)
+    async def reset(self, kernel_id: str, pristine: bool = False) -> dict[str, Any]:
+        """Restart the kernel on its base (a class kernel), or with ``pristine`` or
+        without a base on the image's pristine files: ``{"pid", "to", "note"}``."""
+        return await self.restorer.reset(kernel_id, pristine)
 
     async def thaw_if_stale(self, kernel_id: str) -> bool:
         """Thaw a kernel a dead runtime left frozen; True if it was."""

@@ -142,8 +142,16 @@ class _Governed:
     async def restore(self, kernel_id: str, name: str, /) -> dict[str, Any]:
         return await self._service.restore(kernel_id, name)
 
-    async def reset(self, kernel_id: str, /) -> dict[str, Any]:
-        return await self._service.reset(kernel_id)
+    async def reset(self, kernel_id: str, /, pristine: bool = False) -> dict[str, Any]:
+        return await self._service.reset(kernel_id, pristine)
+
+    async def class_call(self, kernel_id: str, op: str, args: dict[str, Any], /) -> Any:
+        """A class operation asked from the kernel's notebook, as the kernel's owner;
+        a class published from a notebook gets the kernel's limits and network."""
+        record = self._service.runtime.record(kernel_id)
+        if op == "class_publish":
+            args = {"limits": record.ceiling.to_dict(), "network": record.network, **args}
+        return await self._service.call(self._service.owner_of(record), op, args)
 
 
 class KernelService:
@@ -160,6 +168,8 @@ class KernelService:
         self.config = config or DaemonConfig()
         self.log = log or logging.getLogger("sandbox_kernel.service")
         self.channels: dict[str, ControlChannel] = {}
+        #: In this process (a root Jupyter server's kernels): its user is the operator.
+        self.in_process = config is None
         self._subscribers: list[Callable[[Event], None]] = []
         self._user_locks: dict[int, asyncio.Lock] = {}
 
@@ -299,12 +309,24 @@ class KernelService:
         self.emit({"event": "process", "kernel_id": kernel_id, "pid": done["pid"]})
         return done
 
-    async def reset(self, kernel_id: str) -> dict[str, Any]:
+    async def reset(self, kernel_id: str, pristine: bool = False) -> dict[str, Any]:
         started = time.monotonic()
-        done = await self.runtime.reset(kernel_id)
+        channel = self.channels.get(kernel_id)
+        if channel is not None:
+            # The new process learns what happened from it (a cell that asked for the
+            # reset has put its own there): it numbers its cells afresh.
+            record = self.runtime.record(kernel_id)
+            channel.server.pending = {
+                **(channel.server.pending or {}), "kind": "reset",
+                "to": "base" if record.base and not pristine else "image",
+            }  # fmt: skip
+        done = await self.runtime.reset(kernel_id, pristine)
+        record = self.runtime.record(kernel_id)
+        to = {"base": f"its base {record.base}", "files": f"its base {record.base}'s files"}
         self.log.info(
-            "reset kernel %s (owner %s) to the image's files, %.2f s",
-            kernel_id, self._owner_text(kernel_id), time.monotonic() - started,
+            "reset kernel %s (owner %s) to %s, %.2f s%s",
+            kernel_id, self._owner_text(kernel_id), to.get(done["to"], "the image's files"),
+            time.monotonic() - started, f" ({done['note']})" if done.get("note") else "",
         )  # fmt: skip
         self.emit({"event": "process", "kernel_id": kernel_id, "pid": done["pid"]})
         return done
@@ -419,6 +441,7 @@ def _config(caller: Caller, data: dict[str, Any]) -> KernelConfig:
         cwd=data["cwd"],
         executable=data["executable"],
         base=str(data.get("base") or ""),
+        class_name=str(data.get("class_name") or ""),
         caller=caller,
     )
 
@@ -480,6 +503,10 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         raise ConfigError("env", "...", "must map names to strings")
     await asyncio.to_thread(svc.notice_for_next_start, record)
+    channel = svc.channels.get(kid)
+    if channel is not None and record.wants_base:
+        # A process from a base is a new kernel: it numbers its cells from 1.
+        channel.server.pending = {"kind": "base", "count": 1}
     pid = await svc.runtime.start(kid, argv, env, dict(args["connection"]))
     record = svc.runtime.record(kid)  # the start says how it went
     channel = await svc.open_channel(record, listen=True)
@@ -648,7 +675,7 @@ async def _restore(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
 @_op("reset")
 async def _reset(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
-    return await svc.reset(record.kernel_id)
+    return await svc.reset(record.kernel_id, bool(args.get("pristine")))
 
 
 @_op("diff")
@@ -740,3 +767,7 @@ async def _whoami(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         "admin": svc.config.is_admin(caller), "served_by": os.getpid(),
         "quota": {k: quota.show(k) for k in quota.__dataclass_fields__},
     }  # fmt: skip
+
+
+# The class operations register themselves in OPS (they need the names above).
+from . import class_ops  # noqa: E402, F401

@@ -93,8 +93,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("kernel_id")
     p.add_argument("name")
 
-    p = sub.add_parser("reset", help="restart a kernel on the image's pristine files")
+    p = sub.add_parser(
+        "reset", help="restart a kernel on its base (a class kernel) or the image's pristine files"
+    )
     p.add_argument("kernel_id")
+    p.add_argument(
+        "--pristine", action="store_true", help="the image's pristine files, even with a base"
+    )
+
+    p = sub.add_parser("class", help="a class: a base snapshot and a kernelspec for students")
+    verbs = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = verbs.add_parser("publish", help="make or replace class NAME from a live snapshot")
+    q.add_argument("name", help="the class's name, e.g. intro-2026")
+    q.add_argument("--from", dest="snapshot", required=True, metavar="SNAPSHOT")
+    q.add_argument("--owner", metavar="UID", help="whose snapshot (an admin's choice)")
+    q.add_argument("--display-name", help="shown in the launcher (default: NAME (class))")
+    for flag, default in (("memory", "2G"), ("cpus", "1"), ("pids", "512"), ("disk", "10G")):
+        q.add_argument(
+            f"--{flag}", default=default, help=f"each kernel's {flag} (default {default})"
+        )
+    q.add_argument("--network", default="none", help="none or egress (default none)")
+    q = verbs.add_parser("reset", help="reset every running kernel of class NAME to its base")
+    q.add_argument("name")
+    q = verbs.add_parser("ps", help="your classes, or the kernels of class NAME")
+    q.add_argument("name", nargs="?")
 
     p = sub.add_parser("snapshots", help="list snapshots (of one kernel's owner), or delete one")
     p.add_argument("kernel_id", nargs="?")
@@ -343,8 +365,54 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _reset(args: argparse.Namespace) -> int:
-    Ops()("reset", kernel_id=args.kernel_id)
-    print(f"Kernel {args.kernel_id} restarted on the image's pristine files")
+    done = Ops()("reset", kernel_id=args.kernel_id, pristine=args.pristine)
+    places = {"base": "its base", "files": "its base's files (cold)"}
+    where = places.get(done.get("to"), "the image's pristine files")
+    print(f"Kernel {args.kernel_id} restarted on {where}")
+    if done.get("note"):
+        print(f"  {done['note']}")
+    return 0
+
+
+def _class(args: argparse.Namespace) -> int:
+    ops = Ops()
+    if args.action == "publish":
+        limits = {"memory": args.memory, "cpus": args.cpus, "pids": args.pids, "disk": args.disk}
+        meta = ops(
+            "class_publish", name=args.name, snapshot=args.snapshot, owner=args.owner,
+            display_name=args.display_name, limits=limits, network=args.network,
+        )  # fmt: skip
+        again = " (replacing its base; running kernels keep theirs until reset)"
+        print(f"Published class {meta['name']}{again if meta['replaced'] else ''}")
+        print(f"  base {meta['base']} from snapshot {meta['snapshot']}")
+        spec, shown = meta["kernelspec"], meta["display_name"]
+        print(f"  kernelspec {spec} ({shown!r}) in {meta['kernelspec_dir']}")
+        return 0
+    if args.action == "reset":
+        rows = ops("class_reset", name=args.name)
+        if not rows:
+            print(f"class {args.name} has no kernels")
+            return 0
+        head = ["KERNEL ID", "USER", "RESET TO", "NOTE"]
+        body = [[r["kernel_id"], r["user"], r["to"] or "failed", r["error"]] for r in rows]
+        print(table([head, *body]))
+        return 1 if any(not r["to"] for r in rows) else 0
+    listed = ops("class_ps", name=args.name)
+    if not args.name:
+        rows = [["CLASS", "KERNELSPEC", "BASE", "SNAPSHOT", "KERNELS", "PUBLISHED"]]
+        for m in listed["classes"]:
+            rows.append([m["name"], m["kernelspec"], m["base"], m["snapshot"], str(m["kernels"]),
+                         _age(m["published"]) + " ago"])  # fmt: skip
+        print(table(rows) if len(rows) > 1 else "no classes")
+        return 0
+    rows = [["KERNEL ID", "USER", "STARTED", "BASE", "MEMORY", "AGE"]]
+    for k in listed["kernels"]:
+        base = (k["base"] or "-") + ("" if k["current"] or not k["base"] else " (earlier)")
+        rows.append([k["kernel_id"], k["user"], k["start"], base, format_size(k["memory_bytes"]),
+                     _age(k["created"])])  # fmt: skip
+    meta = listed["class"]
+    print(f"class {args.name}: base {meta['base']}, kernelspec {meta['kernelspec']}")
+    print(table(rows) if len(rows) > 1 else "no kernels")
     return 0
 
 
@@ -461,6 +529,7 @@ _HANDLERS: dict[str, Any] = {
     "restore": _restore,
     "snapshots": _snapshots,
     "reset": _reset,
+    "class": _class,
     "bases": _bases,
     "install": _install,
     "doctor": _doctor,

@@ -60,6 +60,7 @@ class Kind(enum.Enum):
     LIST = "a list"
     LIMIT = "a string or a number"
     COUNT = "a whole number"
+    FLAG = "true or false"
 
     def accepts(self, value: object) -> bool:
         """Whether ``value`` (from JSON) is of this kind."""
@@ -69,6 +70,8 @@ class Kind(enum.Enum):
             return isinstance(value, dict)
         if self is Kind.LIST:
             return isinstance(value, list)
+        if self is Kind.FLAG:
+            return isinstance(value, bool)
         if self is Kind.COUNT:
             return isinstance(value, int) and not isinstance(value, bool) and value >= 0
         return isinstance(value, str | int | float) and not isinstance(value, bool)
@@ -124,6 +127,8 @@ OPS: Mapping[str, Op] = _ops(
             Arg("parent", Kind.OBJECT),
             Arg("ident", Kind.LIST),
             Arg("count", Kind.COUNT, required=False),
+            # True: the image's pristine files, even for a class kernel.
+            Arg("pristine", Kind.FLAG, required=False),
         ),
     ),
     Op("diff", (Arg("name", Kind.TEXT, required=False),)),
@@ -132,11 +137,24 @@ OPS: Mapping[str, Op] = _ops(
         tuple(Arg(name, Kind.LIMIT, required=False) for name in ("memory", "cpus", "pids")),
     ),
     Op("status"),
+    # A class of the kernel's owner: publish one from a snapshot, reset or list its
+    # kernels (see runtime/classes.py).
+    Op(
+        "class",
+        (
+            Arg("action", Kind.TEXT),
+            Arg("name", Kind.TEXT, required=False),
+            Arg("snapshot", Kind.TEXT, required=False),
+        ),
+    ),
     # The restore or reset a new process must finish, if any (see the magic's handoff).
     Op("resume", command=False),
     # Held open, never answered: its end tells the kernel it was restored.
     Op("watch", command=False, answered=False),
 )
+
+#: What ``%container class`` does.
+CLASS_ACTIONS = ("publish", "reset", "ps")
 
 #: The operations a user types as ``%container COMMAND``.
 COMMANDS = tuple(name for name, op in OPS.items() if op.command)

@@ -77,6 +77,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         "", help="Id of a base snapshot (`sandbox-kernel install --base SNAPSHOT` sets it): "
         "new kernels start by restoring its files and memory. Empty: a cold start."
     ).tag(config=True)  # fmt: skip
+    class_name = Unicode(
+        "", help="The class (`sandbox-kernel class publish NAME`) whose kernels these are: "
+        "every start, restarts included, and every reset lands on the class's current base."
+    ).tag(config=True)  # fmt: skip
     image = Unicode(
         "host", help="Image the kernel's root filesystem comes from; `host` is a read-only "
         "view of this machine's system and of the kernel's Python environment."
@@ -218,6 +222,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             "cwd": self._cwd,
             "executable": self.kernel_spec.argv[0],
             "base": self.base,
+            "class_name": self.class_name,
             "shm": self.shm,
         }
         record = await self.backend.call("prepare", kernel_id=self.kernel_id, config=config)

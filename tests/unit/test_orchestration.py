@@ -66,11 +66,11 @@ def make_runtime(fakes: Fakes) -> Runtime:
     return Runtime(drivers, Rootfs(drivers, make_home=lambda executable, store, uid, gid: None))
 
 
-def config(cwd: Path, base: str = "", memory: str = "1G") -> KernelConfig:
+def config(cwd: Path, base: str = "", memory: str = "1G", class_name: str = "") -> KernelConfig:
     return KernelConfig(
         image="fake", limits=Limits.parse(memory=memory, cpus="1", pids="256", disk="1G"),
         network="none", uid=os.getuid(), gid=os.getgid(), cwd=str(cwd),
-        executable=sys.executable, base=base,
+        executable=sys.executable, base=base, class_name=class_name,
     )  # fmt: skip
 
 
@@ -117,10 +117,11 @@ async def test_a_base_that_fails_to_restore_starts_cold(fakes: Fakes, tmp_path: 
     assert "fake runc: restore refused" in record.base_note
     assert "started cold: the base could not be restored" in runtime.log_path("k1").read_text()
     assert fakes.runc.containers[record.container_id]["pid"] == pid
-    # A restart starts cold again, and says so.
+    # A restart tries the base again, and falls back again, saying so.
     await runtime.stop("k1")
     await runtime.start("k1", ARGV, {}, CONNECTION)
     assert runtime.record("k1").start is Start.COLD
+    assert fakes.runc.calls.count(("restore", record.container_id)) == 2
 
 
 async def test_a_base_that_restores_is_used(fakes: Fakes, tmp_path: Path) -> None:
@@ -135,6 +136,74 @@ async def test_a_base_that_restores_is_used(fakes: Fakes, tmp_path: Path) -> Non
     assert runtime.record("k1").start is Start.BASE
     assert (upper(runtime) / "from-the-base").read_text() == "x"
     assert ("restore", runtime.record("k1").container_id) in fakes.runc.calls
+
+
+async def test_restarts_and_resets_of_a_class_kernel_land_on_the_base(
+    fakes: Fakes, tmp_path: Path
+) -> None:
+    runtime = make_runtime(fakes)
+    await started(runtime, tmp_path / "work", kid="donor")
+    (upper(runtime, "donor") / "from-the-base").write_text("x")
+    await runtime.snapshot("donor", "ready")
+    base = bases.make_base(str(os.getuid()), "ready")
+    await started(runtime, tmp_path / "work", kid="k1", base=base["id"])
+    cid = runtime.record("k1").container_id
+
+    # A restart: the files the kernel wrote are gone, the base's are back.
+    (upper(runtime) / "scribble").write_text("y")
+    await runtime.stop("k1")
+    await runtime.start("k1", ARGV, {}, CONNECTION)
+    assert runtime.record("k1").start is Start.BASE
+    assert not (upper(runtime) / "scribble").exists()
+    assert (upper(runtime) / "from-the-base").read_text() == "x"
+    assert fakes.runc.calls.count(("restore", cid)) == 2
+
+    # A reset: the same, with no restart of the server's side.
+    (upper(runtime) / "scribble").write_text("y")
+    done = await runtime.reset("k1")
+    assert done["to"] == "base"
+    assert not (upper(runtime) / "scribble").exists()
+    assert (upper(runtime) / "from-the-base").read_text() == "x"
+    assert fakes.runc.calls.count(("restore", cid)) == 3
+
+    # A pristine reset: the image's files, a cold start; the next restart is the base's.
+    done = await runtime.reset("k1", pristine=True)
+    assert done["to"] == "image"
+    assert not (upper(runtime) / "from-the-base").exists()
+    assert fakes.runc.calls.count(("restore", cid)) == 3
+    await runtime.stop("k1")
+    await runtime.start("k1", ARGV, {}, CONNECTION)
+    assert (upper(runtime) / "from-the-base").read_text() == "x"
+
+
+async def test_a_class_kernel_follows_its_classs_new_base_at_a_reset(
+    fakes: Fakes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox_kernel.runtime import classes
+
+    runtime = make_runtime(fakes)
+    await started(runtime, tmp_path / "work", kid="donor")
+    (upper(runtime, "donor") / "lesson").write_text("1")
+    await runtime.snapshot("donor", "one")
+    (upper(runtime, "donor") / "lesson").write_text("2")
+    await runtime.snapshot("donor", "two")
+    owner = str(os.getuid())
+    first, replaced = classes.publish("intro", os.getuid(), owner, "one")
+    assert replaced is None
+    await started(runtime, tmp_path / "work", kid="k1", class_name="intro")
+    assert runtime.record("k1").base == first["base"]
+    assert (upper(runtime) / "lesson").read_text() == "1"
+
+    second, replaced = classes.publish("intro", os.getuid(), owner, "two")
+    assert replaced == first["base"] != second["base"]
+    # Publishing touches no running kernel...
+    assert runtime.record("k1").base == first["base"]
+    assert (upper(runtime) / "lesson").read_text() == "1"
+    # ... until it is reset (or restarts): then it is on the new base.
+    done = await runtime.reset("k1")
+    assert done["to"] == "base"
+    assert runtime.record("k1").base == second["base"]
+    assert (upper(runtime) / "lesson").read_text() == "2"
 
 
 async def test_files_only_restore_brings_files_back_and_starts_afresh(

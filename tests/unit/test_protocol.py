@@ -180,7 +180,7 @@ def test_unreadable_lines_are_problems_not_errors() -> None:
 
 def test_the_commands_are_the_users_ops_in_the_helps_order() -> None:
     assert protocol.COMMANDS == (
-        "snapshot", "restore", "list", "delete", "reset", "diff", "limits", "status",
+        "snapshot", "restore", "list", "delete", "reset", "diff", "limits", "status", "class",
     )  # fmt: skip
     assert {n for n, op in protocol.OPS.items() if not op.command} == {"resume", "watch"}
     assert [n for n, op in protocol.OPS.items() if not op.answered] == ["watch"]
