@@ -15,7 +15,7 @@ import pytest
 from selenium.webdriver import Chrome
 
 from ..integration.conftest import make_spec, names, no_leftovers, spec_prefix, workdir
-from .lab import Lab
+from .lab import SHOTS, Lab
 from .page import Page, chromium
 
 __all__ = ["make_spec", "names", "no_leftovers", "spec_prefix", "workdir"]
@@ -23,7 +23,10 @@ __all__ = ["make_spec", "names", "no_leftovers", "spec_prefix", "workdir"]
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Chrome]:
-    """One headless Chromium for the session; each test loads its own server's page."""
+    """One headless Chromium for the session; each test loads its own server's page.
+    Failures' screenshots of an earlier session are removed first."""
+    for stale in SHOTS.glob("*-failed.png"):
+        stale.unlink()
     driver = chromium()
     try:
         yield driver

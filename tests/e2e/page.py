@@ -203,6 +203,13 @@ class Notebook:
 
         wait(self.driver, timeout, f"{self.name}'s kernel to be ready again", ready)
 
+    def find(self, index: int, xpath: str, timeout: float = 60, what: str = "") -> WebElement:
+        """The element at ``xpath`` (relative to cell ``index``, e.g. ".//button")
+        once the cell shows it."""
+        return wait(self.driver, timeout, what or f"{xpath} in cell {index}", lambda _: (
+            self.cell(index).find_element(By.XPATH, xpath)
+        ))  # fmt: skip
+
     def wait_output(self, index: int, text: str, timeout: float = 60) -> str:
         """Wait until the cell's output shows ``text``; its output text."""
 

@@ -1,0 +1,46 @@
+"""The ``%container`` panel (ipywidgets): it renders, and its Restore button restores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from ..integration.conftest import fresh
+from .page import Page
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_panel_restores_a_snapshot(
+    page: Page, make_spec: Callable[..., str], names: list[str]
+) -> None:
+    spec, snap = make_spec(), fresh(names)
+    cells = [
+        "x = 'before'",
+        f"%container snapshot {snap}",
+        "x = 'after'",
+        "%container",
+        "print('x is', x)",
+    ]
+    notebook = page.open(page.lab.write_notebook("panel", spec, cells), spec)
+    notebook.run(0)
+    assert f"Snapshot {snap}: live" in notebook.run(1)
+    notebook.run(2)
+    notebook.run(3)
+    # The snapshot's row: its name and, beside it, a button that says Restore.
+    restore = notebook.find(
+        3,
+        f".//div[contains(@class, 'widget-hbox')][contains(normalize-space(.), '{snap}')]"
+        "//button[normalize-space() = 'Restore']",
+        what=f"the panel's Restore button beside {snap}",
+    )
+    page.shot("panel")
+    panel = notebook.output(3)
+    assert panel.startswith("Container"), panel
+    assert "memory" in panel and "Snapshots" in panel and "Limits" in panel
+    restore.click()
+    notebook.wait_output(3, f"Restored to snapshot {snap}", timeout=120)
+    shown = notebook.run(4)
+    page.shot("panel-restore")
+    assert shown == "x is before"
