@@ -31,19 +31,22 @@ from sandbox_kernel.display import (
     tree_order,
 )
 
+from . import progress
 from .channel import Channel, ChannelError, Interrupted, available
 from .handoff import RestoreHandoff
+from .progress import View
 
 #: The commands a user types, as ``%container COMMAND``, in the order of the help.
 COMMANDS = protocol.COMMANDS
-#: A snapshot that takes longer than this many seconds prints its steps as they start.
-PROGRESS_AFTER = 0.3
+#: A snapshot or restore that takes longer than this many seconds shows a progress bar.
+PROGRESS_AFTER = progress.PROGRESS_AFTER
 #: Where the runtime leaves news of how the kernel's last process ended (see
 #: ``runtime/exits.py``).
 NOTICE = Path("/run/sandbox/notice.json")
-#: What ``%container`` alone prints: each command with one line.
+#: What ``%container help`` prints: each command with one line.
 HELP = """\
 %container COMMAND: snapshots, restores and limits of this kernel's container.
+%container alone opens a panel of the same (ipywidgets; text where widgets do not render).
 
   snapshot [NAME] [-m MESSAGE]   save the files and the live memory
   restore NAME                   go back to a snapshot, in place
@@ -133,6 +136,8 @@ class ContainerMagics(Magics):
     def container(self, line: str) -> None:
         """Snapshot, restore and limit this kernel's container.
 
+        %container                               a panel: gauges, snapshots, limits
+        %container help                          the commands, one line each
         %container snapshot [NAME] [-m MESSAGE]  save files and live memory
         %container restore NAME                  go back to a snapshot, in place
         %container list                          the snapshots, with time, size, parent, mode
@@ -143,6 +148,11 @@ class ContainerMagics(Magics):
         %container status                        use against the limits, and snapshots
         """
         command, _, rest = line.strip().partition(" ")
+        if command == "" and self.channel is not None:
+            from .panel import open_panel
+
+            open_panel(self)
+            return
         if command in ("", "help", "-h", "--help"):
             print(HELP)
             return
@@ -157,24 +167,30 @@ class ContainerMagics(Magics):
 
     # ---- commands --------------------------------------------------------------
 
-    def _snapshot(self, line: str) -> None:
+    def _snapshot(self, line: str, view: View | None = None) -> dict[str, Any] | None:
+        """``%container snapshot``; the snapshot's meta, or None in a process restored
+        from this very snapshot (the restore's cell is then finished). Its progress
+        bar goes to ``view`` (the panel's), else to the cell's output."""
         args = _parse("snapshot", line)
         name = args.name or time.strftime("snap-%Y%m%d-%H%M%S")
         print(f"Taking snapshot {name} ...", flush=True)
         assert self.handoff is not None
         self.handoff.snapshot_starts()
-        started = time.monotonic()
-
-        def progress(text: str) -> None:
-            # Quick snapshots stay quiet; big ones say what they are doing.
-            if time.monotonic() - started > PROGRESS_AFTER:
-                print(f"  {text}", flush=True)
-
+        # Quick snapshots stay quiet; big ones show a bar, with the step under way.
+        bar = (
+            progress.Progress(f"Snapshot {name}", view)
+            if view is not None
+            else progress.displayed(f"Snapshot {name}")
+        )
+        bar.start()
         try:
-            meta = self._call("snapshot", name=name, message=args.message, on_progress=progress)
+            meta: dict[str, Any] = self._call(
+                "snapshot", name=name, message=args.message, on_progress=bar.step
+            )
         except Interrupted:
             # Either the runtime died mid-snapshot, or this process is a restore of
-            # the snapshot it was taking: ask which.
+            # the snapshot it was taking: ask which. The bar is the old process's.
+            bar.abandon()
             info = self._call("resume")
             if not info:
                 raise UsageError(
@@ -182,7 +198,13 @@ class ContainerMagics(Magics):
                     "`%container list` shows whether it was taken"
                 ) from None
             self.handoff.finish_restore(info)
-            return
+            # The restoring request's bar, which its process could not finish.
+            progress.finish_handed_over(self.handoff.kernel, info)
+            return None
+        except BaseException:
+            bar.finish(ok=False)
+            raise
+        bar.finish()
         mode = meta["mode"]
         print(
             f"Snapshot {name}: {mode} ({'files and memory' if mode == 'live' else 'files only'}), "
@@ -191,12 +213,16 @@ class ContainerMagics(Magics):
         )
         if meta["reason"]:
             print(f"Files only because {meta['reason']}")
+        return meta
 
-    def _restore(self, line: str) -> None:
+    def _restore(self, line: str, view: View | None = None) -> None:
+        """``%container restore``; its progress bar goes to ``view`` (the panel's),
+        else to the cell's output, and is finished by the process the restore
+        ends in (the request carries it: ``progress``)."""
         args = _parse("restore", line)
         assert self.handoff is not None
-        names = [m["name"] for m in self._call("list")["snapshots"]]
-        if args.name not in names:
+        metas = {m["name"]: m for m in self._call("list")["snapshots"]}
+        if args.name not in metas:
             raise UsageError(
                 f"%container restore: no snapshot named {args.name!r}; "
                 "`%container list` shows yours"
@@ -204,7 +230,24 @@ class ContainerMagics(Magics):
         parent, idents = self.handoff.cell_origin()
         print(f"Restoring {args.name} ...", flush=True)
         count = self.handoff.next_number()
-        self._call("restore", name=args.name, parent=parent, ident=idents, count=count)
+        # The bar's pace: a restore takes about what the snapshot took.
+        expected = float(metas[args.name].get("seconds") or 1.0)
+        title = f"Restoring {args.name}"
+        bar = (
+            progress.Progress(title, view, expected=expected)
+            if view is not None
+            else progress.displayed(title, expected=expected)
+        )
+        bar.start()
+        try:
+            self._call(
+                "restore", name=args.name, parent=parent, ident=idents, count=count,
+                progress=bar.handover(),
+            )  # fmt: skip
+        except BaseException:
+            bar.finish(ok=False)
+            raise
+        bar.finish()
         # A live restore replaces this process; reaching this line means the runtime
         # restarted the kernel on the snapshot's files instead.
         print(f"Restored the files of {args.name}; the kernel restarts.")

@@ -330,6 +330,9 @@ class RestoreHandoff:
         self._continue_numbering(count)  # a fresh process would count from 1
         # The asking cell's own number is one before the next one's.
         number = count - 1 if isinstance(count, int) else None
+        from .progress import finish_handed_over  # here: progress.py imports this module
+
+        finish_handed_over(kernel, info)  # the restore's progress bar, before the reply
         kernel.io_loop.add_callback(self._send_reply, parent, ident, text, number)
 
     def _send_reply(
