@@ -57,6 +57,9 @@ class RestoreHandoff:
         self._identity_lock = threading.Lock()
         self._identity_start = _start_time()
         self._hooked = False
+        # Set while a cell takes a snapshot: a process restored from it wakes up in
+        # that cell, whose own code asks what happened (see finish_restore).
+        self._in_snapshot = False
 
     def start(self) -> None:
         """Take over the session's signing, start the threads, register the hook."""
@@ -67,6 +70,7 @@ class RestoreHandoff:
         threading.Thread(target=self._answer_pending, daemon=True).start()
         threading.Thread(target=self._watch_restores, daemon=True).start()
         self.shell.events.register("pre_execute", self.after_restore)
+        self.shell.events.register("post_execute", self.snapshot_ends)
         self._hooked = True
 
     def close(self) -> None:
@@ -74,6 +78,7 @@ class RestoreHandoff:
         the process). Called by ``unload_ipython_extension``."""
         if self._hooked:
             self.shell.events.unregister("pre_execute", self.after_restore)
+            self.shell.events.unregister("post_execute", self.snapshot_ends)
             self._hooked = False
 
     @property
@@ -87,6 +92,11 @@ class RestoreHandoff:
         """Forget the frontend's iopub subscription: a process restored from the
         snapshot about to be taken must see the frontend subscribe again."""
         self._subscribed.clear()
+        self._in_snapshot = True
+
+    def snapshot_ends(self) -> None:
+        """The snapshot's call returned (also the ``post_execute`` hook)."""
+        self._in_snapshot = False
 
     def cell_origin(self) -> tuple[dict[str, Any], list[str]]:
         """The running cell's request header and routing identities (hex): what a
@@ -111,12 +121,27 @@ class RestoreHandoff:
             self.shell.execution_count = max(count, self.shell.execution_count)
 
     def finish_restore(self, info: dict[str, Any]) -> None:
-        """In a process restored from a snapshot: complete the cell that asked for it.
+        """In a process restored from a snapshot, inside the cell that took it: complete
+        what the runtime says happened (``info`` from its ``resume``).
 
-        This process was inside the snapshot's cell; the frontend waits for the
-        reply to the restore cell. Once the frontend has reconnected, this cell's
-        output and reply go to the restore cell instead.
+        A restore: the frontend waits for the reply to the restore cell. Once the
+        frontend has reconnected, this cell's output and reply go to the restore
+        cell instead. A base start or a reset to the base: this process is a new
+        kernel, numbered afresh, and a cell that asked for the reset gets the reply.
         """
+        self.snapshot_ends()
+        if info.get("kind") != "restore":
+            self._arrive(info, in_cell=True)
+            return
+        self._redirect_cell(info)
+        # Memory goes back, the numbering does not: this cell ends as the restore
+        # cell's number, and the next one follows it.
+        self._continue_numbering(info.get("count"))
+        print(f"Restored to snapshot {info['name']} (live): files and memory are as they were.")
+
+    def _redirect_cell(self, info: dict[str, Any]) -> None:
+        """Once the frontend is back, send this cell's output and reply to the cell
+        that asked (``info``'s ``parent`` and ``ident``)."""
         kernel = self.kernel
         self._wait_for_frontend()
         old_id = kernel.get_parent("shell")["header"]["msg_id"]
@@ -139,10 +164,68 @@ class RestoreHandoff:
 
         session.send = send_once
         kernel.set_parent(new_ident, new_parent, "shell")
-        # Memory goes back, the numbering does not: this cell ends as the restore
-        # cell's number, and the next one follows it.
-        self._continue_numbering(info.get("count"))
-        print(f"Restored to snapshot {info['name']} (live): files and memory are as they were.")
+
+    # ---- a new kernel from a base, or a reset -----------------------------------------
+
+    def _arrive(self, info: dict[str, Any], in_cell: bool) -> None:
+        """This process was restored from a base (a new kernel, a restart, or a reset
+        to the base) or was restored in place by a cell while idle: number its cells
+        as ``info`` says and answer the cell that asked, if any."""
+        kind = info.get("kind")
+        count = info.get("count")
+        if kind == "restore":
+            self._continue_numbering(count)
+            text = (
+                f"Restored to snapshot {info['name']} (live): files and memory are as they were.\n"
+            )
+        else:
+            # A new kernel: its own history session (the base's has lines of these
+            # numbers already), and cells numbered from 1, or after the asking cell.
+            self._new_session(count if isinstance(count, int) and count > 0 else 1)
+            text = _RESET_TEXT.get(info.get("to", ""), _RESET_TEXT["image"])
+        if not info.get("parent"):
+            return
+        if in_cell:
+            self._redirect_cell(info)
+            print(text, end="")
+            return
+        number = count - 1 if isinstance(count, int) else None
+        threading.Thread(
+            target=self._reply_when_back, args=(info, text, number), daemon=True
+        ).start()
+
+    def _new_session(self, count: int) -> None:
+        """Start a new IPython history session; the next cell is number ``count``."""
+        history = getattr(self.shell, "history_manager", None)
+        if history is not None:
+            try:
+                history.reset(new_session=True)
+            except Exception as err:  # the history is IPython's; the kernel goes on
+                print(f"%container: could not start a new history session ({err})",
+                      file=sys.__stderr__)  # fmt: skip
+        self.shell.execution_count = count
+
+    def _reply_when_back(self, info: dict[str, Any], text: str, number: int | None) -> None:
+        """Once the frontend has reconnected, answer the cell ``info`` names."""
+        self._wait_for_frontend(grace=2 * HANDSHAKE_GRACE)
+        parent = info["parent"]
+        ident = [bytes.fromhex(i) for i in info["ident"]]
+        self.kernel.io_loop.add_callback(self._send_reply, parent, ident, text, number)
+
+    def _arrive_idle(self) -> None:
+        """After a restore found by the watcher in an idle process: ask the runtime
+        what it was (its control server may not listen yet: retry a while)."""
+        deadline = time.monotonic() + RECONNECT_WAIT
+        while True:
+            try:
+                info = self.channel.request("resume")
+                break
+            except ChannelError:
+                if time.monotonic() > deadline:
+                    return
+                self._pause.wait(0.005)
+        if info:
+            self._arrive(info, in_cell=False)
 
     def after_restore(self) -> None:
         """Before a cell runs in a restored process: let the frontend reconnect first,
@@ -234,6 +317,10 @@ class RestoreHandoff:
                     # with the connection that carried it.
                     self._subscribed.clear()
                     self._restored.set()
+                    if not self._in_snapshot:
+                        # Before the watch is heard again: a new kernel's launch
+                        # waits for it, and its first cell must be numbered 1.
+                        self._arrive_idle()
                     failures = 0
                     # A new kernel's control server may not listen yet: retry fast.
                     retry_until = time.monotonic() + RECONNECT_WAIT
@@ -309,8 +396,8 @@ class RestoreHandoff:
             except ChannelError as err:
                 print(f"%container: asking the runtime failed ({err})", file=sys.__stderr__)
                 self._restored.wait(0.2 * (attempt + 1))
-        if not info:
-            return
+        if not info or not info.get("parent"):
+            return  # a cold start of a new kernel (or a reset no cell asked for)
         # A new process under load: give the frontend's handshakes more room.
         self._wait_for_frontend(grace=2 * HANDSHAKE_GRACE)
         kernel = self.kernel
@@ -318,7 +405,8 @@ class RestoreHandoff:
         while getattr(kernel, "io_loop", None) is None and time.monotonic() < deadline:
             self._subscribed.wait(0.01)
         if info["kind"] == "reset":
-            text = "The kernel was reset: a fresh kernel on the image's pristine files.\n"
+            to = "files" if info.get("to") == "base" else "image"
+            text = _RESET_TEXT[to]
         else:
             text = (
                 f"Restored the files of snapshot {info['name']}; the kernel restarted "
@@ -358,3 +446,12 @@ class RestoreHandoff:
         }  # fmt: skip
         session.send(stream, "execute_reply", content, parent=parent, ident=ident)
         kernel._publish_status("idle", "shell", parent=parent)
+
+
+#: What a cell that reset the kernel shows, by where the kernel went.
+_RESET_TEXT = {
+    "base": "The kernel was reset to its base: files and memory as the class starts.\n",
+    "files": "The kernel was reset to its base's files; its memory could not be restored, "
+    "so it started afresh (the kernel's log says why).\n",
+    "image": "The kernel was reset: a fresh kernel on the image's pristine files.\n",
+}

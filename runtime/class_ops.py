@@ -73,7 +73,11 @@ async def _class_publish(svc: KernelService, caller: Caller, args: dict[str, Any
     except ConfigError:
         if any(m["name"] == name for m in await asyncio.to_thread(classes.listing)):
             raise ConfigError("class", name, "is another user's; choose another name") from None
-    owner = svc.snapshot_owner(caller, args.get("owner"))
+    if args.get("owner") is None and svc.config.is_admin(caller):
+        # An admin's: the one user who has a snapshot of that name.
+        owner = await asyncio.to_thread(bases.find_owner, str(args["snapshot"]))
+    else:
+        owner = svc.snapshot_owner(caller, args.get("owner"))
     config = _spec_config(args)
     started = time.monotonic()
     meta, replaced = await asyncio.to_thread(

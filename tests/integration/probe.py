@@ -16,6 +16,7 @@ class Cell:
     ename: str = ""
     evalue: str = ""
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    count: int | None = None  # the reply's execution count
 
     def check(self) -> str:
         """The cell's stdout; fail loudly if the cell raised."""
@@ -44,6 +45,7 @@ async def run_cell(kc: Any, code: str, timeout: float = 60) -> Cell:
 
     reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     cell.status = reply["content"]["status"]
+    cell.count = reply["content"].get("execution_count")
     if cell.status == "error" and not cell.ename:
         cell.ename = reply["content"].get("ename", "")
         cell.evalue = reply["content"].get("evalue", "")
