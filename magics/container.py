@@ -52,7 +52,8 @@ HELP = """\
   restore NAME                   go back to a snapshot, in place
   list                           the snapshots, as a tree of parents
   delete NAME                    delete a snapshot
-  reset                          restart on the image's pristine files
+  reset [--pristine]             back to the class's base (or the image's pristine files)
+  class publish|reset|ps NAME    a class: publish it --from SNAPSHOT, reset or list its kernels
   diff [NAME] [--all]            files added, changed, deleted since a snapshot
   limits [--memory M] [--cpus C] [--pids P]   show or change the limits
   status                         use against the limits, and the snapshots"""
@@ -93,6 +94,14 @@ def _parser(command: str) -> MagicArgumentParser:
             "name", nargs="?", help="compare with this snapshot (default: the latest)"
         )
         parser.add_argument("--all", action="store_true", help="also IPython's own history files")
+    elif command == "reset":
+        parser.add_argument(
+            "--pristine", action="store_true", help="the image's pristine files, even with a base"
+        )
+    elif command == "class":
+        parser.add_argument("action", choices=protocol.CLASS_ACTIONS)
+        parser.add_argument("name", nargs="?", help="the class's name")
+        parser.add_argument("--from", dest="snapshot", help="publish: the live snapshot")
     elif command == "limits":
         parser.add_argument("--memory", help="memory limit, e.g. 2G")
         parser.add_argument("--cpus", help="CPU quota in cores, e.g. 1.5")
@@ -142,7 +151,8 @@ class ContainerMagics(Magics):
         %container restore NAME                  go back to a snapshot, in place
         %container list                          the snapshots, with time, size, parent, mode
         %container delete NAME                   delete a snapshot
-        %container reset                         restart on the image's pristine files
+        %container reset [--pristine]            back to the base, or the image's files
+        %container class publish NAME --from SNAPSHOT | reset NAME | ps [NAME]
         %container diff [NAME] [--all]           files added, changed, deleted since a snapshot
         %container limits [--memory M] [--cpus C] [--pids P]   show or change the limits
         %container status                        use against the limits, and snapshots
@@ -202,8 +212,10 @@ class ContainerMagics(Magics):
             progress.finish_handed_over(self.handoff.kernel, info)
             return None
         except BaseException:
+            self.handoff.snapshot_ends()
             bar.finish(ok=False)
             raise
+        self.handoff.snapshot_ends()
         bar.finish()
         mode = meta["mode"]
         print(
@@ -271,11 +283,25 @@ class ContainerMagics(Magics):
         print(f"Deleted snapshot {args.name}")
 
     def _reset(self, line: str) -> None:
+        args = _parse("reset", line)
         assert self.handoff is not None
         parent, idents = self.handoff.cell_origin()
-        print("Resetting: the kernel restarts on the image's pristine files.", flush=True)
+        where = "the image's pristine files" if args.pristine else "its base, if it has one"
+        print(f"Resetting: the kernel restarts on {where}.", flush=True)
         count = self.handoff.next_number()
-        self._call("reset", parent=parent, ident=idents, count=count)
+        self._call("reset", parent=parent, ident=idents, count=count, pristine=bool(args.pristine))
+
+    def _class(self, line: str) -> None:
+        args = _parse("class", line)
+        if args.action in ("publish", "reset") and not args.name:
+            raise UsageError(f"%container class {args.action}: name the class, e.g. intro-2026")
+        if args.action == "publish" and not args.snapshot:
+            raise UsageError(
+                "%container class publish: name the snapshot, e.g. --from lesson-1 "
+                "(`%container list` shows yours)"
+            )
+        done = self._call("class", action=args.action, name=args.name, snapshot=args.snapshot)
+        _show(class_view(args.action, args.name, done))
 
     def _diff(self, line: str) -> None:
         args = _parse("diff", line)
@@ -408,3 +434,34 @@ def _last_exit_line(last: dict[str, Any] | None, now: float) -> str:
         limit = format_size(last.get("limit")) if last.get("limit") else "unlimited"
         return f" Last end: out of memory (limit {limit}), {when}."
     return f" Last end: killed by {last.get('signal')}, {when}."
+
+
+def class_view(action: str, name: str | None, done: Any) -> Rich:
+    """What ``%container class ACTION`` answered, as a line or a table."""
+    if action == "publish":
+        again = "; running kernels keep their base until reset" if done["replaced"] else ""
+        text = (
+            f"Published class {done['name']}: base {done['base']} from snapshot "
+            f"{done['snapshot']}, kernelspec {done['kernelspec']} ({done['display_name']}){again}."
+        )
+        return Rich(text, f"<p>{html_escape(text)}</p>")
+    if action == "reset":
+        rows = [["KERNEL", "USER", "RESET TO", "NOTE"]]
+        rows += [[r["kernel_id"][:8], r["user"], r["to"] or "failed", r["error"]] for r in done]
+        caption = f"Class {name}: {len(done)} kernels reset."
+    elif name:
+        rows = [["KERNEL", "USER", "STARTED", "BASE", "MEMORY"]]
+        for k in done["kernels"]:
+            base = (k["base"] or "-") + ("" if k["current"] or not k["base"] else " (earlier)")
+            rows.append([k["kernel_id"][:8], k["user"], k["start"], base,
+                         format_size(k["memory_bytes"])])  # fmt: skip
+        caption = f"Class {name}: base {done['class']['base']}, {len(rows) - 1} kernels."
+    else:
+        rows = [["CLASS", "KERNELSPEC", "BASE", "KERNELS"]]
+        rows += [
+            [c["name"], c["kernelspec"], c["base"], str(c["kernels"])] for c in done["classes"]
+        ]
+        caption = f"{len(rows) - 1} classes."
+    if len(rows) == 1:
+        return Rich(caption, f"<p>{html_escape(caption)}</p>")
+    return Rich(f"{table(rows)}\n{caption}", html_table(rows, caption=caption))

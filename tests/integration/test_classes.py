@@ -188,3 +188,39 @@ async def test_publishing_again_leaves_running_kernels_alone(
     done = await run_cli("class", "reset", name)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (await _state(kc_old))[0].startswith("2 lesson 2")
+
+
+NOTEBOOKS = Path(__file__).parents[2] / "notebooks"
+
+
+async def test_the_classroom_notebooks_run(ksm, make_spec, workdir: Path, classroom: Path) -> None:
+    """The teaching notebooks: the teacher's publishes class intro from a notebook;
+    the student's starts from it, breaks things and resets."""
+    import nbformat
+
+    from .conftest import execute_notebook
+
+    teacher = nbformat.read(NOTEBOOKS / "classroom-teacher.ipynb", as_version=4)
+    outputs = await execute_notebook(teacher, ksm, make_spec(), workdir)
+    text = "".join(outputs)
+    assert "5 heights, mean 1.712 m" in text
+    assert "Published class intro: base " in text, text
+    assert "Class intro: base " in text
+    spec_file = classroom / "class-intro" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["daemon"] = "off"
+    spec_file.write_text(json.dumps(spec))
+
+    student = nbformat.read(NOTEBOOKS / "classroom-student.ipynb", as_version=4)
+    class_ksm = KernelSpecManager(kernel_dirs=[str(classroom)])
+    outputs = await execute_notebook(student, class_ksm, "class-intro", workdir)
+    code = [c for c in student.cells if c.cell_type == "code"]
+    first, broken, reset, after = (
+        o for o, c in zip(outputs, student.cells, strict=True) if c.cell_type == "code"
+    )
+    assert first.startswith("5 heights, mean 1.712 m\nLesson 1: the mean and the median\n"), first
+    assert broken.strip() == "heights: [] | notes there: False"
+    assert "reset to its base" in reset, reset
+    assert after == "5 heights, mean 1.712 m\nLesson 1: the mean and the median\n"
+    # Numbered from 1, and never twice.
+    assert [c.execution_count for c in code] == [1, 2, 3, 4]
