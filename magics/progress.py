@@ -144,14 +144,16 @@ class Progress:
         view: View,
         *,
         expected: float = 1.0,
-        after: float = PROGRESS_AFTER,
+        after: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.title = title
         self.view = view
         #: Seconds each step is expected to take (the bar's pace, not a promise).
         self.expected = expected
-        self.after = after
+        #: Seconds before the bar shows (None: :data:`PROGRESS_AFTER`, read now, so that
+        #: a test can change it in a running kernel).
+        self.after = PROGRESS_AFTER if after is None else after
         self._clock = clock
         self._started = clock()
         self._wall_started = time.time()
