@@ -63,6 +63,9 @@ class Lab:
         Raises:
             AssertionError: the server exited or did not answer in time.
         """
+        assert (HUB_VENV / "bin/jupyter").exists(), (
+            f"{HUB_VENV} is missing: `make test` builds it (target hub-setup)"
+        )
         config = self.state / "config"
         (config / "labconfig").mkdir(parents=True)
         (config / "labconfig/page_config.json").write_text(

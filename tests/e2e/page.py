@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -33,6 +34,8 @@ PROMPT = re.compile(r"^\[(\d+)\]:$")
 
 def chromium() -> Chrome:
     """Headless Chromium, as verified on these machines (see ARCHITECTURE.md)."""
+    for program in (CHROMIUM, CHROMEDRIVER):
+        assert Path(program).exists(), f"{program} is missing: `make e2e-setup` installs it"
     options = ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import pytest
 
@@ -55,7 +56,8 @@ def test_counts_never_repeat_across_a_restore_and_a_reset(
     page.shot("execution-counts")
     assert outputs[5] == "x is 1"
     assert outputs[7] == "False"
-    counts = [notebook.count(i) for i in range(len(cells))]
-    assert None not in counts, notebook.prompts()
-    assert len(set(counts)) == len(counts), f"a count repeats: {notebook.prompts()}"
-    assert counts == sorted(counts), f"the counts go back: {notebook.prompts()}"
+    # Every cell shows a count, and each is above the one before: none repeats.
+    prompts = notebook.prompts()[: len(cells)]
+    counts = [notebook.count(i) or 0 for i in range(len(cells))]
+    assert 0 not in counts, f"a cell shows no count: {prompts}"
+    assert all(a < b for a, b in pairwise(counts)), prompts
