@@ -10,9 +10,17 @@ the snapshot becomes the base of a second kernelspec (as ``sandbox-kernel instal
 - base: a kernel of the base kernelspec; the time to its first ``kernel_info``
   reply. A cell then checks, untimed, that it really came from the base.
 
+Then the same for a kernel that is already running, alternately:
+
+- cold restart: ``km.restart_kernel()`` of the cold kernel, to its first
+  ``kernel_info`` reply and the code run again (the peer: what a restart costs);
+- reset to the base: a ``%container reset`` cell in the base kernel, to that cell's
+  reply (sent by the new process, once the notebook is connected again). A cell
+  then checks, untimed, that the base's state is back.
+
 Both clients are jupyter_client's AsyncKernelManager; the reply is awaited as in
 ``bench/startup.py`` (without ``wait_for_ready``'s fixed 0.2 s iopub flush). The
-target: base <= 0.5 x cold. Needs root::
+targets: base start <= 0.5 x cold start, reset <= 0.5 x cold restart. Needs root::
 
     .venv/bin/python bench/base_start.py [--rounds 10] [--code "import numpy"]
         [--json out.json] [--strict]
@@ -108,6 +116,66 @@ async def start_once(name: str, ksm: KernelSpecManager, cwd: Path, code: str) ->
             await km.shutdown_kernel(now=True)
 
 
+async def code_reply(kc: Any, code: str) -> None:
+    """Run ``code``; return at its execute_reply on shell (iopub may lag)."""
+    msg_id = kc.execute(code, silent=False)
+    while True:
+        reply = await kc.get_shell_msg(timeout=TIMEOUT)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"cell failed: {code!r}: {reply['content'].get('evalue', '')}")
+
+
+async def resets(
+    rounds: int, ksm: KernelSpecManager, cwd: Path, code: str
+) -> dict[str, list[float]]:
+    """Alternate cold restarts of a cold kernel and resets of a base kernel."""
+    kernels = {}
+    try:
+        for spec in (COLD, BASE):
+            km = AsyncKernelManager(kernel_name=spec, kernel_spec_manager=ksm)
+            kernels[spec] = km
+            await km.start_kernel(cwd=str(cwd))
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=TIMEOUT)
+            await run(kc, "pass")
+            kc.stop_channels()
+        times: dict[str, list[float]] = {"restart": [], "reset": []}
+        for i in range(rounds + 1):  # the first of each is a warm-up
+            km = kernels[COLD]
+            kc = km.client()
+            kc.start_channels()
+            started = time.perf_counter()
+            await km.restart_kernel(now=True)
+            await first_reply(kc, km, started)
+            await code_reply(kc, code)
+            restart = time.perf_counter() - started
+            kc.stop_channels()
+            km = kernels[BASE]
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=TIMEOUT)
+            await run(kc, "BENCH_MARK = 'changed'")
+            started = time.perf_counter()
+            await code_reply(kc, "%container reset")
+            reset = time.perf_counter() - started
+            if await run(kc, "print(BENCH_MARK)") != "base":
+                raise RuntimeError("the reset did not bring the base's state back")
+            kc.stop_channels()
+            if i:
+                times["restart"].append(restart)
+                times["reset"].append(reset)
+                line = f"  round {i}/{rounds} restart {restart:.3f} reset {reset:.3f}"
+                print(line, file=sys.stderr)
+        return times
+    finally:
+        for km in kernels.values():
+            if km.has_kernel:
+                await km.shutdown_kernel(now=True)
+
+
 async def make_base(ksm: KernelSpecManager, cwd: Path, code: str, tmp: Path) -> tuple[str, str]:
     """Run ``code`` in a cold kernel, snapshot it; return (owner, snapshot name)."""
     km = AsyncKernelManager(kernel_name=COLD, kernel_spec_manager=ksm)
@@ -127,7 +195,7 @@ async def make_base(ksm: KernelSpecManager, cwd: Path, code: str, tmp: Path) -> 
         await km.shutdown_kernel(now=True)
 
 
-async def measure(rounds: int, tmp: Path, code: str) -> dict[str, list[dict[str, float]]]:
+async def measure(rounds: int, tmp: Path, code: str) -> dict[str, Any]:
     limits = Limits.parse(memory="2G", cpus="1", pids="512", disk="10G")
     config = provisioner_config("host", limits, "none")
     install(COLD, "cold", config, prefix=str(tmp))
@@ -142,11 +210,12 @@ async def measure(rounds: int, tmp: Path, code: str) -> dict[str, list[dict[str,
         install(BASE, "base", {**config, "base": base_id}, prefix=str(tmp))
         for spec in (COLD, BASE):
             await start_once(spec, ksm, cwd, code)
-        times: dict[str, list[dict[str, float]]] = {COLD: [], BASE: []}
+        times: dict[str, Any] = {COLD: [], BASE: []}
         for i in range(rounds):
             for spec in (COLD, BASE):
                 times[spec].append(await start_once(spec, ksm, cwd, code))
                 print(f"  round {i + 1}/{rounds} {spec}: {times[spec][-1]}", file=sys.stderr)
+        times.update(await resets(rounds, ksm, cwd, code))
         return times
     finally:
         snapshots.delete(owner, name)
@@ -154,7 +223,7 @@ async def measure(rounds: int, tmp: Path, code: str) -> dict[str, list[dict[str,
             bases.delete(base_id)
 
 
-def report(times: dict[str, list[dict[str, float]]], code: str) -> dict[str, Any]:
+def report(times: dict[str, Any], code: str) -> dict[str, Any]:
     def med(spec: str, key: str) -> float:
         return statistics.median(t[key] for t in times[spec])
 
@@ -164,14 +233,24 @@ def report(times: dict[str, list[dict[str, float]]], code: str) -> dict[str, Any
         med(BASE, "ready"),
     )
     ratio = base_ready / cold_ready
-    passed = ratio <= TARGET
-    print(f"\nKernel start, median of {len(times[COLD])} (the state: {code!r})")
-    print(f"{'':<44}{'seconds':>10}")
-    print(f"{'cold: first kernel_info reply':<44}{cold_info:>10.3f}")
-    print(f"{'cold: then the code run (the peer)':<44}{cold_ready:>10.3f}")
-    print(f"{'from the base: first kernel_info reply':<44}{base_ready:>10.3f}")
-    print(f"\nbase/cold {ratio:.2f}, target <= {TARGET}: {'PASS' if passed else 'FAIL'}")
-    return {"times": times, "ratio": ratio, "target": TARGET, "pass": passed}
+    restart, reset = statistics.median(times["restart"]), statistics.median(times["reset"])
+    reset_ratio = reset / restart
+    passed = ratio <= TARGET and reset_ratio <= TARGET
+    print(f"\nKernel start and reset, median of {len(times[COLD])} (the state: {code!r})")
+    print(f"{'':<52}{'seconds':>10}")
+    print(f"{'cold start: first kernel_info reply':<52}{cold_info:>10.3f}")
+    print(f"{'cold start: then the code run (the peer)':<52}{cold_ready:>10.3f}")
+    print(f"{'start from the base: first kernel_info reply':<52}{base_ready:>10.3f}")
+    print(f"{'cold restart, then the code run (the peer)':<52}{restart:>10.3f}")
+    print(f"{'%container reset to the base: its cell replies':<52}{reset:>10.3f}")
+    print()
+    for what, value in (("start: base/cold", ratio), ("reset/cold restart", reset_ratio)):
+        verdict = "PASS" if value <= TARGET else "FAIL"
+        print(f"{what:<22}{value:>6.2f}   target <= {TARGET}: {verdict}")
+    return {
+        "times": times, "ratio": ratio, "reset_ratio": reset_ratio,
+        "target": TARGET, "pass": passed,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

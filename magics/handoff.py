@@ -206,8 +206,9 @@ class RestoreHandoff:
         self.shell.execution_count = count
 
     def _reply_when_back(self, info: dict[str, Any], text: str, number: int | None) -> None:
-        """Once the frontend has reconnected, answer the cell ``info`` names."""
-        self._wait_for_frontend(grace=2 * HANDSHAKE_GRACE)
+        """Once the frontend has reconnected, answer the cell ``info`` names (a
+        restored process: the frontend's handshakes need no more than a restore's)."""
+        self._wait_for_frontend()
         parent = info["parent"]
         ident = [bytes.fromhex(i) for i in info["ident"]]
         self.kernel.io_loop.add_callback(self._send_reply, parent, ident, text, number)
