@@ -231,6 +231,11 @@ class ContainerPanel:
         self.listing: dict[str, Any] | None = None
 
         self.heading = w.HTML("<b>Container</b>")
+        # The ticker starts only when the kernel says so after the page shows it: a
+        # page reloaded later shows a still ticker until this is clicked.
+        self.refresh_button = w.Button(description="Refresh", icon="refresh",
+                                       layout=w.Layout(width="100px"))  # fmt: skip
+        self.refresh_button.on_click(lambda _: self.restart())
         self.gauge_bars = {
             name: w.FloatProgress(min=0.0, max=1.0, value=0.0, description=name,
                                   layout=w.Layout(width="260px"))
@@ -262,7 +267,7 @@ class ContainerPanel:
             w.HBox([self.gauge_bars[name], self.gauge_labels[name]]) for name in GAUGES
         ])  # fmt: skip
         self.box = w.VBox([
-            self.heading, gauges_box, self.ticker,
+            w.HBox([self.heading, self.refresh_button]), gauges_box, self.ticker,
             w.HTML("<b>Snapshots</b>"),
             w.HBox([self.name_field, self.note_field, self.snapshot_button]),
             self.rows,
@@ -310,6 +315,13 @@ class ContainerPanel:
             self._later(KICKS[attempt], lambda: self._kick(attempt + 1))
 
     # ---- refreshing ----------------------------------------------------------------
+
+    def restart(self) -> None:
+        """The Refresh button: refresh now, and start the ticker again."""
+        self.say("")
+        self.refresh()
+        self._ticks = 0
+        self._kick(1)
 
     def refresh(self) -> None:
         """Ask the runtime for the status and the snapshots, and show them."""

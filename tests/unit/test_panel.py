@@ -378,6 +378,16 @@ def test_ticks_refresh_the_gauges_at_most_once_per_interval(panel: ContainerPane
     assert panel.gauge_labels["cpu"].value != "-"
 
 
+def test_refresh_asks_again_and_restarts_the_ticker(panel: ContainerPanel) -> None:
+    magics: Any = panel.magics
+    magics.metas.append(_meta("c", NOW, "b"))
+    kicks: list[float] = []
+    panel._later = lambda delay, fn: kicks.append(delay)
+    panel.ticker.value = 1  # a tick came once: the ticker is not kicked any more
+    panel.refresh_button.click()
+    assert len(panel.rows.children) == 3 and panel.ticker.playing and kicks
+
+
 def test_a_restored_process_brings_its_panel_back(panel: ContainerPanel) -> None:
     later: list[Any] = []
     panel._later = lambda delay, fn: later.append(fn)
