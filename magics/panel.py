@@ -537,7 +537,10 @@ class ContainerPanel:
         for widget in _descendants(self.box):
             widget.send_state()
         self.bar.layout.visibility = "hidden"
-        self.say(f"Restored to snapshot {info.get('name')}.")
+        if info.get("kind") == "restore":
+            self.say(f"Restored to snapshot {info.get('name')}.")
+        else:
+            self.say("The kernel was reset.")
         self._later(0.0, self.refresh)
         self._later(0.5, lambda: self._kick(1))
 

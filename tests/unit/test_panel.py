@@ -391,8 +391,10 @@ def test_refresh_asks_again_and_restarts_the_ticker(panel: ContainerPanel) -> No
 def test_a_restored_process_brings_its_panel_back(panel: ContainerPanel) -> None:
     later: list[Any] = []
     panel._later = lambda delay, fn: later.append(fn)
-    finish_handed_over(None, {"name": "a", "parent": {}})
+    finish_handed_over(None, {"kind": "restore", "name": "a", "parent": {}})
     assert "Restored to snapshot a" in panel.message.value
     for fn in later:
         fn()
     assert len(panel.rows.children) == 2
+    finish_handed_over(None, {"kind": "reset", "parent": {}})
+    assert "The kernel was reset" in panel.message.value
