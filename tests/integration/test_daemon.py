@@ -4,9 +4,14 @@ through the real daemon, and no user can see or touch another's."""
 from __future__ import annotations
 
 import asyncio
+import grp
+import json
 import os
 import signal
+import uuid
 from pathlib import Path
+
+import pytest
 
 from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.runtime import Runtime, snapshots
@@ -231,3 +236,42 @@ async def test_events_reach_the_owner_and_admins_only(daemon: Daemon, users) -> 
         bobs.terminate()
         out, _ = await bobs.communicate()
     assert out == b"", out  # Bob saw none of Alice's
+
+
+async def test_classes_belong_to_their_teacher(
+    daemon: Daemon, users, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox_kernel.runtime import bases, classes
+
+    alice, bob = users
+    name = f"sk-test-{uuid.uuid4().hex[:6]}"
+    # Not a teacher: refused, with what to do.
+    done = await alice.cli("class", "publish", name, "--from", "lesson")
+    assert done.returncode == 2 and "teacher_group" in done.stderr, done
+    kernels_folder = tmp_path / "class-kernels"
+    monkeypatch.setenv("SANDBOX_KERNEL_CLASS_KERNELS", str(kernels_folder))
+    teacher = grp.getgrgid(alice.gid).gr_name  # alice's own group (useradd made it)
+    daemon.config.write_text(f'teacher_group = "{teacher}"\n')
+    await daemon.stop()
+    await daemon.start()
+    try:
+        async with UserServer(alice) as server:
+            kid = (await server.start())["kernel_id"]
+            out = await server.run(kid, "lesson = 1\n%container snapshot lesson")
+            assert "Snapshot lesson: live" in out, out
+        done = await alice.cli("class", "publish", name, "--from", "lesson")
+        assert done.returncode == 0, done.stderr
+        spec = json.loads((kernels_folder / f"class-{name}" / "kernel.json").read_text())
+        assert spec["metadata"]["kernel_provisioner"]["config"]["class_name"] == name
+        listed = await alice.cli("class", "ps")
+        assert name in listed.stdout, listed
+        # Another user sees no such class, and cannot reset or replace it.
+        for args in (("ps", name), ("reset", name)):
+            done = await bob.cli("class", *args)
+            assert done.returncode == 2 and "does not exist" in done.stderr, done
+        assert name not in (await bob.cli("class", "ps")).stdout
+    finally:
+        meta = next((m for m in classes.listing() if m["name"] == name), None)
+        if meta is not None:
+            (classes.classes_dir() / f"{name}.json").unlink()
+            bases.delete(meta["base"])

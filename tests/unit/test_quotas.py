@@ -154,6 +154,20 @@ def test_is_admin() -> None:
     assert not DaemonConfig().is_admin(Caller(UID, 0, 1))
 
 
+def test_who_may_teach() -> None:
+    config = DaemonConfig.from_dict({"teacher_group": grp.getgrgid(0).gr_name})
+    assert config.may_teach(ROOT)
+    assert config.may_teach(Caller(UID, UID, 1, (0,)))
+    assert not config.may_teach(USER)
+    # Without a teacher group: root and admins only.
+    assert not DaemonConfig().may_teach(USER)
+    assert DaemonConfig.from_dict({"admin_group": grp.getgrgid(0).gr_name}).may_teach(
+        Caller(UID, 0, 1)
+    )
+    with pytest.raises(ConfigError, match="teacher_group"):
+        DaemonConfig.from_dict({"teacher_group": 7})
+
+
 def test_the_next_kernel_beyond_the_count_is_refused() -> None:
     quota = Quota(kernels=2)
     check_kernel(quota, ONE, [ONE])
