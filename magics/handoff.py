@@ -211,6 +211,9 @@ class RestoreHandoff:
         self._wait_for_frontend()
         parent = info["parent"]
         ident = [bytes.fromhex(i) for i in info["ident"]]
+        from .progress import finish_handed_over  # here: progress.py imports this module
+
+        finish_handed_over(self.kernel, info)  # the restore's progress bar, before the reply
         self.kernel.io_loop.add_callback(self._send_reply, parent, ident, text, number)
 
     def _arrive_idle(self) -> None:

@@ -157,7 +157,7 @@ def kernelspec(
 def write_kernelspec(meta: dict[str, Any], spec: dict[str, Any]) -> Path:
     """Write class ``meta``'s kernelspec into :func:`kernels_folder` (readable by
     every user, so every user's Jupyter lists it); return its folder."""
-    folder = kernels_folder() / meta["kernelspec"]
+    folder = kernels_folder() / kernelspec_name(check_name(meta["name"]))
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o755)
     write_json(folder / "kernel.json", spec, mode=0o644)

@@ -87,8 +87,9 @@ class ControlledRuntime(Protocol):
         """Restore snapshot ``name`` in place: ``{"pid", "mode", "reason", "name"}``."""
         ...
 
-    async def reset(self, kernel_id: str, /) -> dict[str, Any]:
-        """Restart on the image's pristine files: ``{"pid"}``."""
+    async def reset(self, kernel_id: str, pristine: bool = False, /) -> dict[str, Any]:
+        """Restart on the base (a class kernel) or, ``pristine``, the image's files:
+        ``{"pid", "to", "note"}``."""
         ...
 
     def snapshot_listing(self, kernel_id: str, /) -> dict[str, Any]:

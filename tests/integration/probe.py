@@ -40,7 +40,7 @@ async def run_cell(kc: Any, code: str, timeout: float = 60) -> Cell:
             cell.stdout += content["data"].get("text/plain", "") + "\n"
         elif kind == "error":
             cell.ename, cell.evalue = content["ename"], content["evalue"]
-        if kind in ("stream", "error", "execute_result", "display_data"):
+        if kind in ("stream", "error", "execute_result", "display_data", "update_display_data"):
             cell.outputs.append(msg)
 
     reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)

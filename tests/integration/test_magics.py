@@ -170,17 +170,22 @@ async def test_a_big_snapshot_shows_its_progress(kernels: Kernels, make_spec, na
     (await run_cell(kc, f"import numpy as np; big = {make}")).check()
     name = f"t-{uuid.uuid4().hex[:10]}"
     names.append(name)
-    out = (await run_cell(kc, f"%container snapshot {name}", timeout=120)).check()
-    lines = out.splitlines()
-    assert lines[0] == f"Taking snapshot {name} ...", out
-    assert any(line.startswith("  checksumming and syncing") for line in lines), out
-    assert lines[-1].startswith(f"Snapshot {name}: live"), out
+    cell = await run_cell(kc, f"%container snapshot {name}", timeout=120)
+    lines = cell.check().splitlines()
+    assert lines[0] == f"Taking snapshot {name} ...", cell.stdout
+    assert lines[-1].startswith(f"Snapshot {name}: live"), cell.stdout
+    # Its progress bar's text, updated in place, ends with the steps it took.
+    updates = [o for o in cell.outputs if o["header"]["msg_type"] == "update_display_data"]
+    assert updates, cell.outputs
+    final = updates[-1]["content"]["data"]["text/plain"]
+    assert f"Snapshot {name}: done in" in final and "checksumming and syncing" in final, final
 
 
 async def test_help_rich_tables_and_a_quiet_diff(kernels: Kernels, make_spec, name: str) -> None:
     _, kc = await kernels.start(make_spec())
-    out = (await run_cell(kc, "%container")).check()
+    out = (await run_cell(kc, "%container help")).check()
     assert "snapshot [NAME] [-m MESSAGE]" in out and "diff [NAME] [--all]" in out
+    assert "reset [--pristine]" in out and "class publish|reset|ps NAME" in out
     (await run_cell(kc, f"%container snapshot {name}")).check()
     cell = await run_cell(kc, "%container list")
     shown = [
