@@ -92,8 +92,9 @@ async def _class_publish(svc: KernelService, caller: Caller, args: dict[str, Any
     folder = await asyncio.to_thread(
         classes.write_kernelspec, meta, classes.kernelspec(meta, base, config)
     )
-    if replaced and not any(r.base == replaced for r in svc.runtime.records()):
-        await asyncio.to_thread(bases.delete, replaced)
+    await asyncio.to_thread(
+        classes.retire_unused, {r.base for r in svc.runtime.records() if r.base}
+    )
     svc.log.info(
         "class %s published by uid %s: base %s from snapshot %s (memory %s), kernelspec %s, %.2f s",
         name, caller.uid, meta["base"], meta["snapshot"], format_size(base["memory_bytes"]),
@@ -124,6 +125,8 @@ async def _class_reset(svc: KernelService, caller: Caller, args: dict[str, Any],
 
     started = time.monotonic()
     rows = await asyncio.gather(*(reset(r.kernel_id, r.belongs_to) for r in records))
+    used = {r.base for r in svc.runtime.records() if r.base}
+    await asyncio.to_thread(classes.retire_unused, used)
     svc.log.info(
         "class %s reset by uid %s: %d kernels, %d failed, %.2f s",
         meta["name"], caller.uid, len(rows), sum(1 for r in rows if r["to"] == ""),

@@ -116,20 +116,42 @@ def publish(
     check_name(name)
     base = bases.make_base(snapshot_owner, snapshot)
     try:
-        before: str | None = load(name)["base"]
+        old = load(name)
     except ConfigError:
-        before = None
+        old = {}
+    before: str | None = old.get("base")
+    # A replaced base stays while kernels use it (see retire_unused).
+    retired = set(old.get("retired", [])) | ({before} if before else set())
+    retired.discard(base["id"])
     meta = {
         "name": name, "owner_uid": owner_uid, "base": base["id"], "snapshot": snapshot,
         "snapshot_owner": snapshot_owner,
         "display_name": display_name or f"{name} (class)", "published": time.time(),
-        "kernelspec": kernelspec_name(name),
+        "kernelspec": kernelspec_name(name), "retired": sorted(retired),
     }  # fmt: skip
     folder = classes_dir()
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     write_json(folder / f"{name}.json", meta)
     return meta, before if before != base["id"] else None
+
+
+def retire_unused(used: set[str], dry_run: bool = False) -> list[str]:
+    """Delete the classes' replaced bases that no kernel in ``used`` (base ids of
+    every kernel record) starts from any more; return what was deleted."""
+    removed = []
+    for meta in listing():
+        kept = []
+        for base_id in meta.get("retired", []):
+            if base_id in used or base_id == meta["base"]:
+                kept.append(base_id)
+                continue
+            removed.append(f"base {base_id}, replaced in class {meta['name']}")
+            if not dry_run and (bases.base_dir(base_id) / "meta.json").exists():
+                bases.delete(base_id)
+        if not dry_run and kept != meta.get("retired", []):
+            write_json(classes_dir() / f"{meta['name']}.json", {**meta, "retired": kept})
+    return removed
 
 
 def kernelspec(

@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 
-from . import paths, snapshots
+from . import classes, paths, snapshots
 from .drivers import Drivers
 from .fsutil import read_json
 from .lifecycle import owner_alive
@@ -61,6 +61,10 @@ class Collector:
         removed += await asyncio.to_thread(self._subvolumes, live, dry_run)
         removed += await asyncio.to_thread(self._drafts, dry_run)
         removed += await asyncio.to_thread(self._layers, dry_run)
+        records, unreadable = self.store.scan()
+        if not unreadable:  # else a base may be in use by a record it cannot read
+            used = {r.base for r in records if r.base}
+            removed += await asyncio.to_thread(classes.retire_unused, used, dry_run)
         return removed
 
     async def _orphan_kernels(

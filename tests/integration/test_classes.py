@@ -188,6 +188,9 @@ async def test_publishing_again_leaves_running_kernels_alone(
     done = await run_cli("class", "reset", name)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (await _state(kc_old))[0].startswith("2 lesson 2")
+    # Then no kernel uses the old base: it is deleted.
+    assert old_base not in {b["id"] for b in bases.listing()}
+    assert classes.load(name)["retired"] == []
 
 
 NOTEBOOKS = Path(__file__).parents[2] / "notebooks"

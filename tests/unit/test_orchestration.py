@@ -204,6 +204,13 @@ async def test_a_class_kernel_follows_its_classs_new_base_at_a_reset(
     assert done["to"] == "base"
     assert runtime.record("k1").base == second["base"]
     assert (upper(runtime) / "lesson").read_text() == "2"
+    # The replaced base is kept while a kernel uses it, and gc deletes it after.
+    assert classes.load("intro")["retired"] == [first["base"]]
+    assert bases.base_dir(first["base"]).is_dir()
+    removed = await runtime.gc()
+    assert f"base {first['base']}, replaced in class intro" in removed
+    assert not bases.base_dir(first["base"]).exists()
+    assert classes.load("intro")["retired"] == []
 
 
 async def test_files_only_restore_brings_files_back_and_starts_afresh(
