@@ -25,6 +25,8 @@ from .service import KernelService, _op
 
 #: Kernels of one class reset at once: each restore is mostly I/O.
 RESETS_AT_ONCE = 4
+#: The longest display name of a class's kernelspec (every user's launcher shows it).
+MAX_DISPLAY_NAME = 80
 
 
 def _user(uid: int) -> str:
@@ -79,14 +81,15 @@ async def _class_publish(svc: KernelService, caller: Caller, args: dict[str, Any
     else:
         owner = svc.snapshot_owner(caller, args.get("owner"))
     config = _spec_config(args)
+    shown = str(args.get("display_name") or "")
+    if len(shown) > MAX_DISPLAY_NAME or not shown.isprintable():
+        raise ConfigError(
+            "--display-name", shown[:MAX_DISPLAY_NAME],
+            f"must be printable and at most {MAX_DISPLAY_NAME} characters",
+        )  # fmt: skip
     started = time.monotonic()
     meta, replaced = await asyncio.to_thread(
-        classes.publish,
-        name,
-        caller.uid,
-        owner,
-        args["snapshot"],
-        str(args.get("display_name") or ""),
+        classes.publish, name, caller.uid, owner, args["snapshot"], shown
     )
     base = await asyncio.to_thread(bases.load, meta["base"])
     folder = await asyncio.to_thread(

@@ -124,8 +124,9 @@ def publish(
     retired = set(old.get("retired", [])) | ({before} if before else set())
     retired.discard(base["id"])
     meta = {
-        "name": name, "owner_uid": owner_uid, "base": base["id"], "snapshot": snapshot,
-        "snapshot_owner": snapshot_owner,
+        # An admin who publishes another's class again leaves it theirs.
+        "name": name, "owner_uid": old.get("owner_uid", owner_uid), "base": base["id"],
+        "snapshot": snapshot, "snapshot_owner": snapshot_owner,
         "display_name": display_name or f"{name} (class)", "published": time.time(),
         "kernelspec": kernelspec_name(name), "retired": sorted(retired),
     }  # fmt: skip

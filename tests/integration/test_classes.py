@@ -140,6 +140,14 @@ async def test_class_reset_resets_its_kernels_and_no_other(
     kernels: Kernels, make_spec, classroom: Path
 ) -> None:
     teacher, snap = await _teach(kernels, make_spec, 7)
+    # Names and display names every user's launcher would show are checked first.
+    for args, message in (
+        (("../../etc", "--from", snap), "class name '../../etc' is not valid"),
+        (("ok-name", "--from", snap, "--display-name", "a\nb"), "must be printable"),
+    ):
+        done = await run_cli("class", "publish", *args)
+        assert done.returncode == 2 and message in done.stderr, done
+    assert not classes.kernels_folder().exists() or not any(classes.kernels_folder().iterdir())
     name = _name("lab")
     ksm = await _publish(name, snap, classroom)
     other_km, other_kc = await kernels.start(make_spec())
