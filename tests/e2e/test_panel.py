@@ -40,7 +40,7 @@ def test_the_panel_restores_a_snapshot(
     assert panel.startswith("Container"), panel
     assert "memory" in panel and "Snapshots" in panel and "Limits" in panel
     restore.click()
-    notebook.wait_output(3, f"Restored to snapshot {snap}", timeout=120)
+    notebook.wait_output(3, f"Restored to snapshot {snap}", timeout=60)
     shown = notebook.run(4)
     page.shot("panel-restore")
     assert shown == "x is before"

@@ -28,7 +28,9 @@ def test_a_restore_brings_back_the_old_value(
     assert notebook.run(0) == "before"
     assert f"Snapshot {snap}: live" in notebook.run(1)
     assert notebook.run(2) == "after"
-    restored = notebook.run(3)
+    # A restore takes about a second; the restored process waits at most 10 s for
+    # the page to reconnect before it answers.
+    restored = notebook.run(3, timeout=60)
     shown = notebook.run(4)
     page.shot("snapshot-restore")
     assert restored.startswith(f"Restoring {snap} ..."), restored
