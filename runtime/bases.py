@@ -34,6 +34,7 @@ from typing import Any
 from sandbox_kernel.errors import ConfigError
 
 from . import snapshots
+from .criu_images import Owners, rewrite_image
 from .fsutil import DraftFolder, fsync_dir, read_json, write_json
 from .ioctl import FICLONE
 from .volume import delete_subvolume, ensure_volume, snapshot_subvolume
@@ -122,6 +123,78 @@ def make_base(owner: str, name: str) -> dict[str, Any]:
     return meta
 
 
+def for_user(base_id: str, uid: int, gid: int) -> dict[str, Any]:
+    """Base ``base_id`` as a kernel of ``uid``:``gid`` can restore it: the base itself
+    if its process ran as them, else that user's copy, made once and kept as a base
+    of its own (``derived_from``). The copy's CRIU images have the base's user
+    replaced by this one (see ``criu_images.py``), and its files are given to them.
+
+    Only a class's base is shared so (see ``lifecycle.fitting_base``): its teacher
+    published it for every user of the class.
+
+    Raises:
+        ConfigError: no such base.
+        SnapshotCorrupt: it is damaged.
+        ImageError: an image is not what the rewrite expects.
+    """
+    meta = load(base_id)
+    if meta["uid"] == uid and meta["gid"] == gid:
+        return meta
+    origin = meta.get("derived_from") or base_id
+    if origin != base_id:
+        return for_user(origin, uid, gid)
+    key = f"{base_id}:{uid}:{gid}".encode()
+    copy_id = hashlib.sha256(key).hexdigest()[:16]
+    target = base_dir(copy_id)
+    if (target / "meta.json").exists():
+        return load(copy_id)
+    verify(base_id)
+    source = base_dir(base_id)
+    owners = Owners((int(meta["uid"]), uid), (int(meta["gid"]), gid))
+    with DraftFolder(target.parent, copy_id, remove=snapshots.purge) as draft:
+        criu = draft.path / "criu"
+        criu.mkdir()
+        entries: dict[str, dict[str, Any]] = read_json(source / "manifest.json")
+        for rel in sorted(entries):
+            copy = criu / rel
+            _clone(source / "criu" / rel, copy)
+            if rewrite_image(copy, owners):
+                with open(copy, "rb") as handle:
+                    entries[rel]["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+                    os.fsync(handle.fileno())
+            st = copy.stat()
+            entries[rel] = {**entries[rel], "size": st.st_size,
+                            "stamp": [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]}  # fmt: skip
+        fsync_dir(criu)
+        writable = draft.path / "files.rw"
+        snapshot_subvolume(source / "files", writable, readonly=False)
+        _give_tree(writable, owners)
+        snapshot_subvolume(writable, draft.path / "files", readonly=True)
+        delete_subvolume(writable)
+        write_json(draft.path / "manifest.json", entries)
+        meta = {**meta, "id": copy_id, "uid": uid, "gid": gid, "derived_from": base_id}
+        write_json(draft.path / "meta.json", meta)
+        try:
+            draft.commit(target)
+        except OSError:
+            if not (target / "meta.json").exists():
+                raise
+            return load(copy_id)  # made by another start meanwhile
+    return meta
+
+
+def _give_tree(folder: Path, owners: Owners) -> None:
+    """Give what the base's user owns under ``folder`` to the new user (symlinks
+    themselves, never followed)."""
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files, ""]:
+            path = os.path.join(root, name) if name else root
+            st = os.lstat(path)
+            uid, gid = owners.swap_uid(st.st_uid), owners.swap_gid(st.st_gid)
+            if (uid, gid) != (st.st_uid, st.st_gid):
+                os.lchown(path, uid, gid)
+
+
 def load(base_id: str) -> dict[str, Any]:
     """The meta of base ``base_id``.
 
@@ -151,13 +224,14 @@ def verify(base_id: str) -> dict[str, Any]:
     return snapshots.check_folder(base_dir(base_id), load(base_id), read=False)
 
 
-def listing() -> list[dict[str, Any]]:
-    """Every base's meta."""
+def listing(copies: bool = False) -> list[dict[str, Any]]:
+    """Every base's meta; with ``copies``, users' copies of class bases too."""
     folder = bases_dir()
     if not folder.is_dir():
         return []
     found = [p for p in sorted(folder.iterdir()) if _ID_RE.fullmatch(p.name)]
-    return [read_json(p / "meta.json") for p in found if (p / "meta.json").exists()]
+    metas = [read_json(p / "meta.json") for p in found if (p / "meta.json").exists()]
+    return [m for m in metas if copies or not m.get("derived_from")]
 
 
 def delete(base_id: str) -> None:

@@ -139,19 +139,33 @@ def publish(
 
 def retire_unused(used: set[str], dry_run: bool = False) -> list[str]:
     """Delete the classes' replaced bases that no kernel in ``used`` (base ids of
-    every kernel record) starts from any more; return what was deleted."""
+    every kernel record) starts from any more, and users' copies of bases that
+    are no class's now and that no kernel uses; return what was deleted."""
+    copies = bases.listing(copies=True)
+    origin: dict[str, str] = {m["id"]: m.get("derived_from") or "" for m in copies}
+    # A base is in use while a kernel runs on it or on a user's copy of it.
+    used = used | {origin[b] for b in used if origin.get(b)}
     removed = []
+    current = set()
     for meta in listing():
+        current.add(meta["base"])
         kept = []
         for base_id in meta.get("retired", []):
             if base_id in used or base_id == meta["base"]:
                 kept.append(base_id)
                 continue
             removed.append(f"base {base_id}, replaced in class {meta['name']}")
-            if not dry_run and (bases.base_dir(base_id) / "meta.json").exists():
+            if not dry_run and base_id in origin:
                 bases.delete(base_id)
         if not dry_run and kept != meta.get("retired", []):
             write_json(classes_dir() / f"{meta['name']}.json", {**meta, "retired": kept})
+    # Users' copies of bases no class uses any more, that no kernel runs on.
+    for meta in copies:
+        source = meta.get("derived_from")
+        if source and source not in current and meta["id"] not in used:
+            removed.append(f"base {meta['id']}, a user's copy of base {source}")
+            if not dry_run:
+                bases.delete(meta["id"])
     return removed
 
 

@@ -192,11 +192,15 @@ def fitting_base(
     base_id = config.base
     try:
         if config.class_name:
+            # A class's base is shared with every user of the class: a user other
+            # than the teacher gets their own copy (bases.for_user).
             base_id = classes.current_base(config.class_name)
-        if not base_id:
+            meta = bases.for_user(base_id, config.uid, config.gid)
+        elif not base_id:
             return None, "", config.cwd
-        meta = bases.load(base_id)
-    except ConfigError as err:
+        else:
+            meta = bases.load(base_id)
+    except (SandboxError, OSError) as err:
         return None, str(err), config.cwd
     why = misfit(meta, config.image, config.uid, config.gid, config.executable, prefixes)
     if why:
@@ -230,12 +234,12 @@ def follow_class(
     if not record.class_name:
         return record
     try:
-        base_id = classes.current_base(record.class_name)
-        meta = bases.load(base_id) if base_id != record.base else None
-    except ConfigError as err:
+        meta = bases.for_user(classes.current_base(record.class_name), record.uid, record.gid)
+    except (SandboxError, OSError) as err:
         log(f"keeps its base: {err}")
         return record
-    if meta is None:
+    base_id = meta["id"]
+    if base_id == record.base:
         return record
     why = misfit(
         meta, record.image, record.uid, record.gid, record.executable, record.python_prefixes

@@ -15,6 +15,7 @@ import pytest
 
 from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.runtime import Runtime, snapshots
+from sandbox_kernel.runtime.record import Start
 
 from .conftest import run_cli, wait_until
 from .daemon import USER_PYTHON, Daemon, User, UserServer
@@ -270,8 +271,30 @@ async def test_classes_belong_to_their_teacher(
             done = await bob.cli("class", *args)
             assert done.returncode == 2 and "does not exist" in done.stderr, done
         assert name not in (await bob.cli("class", "ps")).stdout
+
+        # A student's kernel of the class starts from the teacher's base, as the
+        # student: their own copy of it, with the ids in its images theirs.
+        async with UserServer(bob) as server:
+            kid = (await server.start(class_name=name))["kernel_id"]
+            record = Runtime().record(kid)
+            assert record.start is Start.BASE, record.base_note
+            copy = bases.load(record.base)
+            assert copy["derived_from"] == classes.load(name)["base"] and copy["uid"] == bob.uid
+            check = (
+                "import os, socket\nprint(lesson, os.getuid(), os.getgid(), socket.gethostname())"
+            )
+            out = await server.run(kid, check)
+            assert out == f"1 {bob.uid} {bob.gid} kernel-{kid[:8]}\n", out
+            out = await server.run(kid, "open('mine.txt', 'w').write('x')\nlesson = 5")
+            out = await server.run(kid, "%container reset")
+            assert "reset to its base" in out, out
+            assert (await server.run(kid, check)).startswith(f"1 {bob.uid} "), out
+        # gc keeps the copy while the class's base is current, and no kernel is left.
+        assert copy["id"] in {b["id"] for b in bases.listing(copies=True)}
     finally:
         meta = next((m for m in classes.listing() if m["name"] == name), None)
         if meta is not None:
             (classes.classes_dir() / f"{name}.json").unlink()
-            bases.delete(meta["base"])
+            for base in bases.listing(copies=True):
+                if meta["base"] in (base["id"], base.get("derived_from")):
+                    bases.delete(base["id"])
