@@ -254,7 +254,7 @@ class ContainerMagics(Magics):
         try:
             self._call(
                 "restore", name=args.name, parent=parent, ident=idents, count=count,
-                progress=bar.handover(),
+                progress=bar.handover(), peers=self.handoff.frontend_peers(),
             )  # fmt: skip
         except BaseException:
             bar.finish(ok=False)
@@ -289,7 +289,10 @@ class ContainerMagics(Magics):
         where = "the image's pristine files" if args.pristine else "its base, if it has one"
         print(f"Resetting: the kernel restarts on {where}.", flush=True)
         count = self.handoff.next_number()
-        self._call("reset", parent=parent, ident=idents, count=count, pristine=bool(args.pristine))
+        self._call(
+            "reset", parent=parent, ident=idents, count=count, pristine=bool(args.pristine),
+            peers=self.handoff.frontend_peers(),
+        )  # fmt: skip
 
     def _class(self, line: str) -> None:
         args = _parse("class", line)

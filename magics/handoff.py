@@ -143,7 +143,7 @@ class RestoreHandoff:
         """Once the frontend is back, send this cell's output and reply to the cell
         that asked (``info``'s ``parent`` and ``ident``)."""
         kernel = self.kernel
-        self._wait_for_frontend()
+        self._wait_for_frontend(peers=info.get("peers"))
         old_id = kernel.get_parent("shell")["header"]["msg_id"]
         new_parent = info["parent"]
         new_ident = [bytes.fromhex(i) for i in info["ident"]]
@@ -208,7 +208,7 @@ class RestoreHandoff:
     def _reply_when_back(self, info: dict[str, Any], text: str, number: int | None) -> None:
         """Once the frontend has reconnected, answer the cell ``info`` names (a
         restored process: the frontend's handshakes need no more than a restore's)."""
-        self._wait_for_frontend()
+        self._wait_for_frontend(peers=info.get("peers"))
         parent = info["parent"]
         ident = [bytes.fromhex(i) for i in info["ident"]]
         from .progress import finish_handed_over  # here: progress.py imports this module
@@ -255,44 +255,65 @@ class RestoreHandoff:
 
         thread.io_loop.add_callback(stream.on_recv, handle)
 
-    def _established(self) -> set[str]:
-        """Which of the kernel's shell and iopub ports have a live TCP connection from
-        the frontend (it comes over the kernel's veth; connections of the kernel's own
-        processes, over loopback, do not count)."""
+    def _connections(self) -> set[tuple[str, str]]:
+        """The live TCP connections to the kernel's shell and iopub ports from outside
+        (over the kernel's veth; the kernel's own processes, over loopback, do not
+        count), as (channel, remote address)."""
         try:
             connection = json.loads(CONNECTION_FILE.read_text())
             lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
         except (OSError, ValueError):
-            return {"shell", "iopub"}
+            return {("shell", "?"), ("iopub", "?")}
         ports = {f"{connection[f'{c}_port']:04X}": c for c in ("shell", "iopub")}
         found = set()
         for line in lines:
             fields = line.split()
             port = fields[1].rsplit(":", 1)[1]
-            remote = fields[2].split(":", 1)[0]
+            remote = fields[2]
             # 01: ESTABLISHED; 7F in the last byte of the address: 127.x.x.x
-            if fields[3] == "01" and port in ports and not remote.endswith("7F"):
-                found.add(ports[port])
+            if fields[3] == "01" and port in ports and not remote.split(":", 1)[0].endswith("7F"):
+                found.add((ports[port], remote))
         return found
 
-    def _wait_for_frontend(self, grace: float = HANDSHAKE_GRACE) -> None:
+    def frontend_peers(self) -> dict[str, int]:
+        """How many connections shell and iopub have now: what a process that replaces
+        this one waits for (a Jupyter server holds two on iopub: the browser's
+        channel and its own activity watcher)."""
+        counts = {"shell": 0, "iopub": 0}
+        for channel, _ in self._connections():
+            counts[channel] += 1
+        return counts
+
+    def _wait_for_frontend(self, grace: float = HANDSHAKE_GRACE, peers: object = None) -> None:
         """Wait (bounded) until the frontend has reconnected its shell and iopub.
 
         After a restore every TCP connection is closed and the frontend reconnects
         by itself. A message sent before its sockets are back is lost: iopub drops
         it, and shell cannot route a reply to a peer it does not know yet. So wait
-        until both connections have been up for ``grace`` seconds
-        (ZeroMQ's handshake and the iopub subscription ride on them), or until the
-        iopub subscription itself is seen and shell has been up that long.
+        until the connections have been up for ``grace`` seconds (ZeroMQ's
+        handshake and the iopub subscription ride on them): as many as ``peers``
+        (the replaced process's :meth:`frontend_peers`) where the request said, else
+        one each, or shell and the iopub subscription itself.
         """
+        want = {"shell": 1, "iopub": 1}
+        if isinstance(peers, dict):
+            for channel in want:
+                count = peers.get(channel)
+                if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                    want[channel] = min(count, 16)
         deadline = time.monotonic() + RECONNECT_WAIT
-        first_seen: dict[str, float] = {}
+        first_seen: dict[tuple[str, str], float] = {}
         while time.monotonic() < deadline:
             now = time.monotonic()
-            for channel in self._established():
-                first_seen.setdefault(channel, now)
-            settled = {c for c, t in first_seen.items() if now - t >= grace}
-            if "shell" in settled and ("iopub" in settled or self._subscribed.is_set()):
+            current = self._connections()
+            first_seen = {c: first_seen.get(c, now) for c in current}
+            settled = {"shell": 0, "iopub": 0}
+            for (channel, _), seen in first_seen.items():
+                settled[channel] += now - seen >= grace
+            iopub_back = settled["iopub"] >= want["iopub"] or (
+                peers is None and self._subscribed.is_set()
+            )
+            if settled["shell"] >= want["shell"] and iopub_back:
                 return
             self._subscribed.wait(0.01)
 
@@ -403,7 +424,7 @@ class RestoreHandoff:
         if not info or not info.get("parent"):
             return  # a cold start of a new kernel (or a reset no cell asked for)
         # A new process under load: give the frontend's handshakes more room.
-        self._wait_for_frontend(grace=2 * HANDSHAKE_GRACE)
+        self._wait_for_frontend(grace=2 * HANDSHAKE_GRACE, peers=info.get("peers"))
         kernel = self.kernel
         deadline = time.monotonic() + RECONNECT_WAIT
         while getattr(kernel, "io_loop", None) is None and time.monotonic() < deadline:
