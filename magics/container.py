@@ -408,8 +408,8 @@ def status_view(status: dict[str, Any]) -> Rich:
     rows.append(["pids", str(use.get("pids", "-")), str(limits["pids"] or "unlimited"),
                  share(use.get("pids"), limits["pids"])])  # fmt: skip
     origin = (
-        f"Its files came from snapshot {status['current']}."
-        if status["current"] else "Its files came from the image."
+        f"Latest snapshot taken or restored: {status['current']}."
+        if status["current"] else "No snapshot taken or restored yet."
     )  # fmt: skip
     foot = (
         f"{status['snapshots']} snapshots, {format_size(status['snapshot_bytes'])}. {origin}"

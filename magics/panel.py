@@ -115,7 +115,8 @@ def _limit(name: str, limit: float) -> str:
 @dataclass(frozen=True)
 class Row:
     """One snapshot as the panel lists it. ``label`` is its name under its parent's
-    (``└─``, indented by depth); ``current`` when the kernel's files came from it."""
+    (``└─``, indented by depth); ``current`` for the one the kernel took or restored
+    last (the next snapshot's parent)."""
 
     name: str
     label: str
@@ -365,8 +366,8 @@ class ContainerPanel:
             bar.bar_style = gauge.bar_style
             self.gauge_labels[gauge.name].value = gauge.text
         origin = (
-            f"files from snapshot {status['current']}" if status.get("current")
-            else "files from the image"
+            f"latest snapshot {status['current']}" if status.get("current")
+            else "no snapshot taken or restored yet"
         )  # fmt: skip
         self.heading.value = f"<b>Container</b> &middot; {escape(origin)}"
 
@@ -397,7 +398,7 @@ class ContainerPanel:
 
     def _row(self, row: Row) -> Any:
         w = self.w
-        mark = " (current)" if row.current else ""
+        mark = " (latest)" if row.current else ""
         label = w.HTML(
             f"<code style='white-space: pre'>{escape(row.label)}</code>{escape(mark)}",
             layout=w.Layout(min_width="160px"),

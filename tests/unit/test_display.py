@@ -98,6 +98,6 @@ def test_status_has_one_unit_style_per_row() -> None:
     text = repr(status_view(status))
     assert "256M" in text and "1G" in text and "25%" in text
     assert "0.4 s of CPU time" in text and "1 core" in text
-    assert text.endswith("2 snapshots, 40M. Its files came from snapshot e2e-b.")
+    assert text.endswith("2 snapshots, 40M. Latest snapshot taken or restored: e2e-b.")
     status["current"] = None
-    assert repr(status_view(status)).endswith("Its files came from the image.")
+    assert repr(status_view(status)).endswith("No snapshot taken or restored yet.")

@@ -307,7 +307,7 @@ def test_the_panel_shows_gauges_rows_and_limits(panel: ContainerPanel) -> None:
     assert "a" in first.children[0].value and "└─ b" in second.children[0].value
     assert set(_buttons(second)) == {"Restore", "Delete", "Diff"}
     assert [f.value for f in panel.limit_fields.values()] == ["1G", "1", "256"]
-    assert "files from snapshot a" in panel.heading.value
+    assert "latest snapshot a" in panel.heading.value
     data = panel._repr_mimebundle_()
     assert data[WIDGET_VIEW]["model_id"] == panel.model_id
     assert "└─ b" in data["text/plain"] and HINT in data["text/plain"]
