@@ -25,6 +25,8 @@ from typing import Any
 from .channel import Channel, ChannelError, Interrupted
 
 CONNECTION_FILE = Path("/run/sandbox/connection.json")
+#: How many connections the frontends had when the runtime restored this kernel.
+PEERS_FILE = Path("/run/sandbox/peers.json")
 #: How long a restored kernel waits for the frontend to reconnect before it speaks.
 RECONNECT_WAIT = 10.0
 #: How long a reconnected TCP connection must be up before it is trusted to carry
@@ -292,10 +294,16 @@ class RestoreHandoff:
         it, and shell cannot route a reply to a peer it does not know yet. So wait
         until the connections have been up for ``grace`` seconds (ZeroMQ's
         handshake and the iopub subscription ride on them): as many as ``peers``
-        (the replaced process's :meth:`frontend_peers`) where the request said, else
-        one each, or shell and the iopub subscription itself.
+        (the replaced process's :meth:`frontend_peers`) where the request said, or
+        as the runtime counted before a restore (``PEERS_FILE``), else one each, or
+        shell and the iopub subscription itself.
         """
         want = {"shell": 1, "iopub": 1}
+        if peers is None:  # a restore no cell asked for: the runtime counted them
+            try:
+                peers = json.loads(PEERS_FILE.read_text())
+            except (OSError, ValueError):
+                peers = None
         if isinstance(peers, dict):
             for channel in want:
                 count = peers.get(channel)

@@ -431,6 +431,8 @@ class Lifecycle:
         connection: dict[str, Any],
     ) -> None:
         """Write the kernel's bundle and mount its filesystems. Blocks: in a thread."""
+        # A new process: no frontend connections to wait for (see restoring.PEERS).
+        (self.rootfs.run_dir(record.kernel_id) / "peers.json").unlink(missing_ok=True)
         self.rootfs.trim_log(record.kernel_id)  # room for the files below
         self.boot.write_bundle(kdir, record, argv, env, connection)
         self.rootfs.mount(kdir, record)

@@ -18,10 +18,30 @@ from sandbox_kernel.errors import ConfigError, RequirementMissing, SandboxError
 from . import paths, snapshots
 from .boot import Boot, lazy_restore_size
 from .drivers import Drivers
-from .lifecycle import follow_class
+from .fsutil import write_json
+from .lifecycle import KERNEL_PORTS, follow_class
 from .record import KernelRecord
 from .rootfs import Rootfs, check_disk, check_folders, inherited_bytes
 from .store import KernelStore
+
+#: In a kernel's run folder: how many connections its frontends had when it was
+#: restored (``{"shell": n, "iopub": m}``).
+PEERS = "peers.json"
+
+
+def count_peers(pid: int) -> dict[str, int]:
+    """The live TCP connections from outside to the shell and iopub ports of the
+    kernel whose init is ``pid``, read from the host in its network namespace (a
+    Jupyter server holds two on iopub: a browser's channel and its own watcher)."""
+    ports = {KERNEL_PORTS["shell_port"]: "shell", KERNEL_PORTS["iopub_port"]: "iopub"}
+    counts = {"shell": 0, "iopub": 0}
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        port = int(fields[1].rsplit(":", 1)[1], 16)
+        # 01: ESTABLISHED; 7F in the last byte of the address: 127.x.x.x
+        if fields[3] == "01" and port in ports and not fields[2].split(":")[0].endswith("7F"):
+            counts[ports[port]] += 1
+    return counts
 
 
 class Restorer:
@@ -92,6 +112,7 @@ class Restorer:
                 criu = self.drivers.criu.criu_binary()
             except RequirementMissing as err:
                 mode, reason = "files", str(err)
+        await self._note_peers(record)
         await self.drivers.runc.delete(record.container_id)
 
         def restoring(current: KernelRecord) -> None:
@@ -124,6 +145,20 @@ class Restorer:
         except BaseException:
             await asyncio.to_thread(self.rootfs.unmount, kdir)
             raise
+
+    async def _note_peers(self, record: KernelRecord) -> None:
+        """Tell the process a restore brings back how many frontend connections to
+        wait for (``peers.json`` in its run folder; see the magic's handoff): those
+        its kernel has now. None are told where that cannot be seen."""
+        path = self.rootfs.run_dir(record.kernel_id) / PEERS
+        try:
+            path.unlink(missing_ok=True)
+            state = await self.drivers.runc.state(record.container_id)
+            pid = state.get("pid") if state else None
+            if pid:
+                write_json(path, await asyncio.to_thread(count_peers, int(pid)), mode=0o644)
+        except (OSError, ValueError, SandboxError):
+            pass  # the process then waits for one connection of each, as before
 
     def _files_from(
         self, kdir: Path, record: KernelRecord, folder: Path, meta: dict[str, Any]
