@@ -13,6 +13,7 @@ which is why it is kept apart from the magic's commands.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,6 +33,11 @@ RECONNECT_WAIT = 10.0
 #: How long a reconnected TCP connection must be up before it is trusted to carry
 #: messages: ZeroMQ's handshake on a veth takes well under a millisecond.
 HANDSHAKE_GRACE = 0.05
+#: The same for shell once iopub's subscriptions are back (they came over the
+#: same veth, after their own handshakes).
+SHELL_GRACE = 0.01
+#: zmq.XPUB_VERBOSE (pass every subscription up, not only a topic's first).
+XPUB_VERBOSE = 40
 
 
 def _start_time() -> str:
@@ -54,6 +60,10 @@ class RestoreHandoff:
         self.shell = shell
         self.channel = channel
         self._subscribed = threading.Event()
+        # Subscriptions to iopub since this process last started (a restore starts
+        # it again): (the start time they were counted under, how many).
+        self._subscriptions = ("", 0)
+        self._subscriptions_lock = threading.Lock()
         self._restored = threading.Event()
         self._pause = threading.Event()  # never set: waits between retries
         self._identity_lock = threading.Lock()
@@ -175,26 +185,29 @@ class RestoreHandoff:
         as ``info`` says and answer the cell that asked, if any."""
         kind = info.get("kind")
         count = info.get("count")
+        numbered = threading.Event()
         if kind == "restore":
-            self._continue_numbering(count)
             text = (
                 f"Restored to snapshot {info['name']} (live): files and memory are as they were.\n"
             )
         else:
+            text = _RESET_TEXT.get(info.get("to", ""), _RESET_TEXT["image"])
+        if info.get("parent") and not in_cell:
+            # The frontend reconnects meanwhile: the reply waits for both.
+            number = count - 1 if isinstance(count, int) else None
+            threading.Thread(
+                target=self._reply_when_back, args=(info, text, number, numbered), daemon=True
+            ).start()
+        if kind == "restore":
+            self._continue_numbering(count)
+        else:
             # A new kernel: its own history session (the base's has lines of these
             # numbers already), and cells numbered from 1, or after the asking cell.
             self._new_session(count if isinstance(count, int) and count > 0 else 1)
-            text = _RESET_TEXT.get(info.get("to", ""), _RESET_TEXT["image"])
-        if not info.get("parent"):
-            return
-        if in_cell:
+        numbered.set()
+        if info.get("parent") and in_cell:
             self._redirect_cell(info)
             print(text, end="")
-            return
-        number = count - 1 if isinstance(count, int) else None
-        threading.Thread(
-            target=self._reply_when_back, args=(info, text, number), daemon=True
-        ).start()
 
     def _new_session(self, count: int) -> None:
         """Start a new IPython history session; the next cell is number ``count``."""
@@ -207,10 +220,13 @@ class RestoreHandoff:
                       file=sys.__stderr__)  # fmt: skip
         self.shell.execution_count = count
 
-    def _reply_when_back(self, info: dict[str, Any], text: str, number: int | None) -> None:
+    def _reply_when_back(
+        self, info: dict[str, Any], text: str, number: int | None, numbered: threading.Event
+    ) -> None:
         """Once the frontend has reconnected, answer the cell ``info`` names (a
         restored process: the frontend's handshakes need no more than a restore's)."""
         self._wait_for_frontend(peers=info.get("peers"))
+        numbered.wait(RECONNECT_WAIT)  # the next cell's number is set before the reply
         parent = info["parent"]
         ident = [bytes.fromhex(i) for i in info["ident"]]
         from .progress import finish_handed_over  # here: progress.py imports this module
@@ -243,7 +259,9 @@ class RestoreHandoff:
     # ---- the frontend's reconnection ------------------------------------------------
 
     def _watch_subscriptions(self) -> None:
-        """Note each new iopub subscription (a frontend (re)connecting)."""
+        """Note each iopub subscription (a frontend (re)connecting), and count them
+        since the last restore. Every subscriber's is passed up (``XPUB_VERBOSE``),
+        not only the first of a topic: a Jupyter server subscribes twice."""
         thread: Any = getattr(self.kernel, "iopub_thread", None)
         stream = getattr(thread, "_xpub_stream", None)
         if thread is None or stream is None:
@@ -251,11 +269,27 @@ class RestoreHandoff:
         original = thread._handle_subscription
 
         def handle(frames: list[bytes]) -> None:
-            if any(frame[:1] == b"\x01" for frame in frames):
+            new = sum(1 for frame in frames if frame[:1] == b"\x01")
+            if new:
+                epoch = _start_time()
+                with self._subscriptions_lock:
+                    seen, count = self._subscriptions
+                    self._subscriptions = (epoch, (count if seen == epoch else 0) + new)
                 self._subscribed.set()
             original(frames)
 
-        thread.io_loop.add_callback(stream.on_recv, handle)
+        def on_its_thread() -> None:
+            with contextlib.suppress(Exception):  # an older libzmq: one per topic, as before
+                stream.socket.setsockopt(XPUB_VERBOSE, 1)
+            stream.on_recv(handle)
+
+        thread.io_loop.add_callback(on_its_thread)
+
+    def _subscribers(self) -> int:
+        """iopub subscriptions since this process last started (or was restored)."""
+        with self._subscriptions_lock:
+            seen, count = self._subscriptions
+        return count if seen == _start_time() else 0
 
     def _connections(self) -> set[tuple[str, str]]:
         """The live TCP connections to the kernel's shell and iopub ports from outside
@@ -316,11 +350,13 @@ class RestoreHandoff:
             current = self._connections()
             first_seen = {c: first_seen.get(c, now) for c in current}
             settled = {"shell": 0, "iopub": 0}
+            # iopub is back when its subscribers are (they subscribe once their
+            # handshake is done); shell, once its connections are a moment old.
+            subscribed = self._subscribers() >= want["iopub"]
             for (channel, _), seen in first_seen.items():
-                settled[channel] += now - seen >= grace
-            iopub_back = settled["iopub"] >= want["iopub"] or (
-                peers is None and self._subscribed.is_set()
-            )
+                wait = min(grace, SHELL_GRACE) if subscribed else grace
+                settled[channel] += now - seen >= wait
+            iopub_back = subscribed or settled["iopub"] >= want["iopub"]
             if settled["shell"] >= want["shell"] and iopub_back:
                 return
             self._subscribed.wait(0.01)
