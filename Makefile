@@ -84,8 +84,8 @@ HUB_VENV := build/hub-venv
 HUB_NODE := build/hub-node
 HUB_USERS := sk-demo-1 sk-demo-2 sk-demo-3
 hub-setup: $(HUB_VENV)/.installed $(HUB_NODE)/.installed
-$(HUB_VENV)/.installed: pyproject.toml
-	$(call debian_venv,$(HUB_VENV),jupyterhub jupyterlab -e .)
+$(HUB_VENV)/.installed: pyproject.toml Makefile
+	$(call debian_venv,$(HUB_VENV),jupyterhub jupyterlab notebook -e .)
 	$(HUB_VENV)/bin/sandbox-kernel install --name $(KERNEL) --display-name "Python 3 (sandbox)" --sys-prefix
 	chmod -R a+rX $(HUB_VENV)
 	touch $@

@@ -67,6 +67,17 @@ class Page:
         self.driver.get(self.lab.page(f"/lab/tree/{name}"))
         return self.notebook(name, spec)
 
+    def open_in_notebook7(self, name: str, spec: str) -> Notebook:
+        """Open notebook ``name`` in Notebook 7 (/notebooks/NAME: one notebook a page,
+        no tabs) and wait until its kernel of kernelspec ``spec`` is ready."""
+        self.driver.get(self.lab.page(f"/notebooks/{name}"))
+        panel = wait(self.driver, OPEN_TIMEOUT, f"Notebook 7's page of {name}",
+                     lambda d: d.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel"))  # fmt: skip
+        notebook = Notebook(self, name, spec, panel.get_attribute("id") or "")
+        wait(self.driver, OPEN_TIMEOUT, f"{name}'s kernel {spec} to be ready",
+             lambda _: notebook.kernel_ready())  # fmt: skip
+        return notebook
+
     def open_from_file_browser(self, name: str, spec: str) -> Notebook:
         """Open notebook ``name`` as a person would: a double click in the file browser."""
         item = wait(self.driver, 30, f"{name} in the file browser", lambda d: d.find_element(
@@ -161,10 +172,14 @@ class Notebook:
         return "\n".join(o.text for o in outputs)
 
     def show(self) -> None:
-        """Bring this notebook's tab to the front, if another notebook's is."""
-        tab = self.driver.find_element(
+        """Bring this notebook's tab to the front, if another notebook's is (Notebook 7
+        has no tabs)."""
+        tabs = self.driver.find_elements(
             By.CSS_SELECTOR, f"li.lm-TabBar-tab[data-id='{self.panel_id}']"
         )
+        if not tabs:
+            return
+        tab = tabs[0]
         if "lm-mod-current" not in (tab.get_attribute("class") or "").split():
             tab.click()
             wait(self.driver, 30, f"{self.name}'s tab to show", lambda _: self.panel.is_displayed())

@@ -44,3 +44,29 @@ def test_the_panel_restores_a_snapshot(
     shown = notebook.run(4)
     page.shot("panel-restore")
     assert shown == "x is before"
+
+
+def test_the_panel_restores_a_snapshot_in_notebook7(
+    page: Page, make_spec: Callable[..., str], names: list[str]
+) -> None:
+    """The same in Notebook 7, served by the same server at /notebooks/."""
+    spec, snap = make_spec(), fresh(names)
+    cells = ["x = 'before'", f"%container snapshot {snap}", "x = 'after'", "%container",
+             "print('x is', x)"]  # fmt: skip
+    notebook = page.open_in_notebook7(page.lab.write_notebook("nb7", spec, cells), spec)
+    notebook.run(0)
+    assert f"Snapshot {snap}: live" in notebook.run(1)
+    notebook.run(2)
+    notebook.run(3)
+    restore = notebook.find(
+        3,
+        f".//div[contains(@class, 'widget-hbox')][contains(normalize-space(.), '{snap}')]"
+        "//button[normalize-space() = 'Restore']",
+        what=f"the panel's Restore button beside {snap}",
+    )
+    page.shot("notebook7-panel")
+    assert notebook.output(3).startswith("Container")
+    restore.click()
+    notebook.wait_output(3, f"Restored to snapshot {snap}", timeout=60)
+    assert notebook.run(4) == "x is before"
+    page.shot("notebook7-panel-restore")
