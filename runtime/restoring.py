@@ -193,6 +193,7 @@ class Restorer:
                     follow_class, self.store, record,
                     lambda text: self.rootfs.append_log(kernel_id, text),
                 )  # fmt: skip
+            await self._note_peers(record)
             await self.drivers.runc.delete(record.container_id)
             to_base = await asyncio.to_thread(
                 self._fresh_files, kdir, record, record.base is not None and not pristine
