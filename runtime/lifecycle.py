@@ -389,7 +389,7 @@ class Lifecycle:
         await asyncio.to_thread(self._ready, kdir, record, argv, env, connection)
         try:
             if record.wants_base:
-                return await self._start_from_base(kdir, record)
+                return (await self.start_from_base(kdir, record))[0]
             pid = await self.boot.run(kdir, record)
             if record.start is Start.PENDING:  # else it says so already
                 await self.store.aupdate(kernel_id, lambda r: r.started_cold())
@@ -437,22 +437,26 @@ class Lifecycle:
         self.boot.write_bundle(kdir, record, argv, env, connection)
         self.rootfs.mount(kdir, record)
 
-    async def _start_from_base(self, kdir: Path, record: KernelRecord) -> int:
-        """Start the kernel by restoring its base's memory; cold where that fails,
-        with the reason in the record's ``base_note`` and the kernel's log."""
+    async def start_from_base(
+        self, kdir: Path, record: KernelRecord, what: str = "started"
+    ) -> tuple[int, str]:
+        """Start the kernel (its files the base's, mounted) by restoring its base's
+        memory; cold where that fails, with the reason in the record's ``base_note``
+        and the kernel's log (``what`` names the start there). Returns (the host pid,
+        the reason it started cold or ""). Also a reset's (``Restorer``)."""
         try:
             # The restored process has its stdio open on the log (see bundle.py).
             pid = await self.boot.restore_base(kdir, record)
         except SandboxError as err:
             note = f"the base could not be restored: {err}"
-            self.rootfs.append_log(record.kernel_id, f"started cold: {note}")
+            self.rootfs.append_log(record.kernel_id, f"{what} cold: {note}")
             with contextlib.suppress(SandboxError):
                 await self.drivers.runc.delete(record.container_id)
             pid = await self.boot.run(kdir, record)
             await self.store.aupdate(record.kernel_id, lambda r: r.started_cold(note))
-            return pid
+            return pid, note
         await self.store.aupdate(record.kernel_id, lambda r: r.started_from_base())
-        return pid
+        return pid, ""
 
     async def start_cold(self, kernel_id: str, note: str) -> int:
         """Replace kernel ``kernel_id``'s process by a cold start on the same files

@@ -9,7 +9,7 @@ through ``KernelStore.update``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,20 @@ def count_peers(pid: int) -> dict[str, int]:
 class Restorer:
     """Brings kernels back to a snapshot, to their base, or to the image's files."""
 
-    def __init__(self, drivers: Drivers, store: KernelStore, rootfs: Rootfs, boot: Boot) -> None:
+    def __init__(
+        self,
+        drivers: Drivers,
+        store: KernelStore,
+        rootfs: Rootfs,
+        boot: Boot,
+        from_base: Callable[..., Awaitable[tuple[int, str]]],
+    ) -> None:
         self.drivers = drivers
         self.store = store
         self.rootfs = rootfs
         self.boot = boot
+        #: Starts a kernel from its base, cold where that fails (``Lifecycle.start_from_base``).
+        self.from_base = from_base
 
     # ---- restore --------------------------------------------------------------------
 
@@ -207,7 +216,8 @@ class Restorer:
                 await asyncio.to_thread(self.rootfs.mount, kdir, record)
                 if not to_base:
                     return {"pid": await self.boot.run(kdir, record), "to": "image", "note": ""}
-                return await self._base_or_cold(kdir, record)
+                pid, note = await self.from_base(kdir, record, "reset started")
+                return {"pid": pid, "to": "files" if note else "base", "note": note}
             except BaseException:
                 await asyncio.to_thread(self.rootfs.unmount, kdir)
                 raise
@@ -224,22 +234,6 @@ class Restorer:
                 self.rootfs.append_log(record.kernel_id, f"reset to the image: {err}")
         self.rootfs.make_layer(kdir, record, fresh=True)
         return False
-
-    async def _base_or_cold(self, kdir: Path, record: KernelRecord) -> dict[str, Any]:
-        """Restore the base's memory on its files, mounted; a cold start on them where
-        that fails, which the log and the record say."""
-        try:
-            pid = await self.boot.restore_base(kdir, record)
-        except SandboxError as err:
-            note = f"the base could not be restored: {err}"
-            self.rootfs.append_log(record.kernel_id, f"reset started cold: {note}")
-            with contextlib.suppress(SandboxError):
-                await self.drivers.runc.delete(record.container_id)
-            pid = await self.boot.run(kdir, record)
-            await self.store.aupdate(record.kernel_id, lambda r: r.started_cold(note))
-            return {"pid": pid, "to": "files", "note": note}
-        await self.store.aupdate(record.kernel_id, lambda r: r.started_from_base())
-        return {"pid": pid, "to": "base", "note": ""}
 
     async def thaw_if_stale(self, kernel_id: str) -> bool:
         """Thaw a kernel left frozen by a snapshot whose runtime died; True if it was.

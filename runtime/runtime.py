@@ -45,7 +45,9 @@ class Runtime:
         boot = Boot(self.drivers, self.rootfs)
         self.lifecycle = Lifecycle(self.drivers, self.store, self.rootfs, boot)
         self.snapshotter = Snapshotter(self.drivers, self.store, self.rootfs, boot)
-        self.restorer = Restorer(self.drivers, self.store, self.rootfs, boot)
+        self.restorer = Restorer(
+            self.drivers, self.store, self.rootfs, boot, self.lifecycle.start_from_base
+        )
         self.collector = Collector(self.drivers, self.store, self.rootfs, self.lifecycle.remove)
 
     # ---- lookups --------------------------------------------------------------------

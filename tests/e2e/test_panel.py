@@ -7,23 +7,20 @@ from collections.abc import Callable
 import pytest
 
 from ..integration.conftest import fresh
-from .page import Page
+from .page import Notebook, Page
 
 pytestmark = pytest.mark.integration
 
 
-def test_the_panel_restores_a_snapshot(
-    page: Page, make_spec: Callable[..., str], names: list[str]
-) -> None:
-    spec, snap = make_spec(), fresh(names)
-    cells = [
-        "x = 'before'",
-        f"%container snapshot {snap}",
-        "x = 'after'",
-        "%container",
-        "print('x is', x)",
-    ]
-    notebook = page.open(page.lab.write_notebook("panel", spec, cells), spec)
+def _cells(snap: str) -> list[str]:
+    """The notebook both tests run: a snapshot, a change, the panel, then a check."""
+    return ["x = 'before'", f"%container snapshot {snap}", "x = 'after'", "%container",
+            "print('x is', x)"]  # fmt: skip
+
+
+def _restore_from_the_panel(page: Page, notebook: Notebook, snap: str, shots: str) -> None:
+    """Run the cells, click Restore beside ``snap`` in the panel, and check the next
+    cell sees the old value; screenshots ``shots`` and ``shots``-restore."""
     notebook.run(0)
     assert f"Snapshot {snap}: live" in notebook.run(1)
     notebook.run(2)
@@ -35,15 +32,23 @@ def test_the_panel_restores_a_snapshot(
         "//button[normalize-space() = 'Restore']",
         what=f"the panel's Restore button beside {snap}",
     )
-    page.shot("panel")
+    page.shot(shots)
     panel = notebook.output(3)
     assert panel.startswith("Container"), panel
     assert "memory" in panel and "Snapshots" in panel and "Limits" in panel
     restore.click()
     notebook.wait_output(3, f"Restored to snapshot {snap}", timeout=60)
     shown = notebook.run(4)
-    page.shot("panel-restore")
+    page.shot(f"{shots}-restore")
     assert shown == "x is before"
+
+
+def test_the_panel_restores_a_snapshot(
+    page: Page, make_spec: Callable[..., str], names: list[str]
+) -> None:
+    spec, snap = make_spec(), fresh(names)
+    notebook = page.open(page.lab.write_notebook("panel", spec, _cells(snap)), spec)
+    _restore_from_the_panel(page, notebook, snap, "panel")
 
 
 def test_the_panel_restores_a_snapshot_in_notebook7(
@@ -51,22 +56,5 @@ def test_the_panel_restores_a_snapshot_in_notebook7(
 ) -> None:
     """The same in Notebook 7, served by the same server at /notebooks/."""
     spec, snap = make_spec(), fresh(names)
-    cells = ["x = 'before'", f"%container snapshot {snap}", "x = 'after'", "%container",
-             "print('x is', x)"]  # fmt: skip
-    notebook = page.open_in_notebook7(page.lab.write_notebook("nb7", spec, cells), spec)
-    notebook.run(0)
-    assert f"Snapshot {snap}: live" in notebook.run(1)
-    notebook.run(2)
-    notebook.run(3)
-    restore = notebook.find(
-        3,
-        f".//div[contains(@class, 'widget-hbox')][contains(normalize-space(.), '{snap}')]"
-        "//button[normalize-space() = 'Restore']",
-        what=f"the panel's Restore button beside {snap}",
-    )
-    page.shot("notebook7-panel")
-    assert notebook.output(3).startswith("Container")
-    restore.click()
-    notebook.wait_output(3, f"Restored to snapshot {snap}", timeout=60)
-    assert notebook.run(4) == "x is before"
-    page.shot("notebook7-panel-restore")
+    notebook = page.open_in_notebook7(page.lab.write_notebook("nb7", spec, _cells(snap)), spec)
+    _restore_from_the_panel(page, notebook, snap, "notebook7-panel")
