@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandbox_kernel.protocol import connections_from_outside
+
 from .channel import Channel, ChannelError, Interrupted
 
 CONNECTION_FILE = Path("/run/sandbox/connection.json")
@@ -297,19 +299,11 @@ class RestoreHandoff:
         count), as (channel, remote address)."""
         try:
             connection = json.loads(CONNECTION_FILE.read_text())
-            lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+            text = Path("/proc/net/tcp").read_text()
         except (OSError, ValueError):
             return {("shell", "?"), ("iopub", "?")}
-        ports = {f"{connection[f'{c}_port']:04X}": c for c in ("shell", "iopub")}
-        found = set()
-        for line in lines:
-            fields = line.split()
-            port = fields[1].rsplit(":", 1)[1]
-            remote = fields[2]
-            # 01: ESTABLISHED; 7F in the last byte of the address: 127.x.x.x
-            if fields[3] == "01" and port in ports and not remote.split(":", 1)[0].endswith("7F"):
-                found.add((ports[port], remote))
-        return found
+        ports = {int(connection[f"{c}_port"]): c for c in ("shell", "iopub")}
+        return connections_from_outside(text, ports)
 
     def frontend_peers(self) -> dict[str, int]:
         """How many connections shell and iopub have now: what a process that replaces

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_kernel.errors import ConfigError, RequirementMissing, SandboxError
+from sandbox_kernel.protocol import connections_from_outside
 
 from . import paths, snapshots
 from .boot import Boot, lazy_restore_size
@@ -35,12 +36,8 @@ def count_peers(pid: int) -> dict[str, int]:
     Jupyter server holds two on iopub: a browser's channel and its own watcher)."""
     ports = {KERNEL_PORTS["shell_port"]: "shell", KERNEL_PORTS["iopub_port"]: "iopub"}
     counts = {"shell": 0, "iopub": 0}
-    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        port = int(fields[1].rsplit(":", 1)[1], 16)
-        # 01: ESTABLISHED; 7F in the last byte of the address: 127.x.x.x
-        if fields[3] == "01" and port in ports and not fields[2].split(":")[0].endswith("7F"):
-            counts[ports[port]] += 1
+    for channel, _ in connections_from_outside(Path(f"/proc/{pid}/net/tcp").read_text(), ports):
+        counts[channel] += 1
     return counts
 
 

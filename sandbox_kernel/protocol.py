@@ -375,3 +375,18 @@ def parse_reply(line: bytes) -> Reply | Progress:
     if message.get("ok") is False:
         return Reply(False, error=str(message.get("error", "")))
     raise ValueError(f"a reply has ok true or false, not {message.get('ok')!r}")
+
+
+def connections_from_outside(proc_net_tcp: str, ports: Mapping[int, str]) -> set[tuple[str, str]]:
+    """The established TCP connections in ``proc_net_tcp`` (the text of a network
+    namespace's ``/proc/net/tcp``) to the local ``ports`` (port -> channel name),
+    from outside the namespace (loopback does not count), as (channel, remote).
+    Read by the kernel's magic and, from the host, by the runtime."""
+    found = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        port = int(fields[1].rsplit(":", 1)[1], 16)
+        # 01: ESTABLISHED; 7F in the last byte of the address: 127.x.x.x
+        if fields[3] == "01" and port in ports and not fields[2].split(":")[0].endswith("7F"):
+            found.add((ports[port], fields[2]))
+    return found

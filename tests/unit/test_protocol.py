@@ -258,3 +258,20 @@ def test_the_protocol_imports_the_standard_library_only() -> None:
             if name.split(".")[0] not in sys.stdlib_module_names and name not in ours
         }  # fmt: skip
         assert not outside, f"{module.__name__} imports {outside}"
+
+
+def test_connections_from_outside_counts_established_non_loopback_ones() -> None:
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    rows = [
+        "0: 0600D50A:C351 0500D50A:C9D2 01 0 0",  # shell (50001), from the veth: counted
+        "1: 0600D50A:C352 0500D50A:C9DC 01 0 0",  # iopub (50002)
+        "2: 0600D50A:C352 0500D50A:C9DE 01 0 0",  # iopub, a second client
+        "3: 0100007F:C352 0100007F:9999 01 0 0",  # iopub over loopback: not counted
+        "4: 0600D50A:C351 0500D50A:AAAA 06 0 0",  # TIME_WAIT: not counted
+        "5: 00000000:C351 00000000:0000 0A 0 0",  # LISTEN
+        "6: 0600D50A:1F90 0500D50A:BBBB 01 0 0",  # another port
+    ]
+    found = protocol.connections_from_outside(
+        head + "\n".join(rows), {50001: "shell", 50002: "iopub"}
+    )
+    assert sorted(c for c, _ in found) == ["iopub", "iopub", "shell"]
