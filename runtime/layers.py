@@ -11,6 +11,7 @@ mounts of /usr and of the kernel's Python environment on top of its one layer.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -89,9 +90,17 @@ def commit_layer(tree: Path) -> str:
     target = layer_path(digest)
     if target.exists():
         shutil.rmtree(tree)
-    else:
+        return digest
+    try:
         os.rename(tree, target)
-        fsync_dir(target.parent)
+    except OSError as e:
+        # Another process committed the same layer between the check and the
+        # rename (ten kernels starting at once build the same mount-point layer).
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+            raise
+        shutil.rmtree(tree)
+        return digest
+    fsync_dir(target.parent)
     return digest
 
 

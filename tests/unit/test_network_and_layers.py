@@ -83,3 +83,24 @@ def test_digest_covers_content_and_mode(tmp_path: Path) -> None:
 def test_bad_image_names(name: str) -> None:
     with pytest.raises(ConfigError, match="image name"):
         layers.check_image_name(name)
+
+
+def test_two_commits_of_one_layer_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process commits the same layer between the check and the rename."""
+    monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(tmp_path))
+    mine, theirs = layers.new_layer_tree(), layers.new_layer_tree()
+    for tree in (mine, theirs):
+        (tree / "tmp").mkdir()
+        (tree / "tmp/f").write_text("same")
+    real_rename = os.rename
+
+    def rename_after_theirs(src: str, dst: str) -> None:
+        monkeypatch.setattr(layers.os, "rename", real_rename)
+        assert layers.commit_layer(theirs) == Path(dst).name
+        real_rename(src, dst)
+
+    monkeypatch.setattr(layers.os, "rename", rename_after_theirs)
+    digest = layers.commit_layer(mine)
+    assert (layers.layer_path(digest) / "tmp/f").read_text() == "same"
+    assert not mine.exists() and not theirs.exists()
+    assert [p.name for p in layers.layer_path(digest).parent.iterdir()] == [digest]
