@@ -32,9 +32,15 @@ CONNECTION_FILE = Path("/run/sandbox/connection.json")
 PEERS_FILE = Path("/run/sandbox/peers.json")
 #: How long a restored kernel waits for the frontend to reconnect before it speaks.
 RECONNECT_WAIT = 10.0
-#: How long a reconnected TCP connection must be up before it is trusted to carry
-#: messages: ZeroMQ's handshake on a veth takes well under a millisecond.
+#: Where the shell socket's handshakes are not watched (a process that did not
+#: start watching before the frontend connected): how long a reconnected TCP
+#: connection must be up before it is trusted to carry a reply.
 HANDSHAKE_GRACE = 0.05
+#: After the shell socket's ZeroMQ handshake with a peer, how long until the shell
+#: thread has surely taken the new peer in (it does at its next turn of its loop).
+AFTER_HANDSHAKE = 0.01
+#: zmq.EVENT_HANDSHAKE_SUCCEEDED.
+EVENT_HANDSHAKE_SUCCEEDED = 0x1000
 #: zmq.XPUB_VERBOSE (pass every subscription up, not only a topic's first).
 XPUB_VERBOSE = 40
 
@@ -58,11 +64,17 @@ class RestoreHandoff:
     def __init__(self, shell: Any, channel: Channel) -> None:
         self.shell = shell
         self.channel = channel
-        self._subscribed = threading.Event()
+        # Set on news of the frontend (a subscription, a handshake): wakes the wait.
+        self._news = threading.Event()
         # Subscriptions to iopub since this process last started (a restore starts
         # it again): (the start time they were counted under, how many).
         self._subscriptions = ("", 0)
         self._subscriptions_lock = threading.Lock()
+        # ZeroMQ handshakes of the shell socket with peers from outside since this
+        # process last started: (that start time, when each was done).
+        self._handshakes: tuple[str, list[float]] = ("", [])
+        # The start time of the process that began watching them ("" if not).
+        self._handshakes_watched_since = ""
         self._restored = threading.Event()
         self._pause = threading.Event()  # never set: waits between retries
         self._identity_lock = threading.Lock()
@@ -75,6 +87,7 @@ class RestoreHandoff:
     def start(self) -> None:
         """Take over the session's signing, start the threads, register the hook."""
         self._watch_subscriptions()
+        self._watch_handshakes()
         self._sign_with_current_key()
         # A new kernel process: was it started by a reset, or by a restore that
         # could only bring the files back? Then a cell waits for its reply.
@@ -100,9 +113,8 @@ class RestoreHandoff:
     # ---- what the magic's commands call ----------------------------------------------
 
     def snapshot_starts(self) -> None:
-        """Forget the frontend's iopub subscription: a process restored from the
-        snapshot about to be taken must see the frontend subscribe again."""
-        self._subscribed.clear()
+        """A cell starts taking a snapshot: a process restored from it wakes up in
+        this cell (see :meth:`finish_restore`)."""
         self._in_snapshot = True
 
     def snapshot_ends(self) -> None:
@@ -274,7 +286,7 @@ class RestoreHandoff:
                 with self._subscriptions_lock:
                     seen, count = self._subscriptions
                     self._subscriptions = (epoch, (count if seen == epoch else 0) + new)
-                self._subscribed.set()
+                self._news.set()
             original(frames)
 
         def on_its_thread() -> None:
@@ -283,6 +295,64 @@ class RestoreHandoff:
             stream.on_recv(handle)
 
         thread.io_loop.add_callback(on_its_thread)
+
+    def _watch_handshakes(self) -> None:
+        """Note each ZeroMQ handshake the shell socket completes with a peer from
+        outside (a frontend (re)connecting), with a socket monitor.
+
+        A TCP connection can be established (the kernel's network stack accepts it
+        into the listen backlog) well before ZeroMQ has accepted it and exchanged its
+        handshake, above all in a process just restored, under load. Until then the
+        shell ROUTER does not know the peer and drops a reply to it. The kernel's own
+        debug socket connects over loopback and is not counted.
+        """
+        stream = getattr(self.kernel, "shell_stream", None)
+        loop = getattr(stream, "io_loop", None)
+        if stream is None or loop is None:
+            return
+
+        def on_its_thread() -> None:  # a ZeroMQ socket is used from its own thread
+            try:
+                monitor = stream.socket.get_monitor_socket(EVENT_HANDSHAKE_SUCCEEDED)
+            except Exception as err:  # pyzmq's; the wait falls back on TCP's age
+                print(f"%container: cannot watch the shell's handshakes ({err})",
+                      file=sys.__stderr__)  # fmt: skip
+                return
+            self._handshakes_watched_since = _start_time()
+            threading.Thread(
+                target=self._count_handshakes, args=(monitor,), daemon=True,
+                name="sandbox-handshakes",
+            ).start()  # fmt: skip
+
+        loop.add_callback(on_its_thread)
+
+    def _count_handshakes(self, monitor: Any) -> None:
+        """Read the shell socket's monitor (see :meth:`_watch_handshakes`)."""
+        while True:
+            try:
+                frames = monitor.recv_multipart()
+            except Exception:  # the context was closed: the kernel is ending
+                return
+            if len(frames) < 2 or frames[1].startswith(b"tcp://127."):
+                continue
+            if int.from_bytes(frames[0][:2], sys.byteorder) != EVENT_HANDSHAKE_SUCCEEDED:
+                continue
+            epoch, now = _start_time(), time.monotonic()
+            with self._subscriptions_lock:
+                seen, times = self._handshakes
+                self._handshakes = (epoch, [*(times if seen == epoch else []), now][-16:])
+            self._news.set()
+
+    def _shell_handshakes(self) -> list[float] | None:
+        """When the shell's handshakes since this process last started were done, or
+        None where they are not known: the watch began in this very process, maybe
+        after the frontend connected (a fresh process, not a restored one)."""
+        since = self._handshakes_watched_since
+        if not since or since == _start_time():
+            return None
+        with self._subscriptions_lock:
+            seen, times = self._handshakes
+        return times if seen == _start_time() else []
 
     def _subscribers(self) -> int:
         """iopub subscriptions since this process last started (or was restored)."""
@@ -317,11 +387,11 @@ class RestoreHandoff:
         After a restore every TCP connection is closed and the frontend reconnects
         by itself. A message sent before its sockets are back is lost: iopub drops
         it, and shell cannot route a reply to a peer it does not know yet. So wait
-        until the connections have been up for ``grace`` seconds (ZeroMQ's
-        handshake and the iopub subscription ride on them): as many as ``peers``
-        (the replaced process's :meth:`frontend_peers`) where the request said, or
-        as the runtime counted before a restore (``PEERS_FILE``), else one each, or
-        shell and the iopub subscription itself.
+        until the frontend's peers are back: iopub's subscriptions, and shell's
+        ZeroMQ handshakes (or, in a fresh process, connections up for ``grace``
+        seconds). As many as ``peers`` (the replaced process's
+        :meth:`frontend_peers`) where the request said, or as the runtime counted
+        before a restore (``PEERS_FILE``), else one each.
         """
         want = {"shell": 1, "iopub": 1}
         if peers is None:  # a restore no cell asked for: the runtime counted them
@@ -337,20 +407,28 @@ class RestoreHandoff:
         deadline = time.monotonic() + RECONNECT_WAIT
         first_seen: dict[tuple[str, str], float] = {}
         while time.monotonic() < deadline:
+            self._news.clear()
             now = time.monotonic()
             current = self._connections()
             first_seen = {c: first_seen.get(c, now) for c in current}
             settled = {"shell": 0, "iopub": 0}
-            # iopub is back when its subscribers are (they subscribe once their
-            # handshake is done); shell, once its connections are ``grace`` old: a
-            # reply to a peer the ROUTER does not know yet is dropped (a 10 ms grace
-            # lost a restore's reply under the soak's load).
             for (channel, _), seen in first_seen.items():
                 settled[channel] += now - seen >= grace
+            # iopub is back when its subscribers are (they subscribe once their
+            # handshake is done). Shell is, once the shell thread knows its peers:
+            # a reply to a peer the ROUTER does not know yet is dropped. In a
+            # restored process, that is a while after each one's handshake; in a
+            # fresh one, once its TCP connections are ``grace`` old.
+            handshakes = self._shell_handshakes()
+            if handshakes is None:
+                shell_back = settled["shell"] >= want["shell"]
+            else:
+                done = [t for t in handshakes if now - t >= AFTER_HANDSHAKE]
+                shell_back = len(done) >= want["shell"]
             iopub_back = self._subscribers() >= want["iopub"] or settled["iopub"] >= want["iopub"]
-            if settled["shell"] >= want["shell"] and iopub_back:
+            if shell_back and iopub_back:
                 return
-            self._subscribed.wait(0.01)
+            self._news.wait(0.01)
 
     # ---- restores no cell asked for, and the key ------------------------------------
 
@@ -373,9 +451,6 @@ class RestoreHandoff:
                 if _start_time() != started:
                     started = _start_time()
                     self._check_identity()
-                    # The subscription remembered from before the snapshot is gone
-                    # with the connection that carried it.
-                    self._subscribed.clear()
                     self._restored.set()
                     if not self._in_snapshot:
                         # Before the watch is heard again: a new kernel's launch
@@ -463,7 +538,7 @@ class RestoreHandoff:
         kernel = self.kernel
         deadline = time.monotonic() + RECONNECT_WAIT
         while getattr(kernel, "io_loop", None) is None and time.monotonic() < deadline:
-            self._subscribed.wait(0.01)
+            self._pause.wait(0.01)
         if info["kind"] == "reset":
             to = "files" if info.get("to") == "base" else "image"
             text = _RESET_TEXT[to]
