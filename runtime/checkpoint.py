@@ -17,7 +17,7 @@ from pathlib import Path
 from sandbox_kernel.errors import RequirementMissing
 
 from . import paths
-from .criu import find_criu
+from .criu import find_criu, keep_kdat_cache
 from .fsutil import aflocked, atomic_write, flocked
 
 #: Capability numbers and names, as setpriv spells them (linux/capability.h).
@@ -62,6 +62,7 @@ def criu_binary() -> str:
     criu = find_criu()
     if criu is None:
         raise RequirementMissing("CRIU >= 4.2", "sandbox-kernel install-criu")
+    keep_kdat_cache(criu, paths.state_dir() / "criu.kdat.stamp")
     return criu
 
 
