@@ -45,6 +45,17 @@ EVENT_HANDSHAKE_SUCCEEDED = 0x1000
 XPUB_VERBOSE = 40
 
 
+def _launch_environment() -> dict[str, str]:
+    """The environment this process was started with (a restored one: the
+    template's)."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
 def _start_time() -> str:
     """This process's start time (it changes when CRIU restores the process)."""
     return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -212,6 +223,7 @@ class RestoreHandoff:
         if kind == "restore":
             self._continue_numbering(count)
         else:
+            self._move_in(info)
             # A new kernel: its own history session (the base's has lines of these
             # numbers already), and cells numbered from 1, or after the asking cell.
             self._new_session(count if isinstance(count, int) and count > 0 else 1)
@@ -219,6 +231,39 @@ class RestoreHandoff:
         if info.get("parent") and in_cell:
             self._redirect_cell(info)
             print(text, end="")
+
+    def _move_in(self, info: dict[str, Any]) -> None:
+        """A process from a pristine base (see ``runtime/pristine.py``): take this
+        kernel's working folder and launch environment, where ``info`` names them.
+
+        The runtime has mounted the folder at the kernel's path, and the process's
+        working directory is there already; what Python and IPython remembered of
+        the template's folder (``sys.path``'s entry, ``_dh``, ``PWD``) and its
+        environment are brought up to date.
+        """
+        cwd, was = info.get("cwd"), info.get("was_cwd")
+        if isinstance(cwd, str) and isinstance(was, str) and cwd != was:
+            with contextlib.suppress(OSError):
+                os.chdir(cwd)
+            sys.path[:] = [cwd if entry == was else entry for entry in sys.path]
+            user_ns = getattr(self.shell, "user_ns", {})
+            if isinstance(user_ns.get("_dh"), list):
+                dirs = user_ns["_dh"]
+                dirs[:] = [type(d)(cwd) if str(d) == was else d for d in dirs]
+            os.environ["PWD"] = cwd
+        env = info.get("env")
+        if isinstance(env, dict):
+            launched = _launch_environment()
+            for name, value in launched.items():
+                if name not in env and os.environ.get(name) == value:
+                    del os.environ[name]  # the template's, not this kernel's
+            os.environ.update({k: v for k, v in env.items() if isinstance(v, str)})
+            session = env.get("JPY_SESSION_NAME")
+            user_ns = getattr(self.shell, "user_ns", {})
+            if session:
+                user_ns["__session__"] = session
+            else:
+                user_ns.pop("__session__", None)
 
     def _new_session(self, count: int) -> None:
         """Start a new IPython history session; the next cell is number ``count``."""

@@ -82,9 +82,9 @@ def find_owner(name: str, owner: str | None = None) -> str:
     return have[0]
 
 
-def make_base(owner: str, name: str) -> dict[str, Any]:
+def make_base(owner: str, name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy live snapshot ``name`` of ``owner`` into the bases; return the base's meta
-    (with its ``id``). The same snapshot twice gives the same base.
+    (with its ``id``, and ``extra``). The same snapshot twice gives the same base.
 
     Raises:
         SnapshotNotFound, SnapshotCorrupt: the snapshot is missing or damaged.
@@ -108,7 +108,7 @@ def make_base(owner: str, name: str) -> dict[str, Any]:
         criu = draft.path / "criu"
         criu.mkdir()
         for file in sorted((source / "criu").iterdir()):
-            _clone(file, criu / file.name)
+            clone(file, criu / file.name)
         fsync_dir(criu)
         snapshot_subvolume(source / "files", draft.path / "files", readonly=True)
         # The copies are new inodes: give the manifest their stamps (see verify).
@@ -117,7 +117,7 @@ def make_base(owner: str, name: str) -> dict[str, Any]:
             st = (criu / rel).stat()
             entry["stamp"] = [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
         write_json(draft.path / "manifest.json", entries)
-        meta = {**meta, "id": base_id, "snapshot": name, "snapshot_owner": owner}
+        meta = {**meta, **(extra or {}), "id": base_id, "snapshot": name, "snapshot_owner": owner}
         write_json(draft.path / "meta.json", meta)
         draft.commit(target)
     return meta
@@ -157,7 +157,7 @@ def for_user(base_id: str, uid: int, gid: int) -> dict[str, Any]:
         entries: dict[str, dict[str, Any]] = read_json(source / "manifest.json")
         for rel in sorted(entries):
             copy = criu / rel
-            _clone(source / "criu" / rel, copy)
+            clone(source / "criu" / rel, copy)
             if rewrite_image(copy, owners):
                 with open(copy, "rb") as handle:
                     entries[rel]["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
@@ -224,14 +224,18 @@ def verify(base_id: str) -> dict[str, Any]:
     return snapshots.check_folder(base_dir(base_id), load(base_id), read=False)
 
 
-def listing(copies: bool = False) -> list[dict[str, Any]]:
-    """Every base's meta; with ``copies``, users' copies of class bases too."""
+def listing(copies: bool = False, pristine: bool = False) -> list[dict[str, Any]]:
+    """Every base's meta; with ``copies``, users' copies of class bases too, and with
+    ``pristine``, the pristine bases kernels start from unseen (``pristine.py``)."""
     folder = bases_dir()
     if not folder.is_dir():
         return []
     found = [p for p in sorted(folder.iterdir()) if _ID_RE.fullmatch(p.name)]
     metas = [read_json(p / "meta.json") for p in found if (p / "meta.json").exists()]
-    return [m for m in metas if copies or not m.get("derived_from")]
+    return [
+        m for m in metas
+        if (copies or not m.get("derived_from")) and (pristine or not m.get("pristine"))
+    ]  # fmt: skip
 
 
 def delete(base_id: str) -> None:
@@ -248,11 +252,13 @@ def delete(base_id: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _clone(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` sharing its blocks (a reflink), keeping its owner."""
+def clone(source: Path, target: Path, sync: bool = True) -> None:
+    """Copy ``source`` to ``target`` sharing its blocks (a reflink), keeping its owner;
+    with ``sync``, durably."""
     st = source.stat()
     with open(source, "rb") as src, open(target, "wb") as dst:
         fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
         os.fchown(dst.fileno(), st.st_uid, st.st_gid)
         os.fchmod(dst.fileno(), st.st_mode & 0o7777)
-        os.fsync(dst.fileno())
+        if sync:
+            os.fsync(dst.fileno())

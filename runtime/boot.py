@@ -19,7 +19,7 @@ from typing import Any
 
 from sandbox_kernel.errors import SandboxError
 
-from . import bases, paths
+from . import bases, paths, pristine
 from .bundle import CONTAINER_ROOT, SpecParams, make_spec, resources
 from .drivers import Drivers
 from .fsutil import give, read_json, write_json
@@ -197,7 +197,14 @@ class Boot:
         assert record.base is not None
         criu = self.criu.criu_binary()
         await asyncio.to_thread(bases.verify, record.base)
-        return await self.restore(kdir, record, criu, bases.base_dir(record.base) / "criu")
+        images = bases.base_dir(record.base) / "criu"
+        if record.pristine_cwd and record.pristine_cwd != record.cwd_inside:
+            # The template's working folder is mounted, and open, at the kernel's own.
+            images = await asyncio.to_thread(
+                pristine.relocate, images, kdir / "criu-base", record.pristine_cwd,
+                record.cwd_inside,
+            )  # fmt: skip
+        return await self.restore(kdir, record, criu, images)
 
     def _current_limits(self, kdir: Path, record: KernelRecord) -> None:
         """Put the record's limits in the bundle: they may have changed live since it

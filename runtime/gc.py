@@ -8,11 +8,14 @@ sweep returns lines saying what it removed (or, dry, would remove).
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from . import classes, paths, snapshots
+from . import bases, classes, paths, pristine, snapshots
 from .drivers import Drivers
 from .fsutil import read_json
 from .lifecycle import owner_alive
@@ -65,6 +68,8 @@ class Collector:
         if not unreadable:  # else a base may be in use by a record it cannot read
             used = {r.base for r in records if r.base}
             removed += await asyncio.to_thread(classes.retire_unused, used, dry_run)
+            removed += await asyncio.to_thread(_stale_pristine_bases, used, dry_run)
+        removed += await asyncio.to_thread(_pristine_snapshots, dry_run)
         return removed
 
     async def _orphan_kernels(
@@ -211,3 +216,48 @@ class Collector:
                 if not dry_run:
                     shutil.rmtree(entry, ignore_errors=True)
         return removed
+
+
+def _stale_pristine_bases(used: set[str], dry_run: bool) -> list[str]:
+    """Pristine bases no kernel uses whose environment changed since (see
+    ``pristine.is_stale``): no start will take them again. The current ones stay."""
+    removed = []
+    for meta in bases.listing(copies=True, pristine=True):
+        if meta.get("pristine") and meta["id"] not in used and pristine.is_stale(meta):
+            removed.append(f"pristine base {meta['id']} (its Python environment or image changed)")
+            if not dry_run:
+                bases.delete(meta["id"])
+    return removed
+
+
+def _pristine_snapshots(dry_run: bool) -> list[str]:
+    """Snapshots a pristine base was being made from, left by a making cut short
+    (one being made holds its lock)."""
+    removed = []
+    locks = paths.state_dir() / "pristine"
+    for owner in snapshots.owners():
+        for name in snapshots.names(owner, every=True):
+            if not name.startswith(snapshots.PRISTINE_PREFIX):
+                continue
+            key = name.removeprefix(snapshots.PRISTINE_PREFIX)
+            if any(_held(lock) for lock in locks.glob(f"{key}*.lock")):
+                continue
+            removed.append(f"snapshot {owner}/{name} (a pristine base's, cut short)")
+            if not dry_run:
+                snapshots.delete(owner, name)
+    return removed
+
+
+def _held(lock: Path) -> bool:
+    """Whether another process holds ``lock`` (an flock)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False

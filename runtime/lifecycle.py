@@ -55,6 +55,9 @@ class KernelConfig:
         base: the id of the base snapshot new kernels start from, or empty.
         class_name: the class the kernel belongs to (its current base wins over
             ``base``), or empty.
+        pristine: without a base or class, whether the first start restores the
+            configuration's pristine base (see ``pristine.py``) instead of starting
+            Python.
         shm: the size of /dev/shm in bytes; None: the memory limit.
         caller: who asked (see ``service.py``): the kernel is theirs, their process
             owns it, and ``cwd`` and ``executable`` are opened with their
@@ -72,6 +75,7 @@ class KernelConfig:
     caller: Caller | None = None
     shm: int | None = None
     class_name: str = ""
+    pristine: bool = True
 
 
 def default_uid(cwd: str, fallback: int = 65534) -> int:
@@ -352,6 +356,7 @@ class Lifecycle:
             base=base["id"] if base else None, base_note=why_cold,
             # A kernel with no base to try says so from the start: one write less.
             start=Start.PENDING if base or why_cold else Start.IMAGE,
+            extra={} if config.pristine else {"pristine": ""},
         )  # fmt: skip
 
     def adopt(self, kernel_id: str, pid: int | None = None) -> KernelRecord:
@@ -384,7 +389,8 @@ class Lifecycle:
         """
         kdir = self.store.kernel_dir(kernel_id)
         record = self.store.load(kernel_id)
-        if record.wants_base and record.start is not Start.PENDING:
+        if record.wants_base and record.start is not Start.PENDING and not record.pristine_cwd:
+            # A pristine base's kernel keeps its files, as a cold kernel's restart does.
             record = await asyncio.to_thread(self._base_files_again, kdir, record)
         await asyncio.to_thread(self._ready, kdir, record, argv, env, connection)
         try:
@@ -400,6 +406,22 @@ class Lifecycle:
                 await self.drivers.runc.delete(record.container_id)
             self.rootfs.unmount(kdir)
             raise
+
+    def use_pristine(self, kernel_id: str, meta: dict[str, Any]) -> KernelRecord:
+        """Before a kernel's first start: make pristine base ``meta`` its base (see
+        ``pristine.py``). Its files become the base's; its working folder stays its
+        own (the base's images are relocated to it at each restore). Blocks."""
+
+        def take(record: KernelRecord) -> KernelRecord:
+            record.base, record.base_note = meta["id"], ""
+            record.layers = list(meta["layers"])
+            record.pristine_cwd = str(meta["cwd_inside"])
+            record.start = Start.PENDING
+            return record
+
+        record = self.store.update(kernel_id, take)
+        self.rootfs.layer_from(record, bases.base_dir(meta["id"]), meta)
+        return record
 
     def _base_files_again(self, kdir: Path, record: KernelRecord) -> KernelRecord:
         """Before a class kernel's restart: its files go back to the base's, which the

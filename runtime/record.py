@@ -64,6 +64,9 @@ class KernelRecord:
         shm: the size of its /dev/shm (None: its memory limit).
         class_name: the class it belongs to (see ``classes.py``): its starts and
             resets follow the class's current base.
+        pristine_cwd: set when the base is a pristine base (see ``pristine.py``):
+            the working folder its template ran in, which each restore relocates to
+            ``cwd_inside``. Its restarts keep the kernel's files.
         owner_uid: the user the kernel belongs to: who asked the daemon for it, or
             for a root server's kernel (and a record of an earlier version) its uid.
     """
@@ -98,6 +101,7 @@ class KernelRecord:
     owner_uid: int | None = None
     shm: int | None = None
     class_name: str | None = None
+    pristine_cwd: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

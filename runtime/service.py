@@ -168,6 +168,8 @@ class KernelService:
         self.config = config or DaemonConfig()
         self.log = log or logging.getLogger("sandbox_kernel.service")
         self.channels: dict[str, ControlChannel] = {}
+        # One making of each pristine base at a time (see pristine_make.py).
+        self.pristine_locks: dict[str, asyncio.Lock] = {}
         #: In this process (a root Jupyter server's kernels): its user is the operator.
         self.in_process = config is None
         self._subscribers: list[Callable[[Event], None]] = []
@@ -442,6 +444,7 @@ def _config(caller: Caller, data: dict[str, Any]) -> KernelConfig:
         executable=data["executable"],
         base=str(data.get("base") or ""),
         class_name=str(data.get("class_name") or ""),
+        pristine=data.get("pristine") is not False,
         caller=caller,
     )
 
@@ -503,10 +506,18 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         raise ConfigError("env", "...", "must map names to strings")
     await asyncio.to_thread(svc.notice_for_next_start, record)
+    if record.base is None and not record.class_name and record.extra.get("pristine") is None:
+        # A kernelspec without a base: its first start restores its pristine base.
+        record = await _pristine(svc, record, argv, env)
     channel = svc.channels.get(kid)
     if channel is not None and record.wants_base:
-        # A process from a base is a new kernel: it numbers its cells from 1.
+        # A process from a base is a new kernel: it numbers its cells from 1. From
+        # a pristine base, it moves to its own folder and environment too.
         channel.server.pending = {"kind": "base", "count": 1}
+        if record.pristine_cwd:
+            channel.server.pending.update(
+                cwd=record.cwd_inside, was_cwd=record.pristine_cwd, env=env
+            )
     pid = await svc.runtime.start(kid, argv, env, dict(args["connection"]))
     record = svc.runtime.record(kid)  # the start says how it went
     channel = await svc.open_channel(record, listen=True)
@@ -522,6 +533,30 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         warning = record.base_note
     svc.emit({"event": "started", "kernel_id": kid, "pid": pid})
     return {**_kernel_info(record), "pid": pid, "warning": warning}
+
+
+async def _pristine(
+    svc: KernelService, record: KernelRecord, argv: list[str], env: dict[str, str]
+) -> KernelRecord:
+    """At a kernel's first launch: take its pristine base, made if need be, or say
+    in its record why it starts cold. Marks the record either way (``pristine``):
+    a restart keeps what the first launch chose, and the kernel's files."""
+    from .pristine_make import find_or_make  # here: it imports this module's types
+
+    kid = record.kernel_id
+    meta, why = await find_or_make(svc, record, argv, env)
+    if meta is not None:
+        record = await asyncio.to_thread(svc.runtime.lifecycle.use_pristine, kid, meta)
+    elif why:
+        svc.runtime.rootfs.append_log(kid, f"starting cold: {why}")
+
+    def mark(current: KernelRecord) -> KernelRecord:
+        current.extra["pristine"] = meta["id"] if meta else ""
+        if why:
+            current.base_note = why
+        return current
+
+    return await svc.runtime.store.aupdate(kid, mark)
 
 
 @_op("stop")

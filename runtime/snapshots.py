@@ -89,6 +89,11 @@ class QuotaExceeded(SandboxError):
         )
 
 
+#: The names of the snapshots pristine bases are made from (see ``pristine.py``):
+#: deleted once the base is made, and never listed.
+PRISTINE_PREFIX = "pristine-base-"
+
+
 def check_name(name: str) -> str:
     """Validate a snapshot name.
 
@@ -128,12 +133,15 @@ def snapshot_dir(owner: str, name: str) -> Path:
     return owner_dir(owner) / check_name(name)
 
 
-def names(owner: str) -> list[str]:
-    """The owner's snapshots, oldest first; hidden (unfinished) ones are not listed."""
+def names(owner: str, every: bool = False) -> list[str]:
+    """The owner's snapshots, oldest first; hidden (unfinished) ones are not listed,
+    nor (unless ``every``) the one a pristine base is being made from."""
     base = owner_dir(owner)
     if not base.is_dir():
         return []
     found = [p for p in base.iterdir() if not p.name.startswith(".") and (p / "meta.json").exists()]
+    if not every:
+        found = [p for p in found if not p.name.startswith(PRISTINE_PREFIX)]
     return [p.name for p in sorted(found, key=lambda p: (p / "meta.json").stat().st_mtime)]
 
 

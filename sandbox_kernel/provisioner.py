@@ -23,7 +23,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Enum, Float, Int, List, Unicode, Union, default, validate
+from traitlets import Bool, Enum, Float, Int, List, Unicode, Union, default, validate
 
 from .backends import DAEMON_MODES, Backend, choose
 from .errors import DaemonError, KernelStateError
@@ -80,6 +80,12 @@ class SandboxProvisioner(KernelProvisionerBase):
     class_name = Unicode(
         "", help="The class (`sandbox-kernel class publish NAME`) whose kernels these are: "
         "every start, restarts included, and every reset lands on the class's current base."
+    ).tag(config=True)  # fmt: skip
+    pristine_base = Bool(
+        True, help="Without a base or class: start each kernel by restoring a pristine "
+        "base, an idle kernel of the same configuration snapshotted before any cell, made "
+        "at the first start (and again when the image, the Python environment or this "
+        "package changes). False: every start is a cold start of Python."
     ).tag(config=True)  # fmt: skip
     image = Unicode(
         "host", help="Image the kernel's root filesystem comes from; `host` is a read-only "
@@ -223,6 +229,7 @@ class SandboxProvisioner(KernelProvisionerBase):
             "executable": self.kernel_spec.argv[0],
             "base": self.base,
             "class_name": self.class_name,
+            "pristine": self.pristine_base,
             "shm": self.shm,
         }
         record = await self.backend.call("prepare", kernel_id=self.kernel_id, config=config)
