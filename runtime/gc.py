@@ -199,13 +199,16 @@ class Collector:
         return removed
 
     def _layers(self, dry_run: bool) -> list[str]:
-        """Image layers no image or kernel uses, and builds of them cut short."""
+        """Image layers no image, kernel or base uses, and builds of them cut short."""
         if not paths.layers_dir().is_dir():
             return []
         used: set[str] = set()
         for image in paths.images_dir().glob("*.json"):
             used.update(read_json(image).get("layers", []))
         used |= self.store.layers_in_use()
+        # A base's kernels mount its layers (its own mount-point layer among them).
+        for meta in bases.listing(copies=True, pristine=True):
+            used.update(meta.get("layers", []))
         removed = []
         for entry in paths.layers_dir().iterdir():
             stale_build = entry.name.startswith(".building-") and (
@@ -223,10 +226,16 @@ def _stale_pristine_bases(used: set[str], dry_run: bool) -> list[str]:
     ``pristine.is_stale``): no start will take them again. The current ones stay."""
     removed = []
     for meta in bases.listing(copies=True, pristine=True):
-        if meta.get("pristine") and meta["id"] not in used and pristine.is_stale(meta):
+        if not meta.get("pristine") or meta["id"] in used:
+            continue
+        if pristine.is_stale(meta):
             removed.append(f"pristine base {meta['id']} (its Python environment or image changed)")
-            if not dry_run:
-                bases.delete(meta["id"])
+        elif pristine.is_broken(meta):
+            removed.append(f"pristine base {meta['id']} (a layer of it is gone)")
+        else:
+            continue
+        if not dry_run:
+            bases.delete(meta["id"])
     return removed
 
 

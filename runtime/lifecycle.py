@@ -333,10 +333,11 @@ class Lifecycle:
         ]
         image_layers = layers.image_layers(config.image)
         base, why_cold, inside = fitting_base(config, [str(p) for p in prefixes])
-        points = layers.mountpoint_layer([*prefixes, Path(inside)])
-        if base is not None and base["layers"] != [points, *image_layers]:
+        if base is not None and base["layers"][1:] != image_layers:
             base, why_cold, inside = None, "its image's files differ from this kernel's", str(cwd)
-            points = layers.mountpoint_layer([*prefixes, cwd])
+        # A base brings its own mount-point layer: the mounts are the ones it was
+        # dumped with (a kernel from a pristine base has its folder's in its files).
+        points = base["layers"][0] if base else layers.mountpoint_layer([*prefixes, Path(inside)])
         user = _user_name(config.uid)
         return KernelRecord(
             kernel_id=kernel_id, container_id=paths.container_id(kernel_id),

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bases, paths, snapshots
+from . import bases, layers, paths, snapshots
 from .bundle import shm_options
 from .criu_images import ImageError, encode, parse
 from .pyenv import package_dirs
@@ -118,9 +118,14 @@ def fingerprint(data: dict[str, Any]) -> str:
 def find(key: str) -> dict[str, Any] | None:
     """The pristine base of fingerprint ``key``, or None."""
     for meta in bases.listing(pristine=True):
-        if (meta.get("pristine") or {}).get("key") == key:
+        if (meta.get("pristine") or {}).get("key") == key and not is_broken(meta):
             return meta
     return None
+
+
+def is_broken(meta: dict[str, Any]) -> bool:
+    """Whether a layer the base's kernels mount is gone (``gc`` removes it then)."""
+    return not all(layers.layer_path(d).is_dir() for d in meta.get("layers", []))
 
 
 def is_stale(meta: dict[str, Any]) -> bool:

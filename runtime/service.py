@@ -506,7 +506,10 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         raise ConfigError("env", "...", "must map names to strings")
     await asyncio.to_thread(svc.notice_for_next_start, record)
-    if record.base is None and not record.class_name and record.extra.get("pristine") is None:
+    if (
+        record.base is None and not record.class_name and not record.base_note
+        and record.extra.get("pristine") is None
+    ):  # fmt: skip
         # A kernelspec without a base: its first start restores its pristine base.
         record = await _pristine(svc, record, argv, env)
     channel = svc.channels.get(kid)
