@@ -119,6 +119,7 @@ class ContainerMagics(Magics):
         #: Carries this process across restores; None outside a sandboxed kernel.
         self.handoff = RestoreHandoff(shell, self.channel) if self.channel is not None else None
         if self.handoff is not None:
+            self.handoff.new_kernel_hooks.append(self._warn_of_last_end)
             self.handoff.start()
             self._warn_of_last_end()
 

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,10 @@ class RestoreHandoff:
         # Set while a cell takes a snapshot: a process restored from it wakes up in
         # that cell, whose own code asks what happened (see finish_restore).
         self._in_snapshot = False
+        #: Called when this process becomes a new kernel (from a base, or a reset):
+        #: what a fresh process does at its start (the magic's warning of how the
+        #: last process ended).
+        self.new_kernel_hooks: list[Callable[[], None]] = []
 
     def start(self) -> None:
         """Take over the session's signing, start the threads, register the hook."""
@@ -227,6 +232,8 @@ class RestoreHandoff:
             # A new kernel: its own history session (the base's has lines of these
             # numbers already), and cells numbered from 1, or after the asking cell.
             self._new_session(count if isinstance(count, int) and count > 0 else 1)
+            for hook in self.new_kernel_hooks:
+                hook()
         numbered.set()
         if info.get("parent") and in_cell:
             self._redirect_cell(info)

@@ -175,10 +175,11 @@ class Boot:
         work = fresh_work(kdir)
         window = self.criu.userfaultfd_window() if lazy_lock else contextlib.nullcontext()
         try:
+            wrapped, env = self.criu.restore_command(criu, paths.cgroup_of(record.container_id))
             async with window:
                 pid = await self.runc.restore(
-                    record.container_id, criu, kdir, images, work,
-                    kdir / "container.pid", lazy_lock,
+                    record.container_id, wrapped, kdir, images, work,
+                    kdir / "container.pid", lazy_lock, env=env,
                 )  # fmt: skip
         finally:
             self.criu_config(kdir)

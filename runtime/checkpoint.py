@@ -98,6 +98,59 @@ def dump_command(uid: int, gid: int) -> tuple[str, dict[str, str], str]:
     return str(wrapper), env, "unprivileged\n"
 
 
+#: The ``criu-restore`` wrapper (see :func:`restore_command`); UNSHARE and CRIU are
+#: replaced by their paths.
+_RESTORE_WRAPPER = """#!/bin/sh
+# Written by sandbox-kernel: CRIU in the container's cgroup namespace (see
+# checkpoint.py). runc passes SANDBOX_KERNEL_CGROUP on.
+if [ "$1" = swrk ] && [ -n "$SANDBOX_KERNEL_CGROUP" ]; then
+    for top in /sys/fs/cgroup/*/; do
+        [ -f "${top}cgroup.procs" ] || continue
+        dir="$top$SANDBOX_KERNEL_CGROUP"
+        mkdir -p "$dir" || exit 1
+        if [ -f "$dir/cpuset.cpus" ]; then
+            d="${top%/}"
+            for part in $(echo "$SANDBOX_KERNEL_CGROUP" | tr / ' '); do
+                up="$d"
+                d="$d/$part"
+                for f in cpuset.cpus cpuset.mems; do
+                    [ -n "$(cat "$d/$f")" ] || cat "$up/$f" > "$d/$f" || exit 1
+                done
+            done
+        fi
+        echo $$ > "$dir/cgroup.procs" || exit 1
+    done
+    exec UNSHARE --cgroup CRIU "$@"
+fi
+exec CRIU "$@"
+"""
+
+
+def restore_command(criu: str, cgroup: str) -> tuple[str, dict[str, str]]:
+    """CRIU for restoring the container whose cgroup is ``cgroup`` (below each
+    hierarchy's root): (binary, environment for runc, which passes it on).
+
+    CRIU gives the restored processes its own cgroup namespace: the images of an
+    unprivileged dump have no cgroups, and CRIU keeps the one it runs in. So
+    ``criu swrk`` first joins the container's cgroups (made here if runc has not
+    yet; a new cpuset takes its parent's cpus and mems) and unshares a cgroup
+    namespace rooted there, as ``runc run`` gives a kernel: the kernel then sees
+    its own cgroups as ``/``, not the host's paths.
+
+    Raises:
+        RequirementMissing: no unshare (util-linux).
+    """
+    unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin")
+    if unshare is None:
+        raise RequirementMissing("unshare", "apt-get install -y util-linux")
+    wrapper = paths.state_dir() / "bin" / "criu-restore"
+    script = _RESTORE_WRAPPER.replace("UNSHARE", unshare).replace("CRIU", criu)
+    if not wrapper.exists() or wrapper.read_text() != script:
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(wrapper, script.encode(), mode=0o755)
+    return str(wrapper), {"SANDBOX_KERNEL_CGROUP": cgroup}
+
+
 #: Who may open a userfaultfd that also catches the kernel's own faults: 0, only
 #: holders of CAP_SYS_PTRACE in the host's user namespace.
 UFFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")

@@ -200,9 +200,10 @@ async def restore(
     work: Path,
     pid_file: Path,
     lazy_lock: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> int:
     """Restore ``container_id`` from the CRIU images in ``images``, detached; return
-    the host pid of its init.
+    the host pid of its init. ``env`` is added to runc's environment (and CRIU's).
 
     With ``lazy_lock``, memory is restored lazily: a ``criu lazy-pages`` daemon
     serves each page through userfaultfd when the kernel first touches it, and
@@ -219,7 +220,7 @@ async def restore(
     if lazy_lock is not None:
         await _start_lazy_pages(criu, images, work, lazy_lock)
         argv.insert(argv.index("--detach") + 1, "--lazy-pages")
-    await _with_criu_log(argv, work / "restore.log", {})
+    await _with_criu_log(argv, work / "restore.log", env or {})
     return int(pid_file.read_text().strip())
 
 

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                    "are there at once)")  # fmt: skip
     p.add_argument("--base-owner", metavar="OWNER",
                    help="whose snapshot --base names, if several users have one")  # fmt: skip
+    p.add_argument("--no-pristine", action="store_true",
+                   help="start every kernel cold; by default kernels restore a "
+                   "pristine base, an idle kernel of this configuration made at the "
+                   "first start")  # fmt: skip
     where = p.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for this user only")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
@@ -197,6 +201,8 @@ def _install(args: argparse.Namespace) -> int:
             raise ConfigError("--base", args.base, fix)
         base = bases.make_base(owner, args.base)
         config["base"] = base["id"]
+    if args.no_pristine:
+        config["pristine_base"] = False
     prefix = sys.prefix if args.sys_prefix else None
     path = install(args.name, args.display_name, config, user=args.user, prefix=prefix)
     print(f"Installed kernelspec {args.name} in {path}")

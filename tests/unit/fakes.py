@@ -112,6 +112,7 @@ class FakeRunc:
         work: Path,
         pid_file: Path,
         lazy_lock: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> int:
         await self._step("restore", container_id)
         assert (images / "inventory.img").is_file(), "restored from no images"
@@ -136,6 +137,9 @@ class FakeCriu:
 
     def dump_command(self, uid: int, gid: int) -> tuple[str, dict[str, str], str]:
         return self.criu_binary(), {}, ""
+
+    def restore_command(self, criu: str, cgroup: str) -> tuple[str, dict[str, str]]:
+        return criu, {}
 
     @contextlib.asynccontextmanager
     async def _window(self) -> AsyncIterator[None]:

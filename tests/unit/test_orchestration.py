@@ -57,7 +57,9 @@ def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fakes]:
     monkeypatch.setattr(snapshots, "compress", vol.compress)
     monkeypatch.setattr(snapshots, "is_subvolume", vol.is_subvolume)
     monkeypatch.setattr(bases, "snapshot_subvolume", vol.snapshot_subvolume)
-    monkeypatch.setattr(bases, "_clone", lambda src, dst: dst.write_bytes(src.read_bytes()))
+    monkeypatch.setattr(
+        bases, "clone", lambda src, dst, sync=True: dst.write_bytes(src.read_bytes())
+    )
     yield made
 
 
