@@ -324,7 +324,8 @@ class KernelService:
             }  # fmt: skip
         done = await self.runtime.reset(kernel_id, pristine)
         record = self.runtime.record(kernel_id)
-        to = {"base": f"its base {record.base}", "files": f"its base {record.base}'s files"}
+        kind = "pristine base" if record.pristine_cwd else "base"
+        to = {"base": f"its {kind} {record.base}", "files": f"its {kind} {record.base}'s files"}
         self.log.info(
             "reset kernel %s (owner %s) to %s, %.2f s%s",
             kernel_id, self._owner_text(kernel_id), to.get(done["to"], "the image's files"),

@@ -14,7 +14,7 @@ from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from sandbox_kernel.runtime import snapshots
+from sandbox_kernel.runtime import Runtime, snapshots
 
 from .conftest import OWNER, Kernels, execute_notebook, wait_until
 from .probe import run_cell
@@ -218,7 +218,9 @@ async def test_operators_read_snapshots_and_restores_in_the_log(
     (line,) = logged(f"snapshot {name} of kernel {kid}")
     assert f"(owner {OWNER})" in line and "memory" in line and " s" in line
     (line,) = logged(f"restored kernel {kid} (owner {OWNER}) to snapshot {name}")
-    assert logged(f"reset kernel {kid} (owner {OWNER}) to the image's files")
+    # The kernelspec's kernels start from their pristine base: a reset goes back to it.
+    record = Runtime().record(kid)
+    assert logged(f"reset kernel {kid} (owner {OWNER}) to its pristine base {record.base}")
 
 
 async def test_execution_counts_never_repeat(kernels: Kernels, make_spec, name: str) -> None:
