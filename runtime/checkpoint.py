@@ -102,22 +102,34 @@ def dump_command(uid: int, gid: int) -> tuple[str, dict[str, str], str]:
 #: replaced by their paths.
 _RESTORE_WRAPPER = """#!/bin/sh
 # Written by sandbox-kernel: CRIU in the container's cgroup namespace (see
-# checkpoint.py). runc passes SANDBOX_KERNEL_CGROUP on.
+# checkpoint.py). runc passes SANDBOX_KERNEL_CGROUP on. Shell builtins but for
+# one mkdir: this runs at every restore.
 if [ "$1" = swrk ] && [ -n "$SANDBOX_KERNEL_CGROUP" ]; then
+    dirs=
     for top in /sys/fs/cgroup/*/; do
-        [ -f "${top}cgroup.procs" ] || continue
-        dir="$top$SANDBOX_KERNEL_CGROUP"
-        mkdir -p "$dir" || exit 1
-        if [ -f "$dir/cpuset.cpus" ]; then
-            d="${top%/}"
-            for part in $(echo "$SANDBOX_KERNEL_CGROUP" | tr / ' '); do
-                up="$d"
-                d="$d/$part"
-                for f in cpuset.cpus cpuset.mems; do
-                    [ -n "$(cat "$d/$f")" ] || cat "$up/$f" > "$d/$f" || exit 1
-                done
+        [ -f "${top}cgroup.procs" ] && dirs="$dirs ${top}$SANDBOX_KERNEL_CGROUP"
+    done
+    mkdir -p $dirs || exit 1
+    if [ -f /sys/fs/cgroup/cpuset/cgroup.procs ]; then
+        d=/sys/fs/cgroup/cpuset
+        old_ifs=$IFS
+        IFS=/
+        for part in $SANDBOX_KERNEL_CGROUP; do
+            IFS=$old_ifs
+            up=$d
+            d=$d/$part
+            for f in cpuset.cpus cpuset.mems; do
+                v=
+                read -r v < "$d/$f"
+                if [ -z "$v" ]; then
+                    read -r v < "$up/$f"
+                    echo "$v" > "$d/$f" || exit 1
+                fi
             done
-        fi
+        done
+        IFS=$old_ifs
+    fi
+    for dir in $dirs; do
         echo $$ > "$dir/cgroup.procs" || exit 1
     done
     exec UNSHARE --cgroup CRIU "$@"

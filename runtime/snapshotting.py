@@ -313,7 +313,10 @@ def _entries(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         return found
     for path in root.rglob("*"):
-        st = path.lstat()
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue  # the running kernel removed it meanwhile (SQLite's journal)
         rel = path.relative_to(root).as_posix()
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             found[rel] = "whiteout"
