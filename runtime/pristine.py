@@ -28,6 +28,7 @@ import os
 import shutil
 import stat
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,18 +179,50 @@ def _rewrite_entries(path: Path, change: Callable[[bytes], tuple[bytes, int]]) -
         out += struct.pack("<I", len(new)) + new
         changed += count
         i += 4 + size
-    if changed:
+    if changed:  # a new file: ``path`` may be a link to a base's image
+        st = path.stat()
         fresh = path.with_name(path.name + ".new")
         fresh.write_bytes(bytes(out))
+        os.chown(fresh, st.st_uid, st.st_gid)
+        os.chmod(fresh, stat.S_IMODE(st.st_mode))
         fresh.replace(path)
     return changed
+
+
+def relocated(base_dir: Path, new: str) -> Path:
+    """The images of the pristine base in ``base_dir`` relocated to working folder
+    ``new`` (see :func:`relocate`), made once per folder and kept with the base
+    (deleted with it): every start in that folder uses them.
+
+    Raises:
+        ImageError: see :func:`relocate`.
+        OSError: they could not be written.
+    """
+    meta = bases.load(base_dir.name)
+    target = base_dir / "moved" / hashlib.sha256(new.encode()).hexdigest()[:16]
+    if (target / "files.img").exists():
+        return target
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    draft = Path(tempfile.mkdtemp(dir=target.parent, prefix=".moving-"))
+    try:
+        relocate(base_dir / "criu", draft, str(meta["cwd_inside"]), new)
+        try:
+            draft.rename(target)
+        except OSError:
+            if not (target / "files.img").exists():
+                raise
+            shutil.rmtree(draft)  # made by another start meanwhile
+    except BaseException:
+        shutil.rmtree(draft, ignore_errors=True)
+        raise
+    return target
 
 
 def relocate(images: Path, target: Path, old: str, new: str) -> Path:
     """A copy in ``target`` of CRIU ``images`` in which the working folder ``old``
     is mounted at ``new``, and the open paths under it (the processes' working
-    directories) name ``new``. The copies share their blocks with ``images``,
-    except the two images rewritten. Returns ``target``.
+    directories) name ``new``. Images share their blocks with ``images``' (or are
+    copies, on another filesystem), except the two rewritten. Returns ``target``.
 
     Raises:
         ImageError: the images do not mount ``old`` once, or are not what this
@@ -201,9 +234,11 @@ def relocate(images: Path, target: Path, old: str, new: str) -> Path:
     os.chown(target, st.st_uid, st.st_gid)
     os.chmod(target, stat.S_IMODE(st.st_mode))
     for file in sorted(images.iterdir()):
+        # A reflink: a hard link would change the image's ctime, which its stamp
+        # holds, and every start would then hash the base again (bases.verify).
         try:
             bases.clone(file, target / file.name, sync=False)
-        except OSError:  # not on the volume (no reflinks): a plain copy
+        except OSError:  # not on the volume: a plain copy
             shutil.copy2(file, target / file.name)
     mounted = sum(
         _rewrite_entries(p, lambda e: _rewrite_fields(e, (_MOUNTPOINT, _EXT_KEY), old, new))
