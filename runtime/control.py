@@ -175,6 +175,9 @@ class ControlServer:
         self.log = log if log is not None else logging.getLogger("sandbox_kernel.control")
         #: The restore or reset the kernel's next process must finish (``resume``).
         self.pending: dict[str, Any] | None = None
+        #: What every new process of this kernel (a start, restart or reset onto a
+        #: pristine base) is told with its ``resume``: its folder and environment.
+        self.arrival: dict[str, Any] = {}
         #: Set at the first ``watch`` that passes the checks: the kernel process holds
         #: this server's credentials (a kernel restored from a base learns them
         #: after its restore; see ``bases.py``), and has numbered its cells afresh
@@ -408,6 +411,8 @@ class ControlServer:
         self, args: dict[str, Any], progress: Progress | None
     ) -> dict[str, Any] | None:
         pending, self.pending = self.pending, None
+        if pending is not None and pending.get("kind") != "restore":
+            pending = {**self.arrival, **pending}
         return pending
 
     # A kernel sees and acts on the snapshots it may restore, no others: the same

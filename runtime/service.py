@@ -318,9 +318,11 @@ class KernelService:
             # The new process learns what happened from it (a cell that asked for the
             # reset has put its own there): it numbers its cells afresh.
             record = self.runtime.record(kernel_id)
+            # A pristine base is a fresh kernel on the image's files to its user.
+            to_base = record.base and not pristine and not record.pristine_cwd
             channel.server.pending = {
                 **(channel.server.pending or {}), "kind": "reset",
-                "to": "base" if record.base and not pristine else "image",
+                "to": "base" if to_base else "image",
             }  # fmt: skip
         done = await self.runtime.reset(kernel_id, pristine)
         record = self.runtime.record(kernel_id)
@@ -518,10 +520,12 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         # A process from a base is a new kernel: it numbers its cells from 1. From
         # a pristine base, it moves to its own folder and environment too.
         channel.server.pending = {"kind": "base", "count": 1}
-        if record.pristine_cwd:
-            channel.server.pending.update(
-                cwd=record.cwd_inside, was_cwd=record.pristine_cwd, env=env
-            )
+        if record.pristine_cwd:  # also for its resets
+            channel.server.arrival = {
+                "cwd": record.cwd_inside,
+                "was_cwd": record.pristine_cwd,
+                "env": env,
+            }
     pid = await svc.runtime.start(kid, argv, env, dict(args["connection"]))
     record = svc.runtime.record(kid)  # the start says how it went
     channel = await svc.open_channel(record, listen=True)

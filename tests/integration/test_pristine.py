@@ -85,6 +85,15 @@ async def test_kernels_start_from_the_pristine_base_as_new_kernels(
     )
     assert after.check().strip() == f"{workdir} 1 1"
     assert after.count == 1
+    # A reset goes back to the pristine base's files and memory, in the kernel's
+    # own folder still.
+    (await run_cell(kc2, "open('gone.txt', 'w').write('x')")).check()
+    reset = await run_cell(kc2, "%container reset", timeout=120)
+    assert "a fresh kernel on the image's pristine files" in reset.check(), reset
+    back = await run_cell(
+        kc2, "import os\nprint(os.getcwd(), os.environ['PWD'], _dh[-1], os.path.exists('gone.txt'))"
+    )
+    assert back.check().strip() == f"{other} {other} {other} False", back
 
 
 def _wheel(folder: Path) -> Path:
