@@ -19,6 +19,8 @@ added), so fields this code does not know pass through untouched.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -211,10 +213,19 @@ def rewrite_image(path: Path, owners: Owners) -> bool:
     change = next((f for prefix, f in REWRITES.items() if path.name.startswith(prefix)), None)
     if change is None or path.suffix != ".img":
         return False
+    map_entries(path, lambda entry: (change(entry, owners), 1))
+    return True
+
+
+def map_entries(path: Path, change: Callable[[bytes], tuple[bytes, int]]) -> int:
+    """Pass each entry of image ``path`` through ``change``, which returns the new
+    entry and how many changes it made; if any, write the image anew (a new file,
+    with the old one's owner and mode: the old one may be a base's, shared).
+    Returns the number of changes."""
     data = path.read_bytes()
     if len(data) < 8:
         raise ImageError(f"{path.name} is too short for a CRIU image")
-    out, i = bytearray(data[:8]), 8
+    out, i, changed = bytearray(data[:8]), 8, 0
     while i < len(data):
         if i + 4 > len(data):
             raise ImageError(f"{path.name} ends inside an entry's length")
@@ -222,10 +233,15 @@ def rewrite_image(path: Path, owners: Owners) -> bool:
         entry = data[i + 4 : i + 4 + size]
         if len(entry) != size:
             raise ImageError(f"{path.name} ends inside an entry")
-        new = change(entry, owners)
+        new, count = change(entry)
         out += struct.pack("<I", len(new)) + new
+        changed += count
         i += 4 + size
-    fresh = path.with_name(path.name + ".new")
-    fresh.write_bytes(bytes(out))
-    fresh.replace(path)
-    return True
+    if changed:
+        st = path.stat()
+        fresh = path.with_name(path.name + ".new")
+        fresh.write_bytes(bytes(out))
+        os.chown(fresh, st.st_uid, st.st_gid)
+        os.chmod(fresh, stat.S_IMODE(st.st_mode))
+        fresh.replace(path)
+    return changed

@@ -27,15 +27,13 @@ import json
 import os
 import shutil
 import stat
-import struct
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import bases, layers, paths, snapshots
 from .bundle import shm_options
-from .criu_images import ImageError, encode, parse
+from .criu_images import ImageError, encode, map_entries, parse
 from .pyenv import package_dirs
 from .record import KernelRecord
 
@@ -165,30 +163,6 @@ def _rewrite_fields(data: bytes, numbers: tuple[int, ...], old: str, new: str) -
     return (encode(fields), changed) if changed else (data, 0)
 
 
-def _rewrite_entries(path: Path, change: Callable[[bytes], tuple[bytes, int]]) -> int:
-    data = path.read_bytes()
-    out, i, changed = bytearray(data[:8]), 8, 0
-    while i < len(data):
-        if i + 4 > len(data):
-            raise ImageError(f"{path.name} ends inside an entry's length")
-        (size,) = struct.unpack_from("<I", data, i)
-        entry = data[i + 4 : i + 4 + size]
-        if len(entry) != size:
-            raise ImageError(f"{path.name} ends inside an entry")
-        new, count = change(entry)
-        out += struct.pack("<I", len(new)) + new
-        changed += count
-        i += 4 + size
-    if changed:  # a new file: ``path`` may be a link to a base's image
-        st = path.stat()
-        fresh = path.with_name(path.name + ".new")
-        fresh.write_bytes(bytes(out))
-        os.chown(fresh, st.st_uid, st.st_gid)
-        os.chmod(fresh, stat.S_IMODE(st.st_mode))
-        fresh.replace(path)
-    return changed
-
-
 def relocated(base_dir: Path, new: str) -> Path:
     """The images of the pristine base in ``base_dir`` relocated to working folder
     ``new`` (see :func:`relocate`), made once per folder and kept with the base
@@ -241,7 +215,7 @@ def relocate(images: Path, target: Path, old: str, new: str) -> Path:
         except OSError:  # not on the volume: a plain copy
             shutil.copy2(file, target / file.name)
     mounted = sum(
-        _rewrite_entries(p, lambda e: _rewrite_fields(e, (_MOUNTPOINT, _EXT_KEY), old, new))
+        map_entries(p, lambda e: _rewrite_fields(e, (_MOUNTPOINT, _EXT_KEY), old, new))
         for p in sorted(target.glob("mountpoints-*.img"))
     )
     if mounted != 2:  # its mount point and its key, once
@@ -256,5 +230,5 @@ def relocate(images: Path, target: Path, old: str, new: str) -> Path:
             fields.append((n, w, v))
         return (encode(fields), changed) if changed else (entry, 0)
 
-    _rewrite_entries(target / "files.img", file_entry)
+    map_entries(target / "files.img", file_entry)
     return target
