@@ -472,12 +472,16 @@ class RestoreHandoff:
             # restored process, that is a while after each one's handshake; in a
             # fresh one, once its TCP connections are ``grace`` old.
             handshakes = self._shell_handshakes()
+            iopub_back = self._subscribers() >= want["iopub"]
             if handshakes is None:
                 shell_back = settled["shell"] >= want["shell"]
+                iopub_back = iopub_back or settled["iopub"] >= want["iopub"]
             else:
+                # A restored process: its watches were set up before the dump, so
+                # only what ZeroMQ has taken in counts (an accepted TCP connection
+                # may still wait in the backlog; output sent then was lost).
                 done = [t for t in handshakes if now - t >= AFTER_HANDSHAKE]
                 shell_back = len(done) >= want["shell"]
-            iopub_back = self._subscribers() >= want["iopub"] or settled["iopub"] >= want["iopub"]
             if shell_back and iopub_back:
                 return
             self._news.wait(0.01)
