@@ -14,6 +14,7 @@ import contextlib
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox_kernel.errors import SandboxError
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 #: How long a template kernel has to load the ``%container`` magic.
 TEMPLATE_TIMEOUT = 60.0
+#: After a failed making, the configuration's kernels start cold this long before
+#: the next try (seconds).
+RETRY_AFTER = 3600.0
 
 
 async def find_or_make(
@@ -45,20 +49,44 @@ async def find_or_make(
     meta = await asyncio.to_thread(pristine.find, key)
     if meta is not None:
         return meta, ""
+    folder = paths.state_dir() / "pristine"
+    failed = folder / f"{key}.failed"
+    why = _recent_failure(failed)
+    if why:
+        return None, why
     lock = svc.pristine_locks.setdefault(key, asyncio.Lock())
     async with lock:
-        folder = paths.state_dir() / "pristine"
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         async with aflocked(folder / f"{key}.lock"):  # another process's launches
             meta = await asyncio.to_thread(pristine.find, key)
             if meta is not None:
                 return meta, ""
+            why = _recent_failure(failed)
+            if why:
+                return None, why
             try:
                 return await _make(svc, record, argv, env, key, data), ""
             except (SandboxError, OSError) as err:
                 svc.log.warning("could not make a pristine base for %s: %s",
                                 record.describe(), err)  # fmt: skip
+                # Not tried again for a while: a kernel that never loads the magic
+                # would cost every start the template's timeout.
+                with contextlib.suppress(OSError):
+                    failed.write_text(str(err))
                 return None, f"its pristine base could not be made: {err}"
+
+
+def _recent_failure(marker: Path) -> str:
+    """Why this configuration's pristine base could not be made, if that was
+    less than :data:`RETRY_AFTER` ago; else ""."""
+    try:
+        age = time.time() - marker.stat().st_mtime
+        text = marker.read_text()[:500]
+    except OSError:
+        return ""
+    if age > RETRY_AFTER:
+        return ""
+    return f"its pristine base could not be made {age / 60:.0f} min ago: {text}"
 
 
 async def _make(

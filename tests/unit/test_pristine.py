@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -103,3 +104,19 @@ def test_fingerprint_follows_the_environment(tmp_path: Path) -> None:
     (site / "tinypkg").mkdir()  # what a pip install does to the folder
     assert pristine.is_stale(meta)
     assert pristine.fingerprint({**made, "argv": ["python", "-X"]}) != key
+
+
+def test_a_failed_making_is_not_tried_again_for_a_while(tmp_path: Path) -> None:
+    from sandbox_kernel.runtime import pristine_make
+
+    marker = tmp_path / "key.failed"
+    assert pristine_make._recent_failure(marker) == ""
+    marker.write_text("the template kernel did not load the %container magic within 60 s")
+    why = pristine_make._recent_failure(marker)
+    assert why == (
+        "its pristine base could not be made 0 min ago: "
+        "the template kernel did not load the %container magic within 60 s"
+    )
+    old = pristine_make.time.time() - pristine_make.RETRY_AFTER - 1
+    os.utime(marker, (old, old))
+    assert pristine_make._recent_failure(marker) == ""
