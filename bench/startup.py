@@ -29,6 +29,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+from charts import IMG, distributions  # bench/charts.py
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the figures as JSON to PATH")  # fmt: skip
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 1 when the ratio misses the target")  # fmt: skip
+    parser.add_argument("--chart", metavar="PNG", type=Path, default=IMG / "startup.png",
+                        help="the chart of start times (default docs/img/startup.png)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -139,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         ksm = make_kernelspecs(tmp)
         cwd = tmp / "cwd"
         cwd.mkdir()
-        result = report(asyncio.run(measure(args.rounds, ksm, cwd)))
+        times = asyncio.run(measure(args.rounds, ksm, cwd))
+        result = report(times)
+        labels = {SANDBOX: "sandbox, pristine base", COLD: "sandbox, cold", LOCAL: "local python3"}
+        distributions(
+            args.chart, "Kernel start: start_kernel() to the kernel_info reply",
+            {labels[name]: t for name, t in times.items()},
+        )  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
