@@ -552,7 +552,12 @@ async def _pristine(
     from .pristine_make import find_or_make  # here: it imports this module's types
 
     kid = record.kernel_id
-    meta, why = await find_or_make(svc, record, argv, env)
+    if (svc.runtime.kernel_dir(kid) / "container.pid").exists():
+        # Started before (a kernel of an earlier version, restarted): its files
+        # are its user's, and a base would replace them. It goes on starting cold.
+        meta, why = None, ""
+    else:
+        meta, why = await find_or_make(svc, record, argv, env)
     if meta is not None:
         record = await asyncio.to_thread(svc.runtime.lifecycle.use_pristine, kid, meta)
     elif why:

@@ -54,15 +54,17 @@ def make_spec(spec_prefix: Path) -> Callable[..., str]:
 
     def make(
         memory: str = "1G", cpus: str = "1", pids: str = "256", network: str = "none",
-        disk: str = "1G", shm: str = "",
+        disk: str = "1G", shm: str = "", pristine_base: bool = True,
     ) -> str:  # fmt: skip
-        key = (memory, cpus, pids, network, disk, shm)
+        key = (memory, cpus, pids, network, disk, shm, pristine_base)
         if key not in made:
             name = f"sbx-{len(made)}"
             limits = Limits.parse(memory=memory, cpus=cpus, pids=pids, disk=disk)
             config = {**provisioner_config("host", limits, network), "daemon": "off"}
             if shm:
                 config["shm"] = shm
+            if not pristine_base:
+                config["pristine_base"] = False
             install(name, name, config, prefix=str(spec_prefix))
             made[key] = name
         return made[key]

@@ -141,3 +141,24 @@ async def test_the_base_is_made_again_after_a_pip_install(
     finally:
         uninstall = [*pip, "uninstall", "-y", "sandbox-tinypkg"]
         await asyncio.to_thread(subprocess.run, uninstall, check=True, timeout=120)
+
+
+async def test_a_kernel_of_an_earlier_version_keeps_its_files_at_a_restart(
+    kernels: Kernels, make_spec
+) -> None:
+    """A kernel started before pristine bases existed (its record does not say) is
+    never given one at a restart: that would replace the files it wrote."""
+    km, kc = await kernels.start(make_spec(memory="600M", pristine_base=False))
+    (await run_cell(kc, "open('mine.txt', 'w').write('kept')")).check()
+    runtime = Runtime()
+
+    def as_an_earlier_version_wrote_it(record):  # type: ignore[no-untyped-def]
+        record.extra.pop("pristine", None)
+        return record
+
+    runtime.store.update(km.kernel_id, as_an_earlier_version_wrote_it)
+    await km.restart_kernel(now=True)
+    await kc.wait_for_ready(timeout=60)
+    record = runtime.record(km.kernel_id)
+    assert record.base is None and record.start is Start.IMAGE
+    assert (await run_cell(kc, "print(open('mine.txt').read())")).check().strip() == "kept"
