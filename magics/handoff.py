@@ -461,27 +461,27 @@ class RestoreHandoff:
         while time.monotonic() < deadline:
             self._news.clear()
             now = time.monotonic()
-            current = self._connections()
-            first_seen = {c: first_seen.get(c, now) for c in current}
-            settled = {"shell": 0, "iopub": 0}
-            for (channel, _), seen in first_seen.items():
-                settled[channel] += now - seen >= grace
             # iopub is back when its subscribers are (they subscribe once their
             # handshake is done). Shell is, once the shell thread knows its peers:
-            # a reply to a peer the ROUTER does not know yet is dropped. In a
-            # restored process, that is a while after each one's handshake; in a
-            # fresh one, once its TCP connections are ``grace`` old.
+            # a reply to a peer the ROUTER does not know yet is dropped.
             handshakes = self._shell_handshakes()
             iopub_back = self._subscribers() >= want["iopub"]
-            if handshakes is None:
-                shell_back = settled["shell"] >= want["shell"]
-                iopub_back = iopub_back or settled["iopub"] >= want["iopub"]
-            else:
+            if handshakes is not None:
                 # A restored process: its watches were set up before the dump, so
                 # only what ZeroMQ has taken in counts (an accepted TCP connection
-                # may still wait in the backlog; output sent then was lost).
+                # may still wait in the backlog; output sent then was lost), a
+                # while after each handshake.
                 done = [t for t in handshakes if now - t >= AFTER_HANDSHAKE]
                 shell_back = len(done) >= want["shell"]
+            else:
+                # A fresh process, whose watches may have missed the frontend's
+                # first connections: TCP connections ``grace`` old count too.
+                first_seen = {c: first_seen.get(c, now) for c in self._connections()}
+                settled = {"shell": 0, "iopub": 0}
+                for (channel, _), seen in first_seen.items():
+                    settled[channel] += now - seen >= grace
+                shell_back = settled["shell"] >= want["shell"]
+                iopub_back = iopub_back or settled["iopub"] >= want["iopub"]
             if shell_back and iopub_back:
                 return
             self._news.wait(0.01)

@@ -202,8 +202,9 @@ class Boot:
         if record.pristine_cwd and record.pristine_cwd != record.cwd_inside:
             # The template's working folder is mounted, and open, at the kernel's own.
             images = await asyncio.to_thread(
-                pristine.relocated, bases.base_dir(record.base), record.cwd_inside
-            )
+                pristine.relocated, bases.base_dir(record.base), record.pristine_cwd,
+                record.cwd_inside,
+            )  # fmt: skip
         return await self.restore(kdir, record, criu, images)
 
     def _current_limits(self, kdir: Path, record: KernelRecord) -> None:

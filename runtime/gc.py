@@ -8,8 +8,6 @@ sweep returns lines saying what it removed (or, dry, would remove).
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +15,7 @@ from pathlib import Path
 
 from . import bases, classes, paths, pristine, snapshots
 from .drivers import Drivers
-from .fsutil import read_json
+from .fsutil import lock_held, read_json
 from .lifecycle import owner_alive
 from .record import KernelRecord
 from .rootfs import Rootfs
@@ -250,7 +248,7 @@ def _pristine_snapshots(dry_run: bool) -> list[str]:
                 continue
             key = name.removeprefix(snapshots.PRISTINE_PREFIX)
             if any(_held(lock) for lock in locks.glob(f"{key}*.lock")):
-                continue
+                continue  # being made now
             removed.append(f"snapshot {owner}/{name} (a pristine base's, cut short)")
             if not dry_run:
                 snapshots.delete(owner, name)
@@ -258,15 +256,8 @@ def _pristine_snapshots(dry_run: bool) -> list[str]:
 
 
 def _held(lock: Path) -> bool:
-    """Whether another process holds ``lock`` (an flock)."""
+    """Whether another process holds ``lock`` (one that cannot be probed: no)."""
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return lock_held(lock)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False

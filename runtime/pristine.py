@@ -163,23 +163,23 @@ def _rewrite_fields(data: bytes, numbers: tuple[int, ...], old: str, new: str) -
     return (encode(fields), changed) if changed else (data, 0)
 
 
-def relocated(base_dir: Path, new: str) -> Path:
-    """The images of the pristine base in ``base_dir`` relocated to working folder
-    ``new`` (see :func:`relocate`), made once per folder and kept with the base
-    (deleted with it): every start in that folder uses them.
+def relocated(base_dir: Path, old: str, new: str) -> Path:
+    """The images of the pristine base in ``base_dir``, whose template ran in
+    ``old``, relocated to working folder ``new`` (see :func:`relocate`); made once
+    per folder and kept with the base (deleted with it): every start in that folder
+    uses them.
 
     Raises:
         ImageError: see :func:`relocate`.
         OSError: they could not be written.
     """
-    meta = bases.load(base_dir.name)
     target = base_dir / "moved" / hashlib.sha256(new.encode()).hexdigest()[:16]
     if (target / "files.img").exists():
         return target
     target.parent.mkdir(mode=0o700, exist_ok=True)
     draft = Path(tempfile.mkdtemp(dir=target.parent, prefix=".moving-"))
     try:
-        relocate(base_dir / "criu", draft, str(meta["cwd_inside"]), new)
+        relocate(base_dir / "criu", draft, old, new)
         try:
             draft.rename(target)
         except OSError:
