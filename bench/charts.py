@@ -53,3 +53,66 @@ def distributions(
     plt.close(fig)
     print(f"chart: {path}", file=sys.stderr)
     return path
+
+
+def against_size(
+    path: Path,
+    title: str,
+    panels: dict[str, dict[str, list[tuple[float, float]]]],
+    xlabel: str = "state (MiB)",
+    ylabel: str = "s",
+) -> Path | None:
+    """One panel per entry of ``panels`` (``{panel: {series: [(x, y), ...]}}``), each
+    series a line with its points marked; log-scaled x where the sizes span more
+    than a decade. Saved as ``path`` (PNG); the path, or None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=110)
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (panel, series) in zip(axes, panels.items(), strict=True):
+        xs: list[float] = []
+        for name, points in series.items():
+            points = sorted(points)
+            xs += [x for x, _ in points]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+        if xs and max(xs) > 10 * min(xs) > 0:
+            ax.set_xscale("log")
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"chart: {path}", file=sys.stderr)
+    return path
+
+
+def lines(
+    path: Path, title: str, series: dict[str, list[float]], xlabel: str, ylabel: str
+) -> Path | None:
+    """Each series a line over 1, 2, ... (its index); saved as ``path`` (PNG). The
+    path, or None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"chart: {path}", file=sys.stderr)
+    return path

@@ -219,10 +219,13 @@ class ContainerMagics(Magics):
         self.handoff.snapshot_ends()
         bar.finish()
         mode = meta["mode"]
+        # Saved in the background: `%container list` shows it as saving until then.
+        saving = "; writing it to disk in the background" if meta.get("saving") else ""
         print(
             f"Snapshot {name}: {mode} ({'files and memory' if mode == 'live' else 'files only'}), "
             f"{meta['seconds']:.2f} s, kernel paused {meta['paused_seconds']:.2f} s, "
             f"memory {format_size(meta['memory_bytes'])}, files {format_size(meta['file_bytes'])}"
+            f"{saving}"
         )
         if meta["reason"]:
             print(f"Files only because {meta['reason']}")
@@ -272,6 +275,8 @@ class ContainerMagics(Magics):
             f"Your snapshots: {store['count']} of {store['quota_count']}, "
             f"{format_size(store['bytes'])} of {format_size(store['quota_bytes'])}."
         )
+        for failed in listed.get("unsaved", []):
+            print(f"Snapshot {failed['name']} was not saved: {failed['error']}")
         if not metas:
             print("No snapshots yet: `%container snapshot NAME` takes one.")
             print(usage)
@@ -349,7 +354,8 @@ def snapshot_table(metas: list[dict[str, Any]], usage: str, now: float) -> Rich:
     for depth, m in tree_order(metas):
         name = ("   " * (depth - 1) + "└─ " if depth else "") + m["name"]
         rows.append([
-            name, relative_time(m["created"], now), m["mode"],
+            name, relative_time(m["created"], now),
+            f"{m['mode']} (saving)" if m.get("saving") else m["mode"],
             format_size(m["memory_bytes"]), format_size(m["file_bytes"]), m["message"],
         ])  # fmt: skip
     return Rich(f"{table(rows)}\n{usage}", html_table(rows, caption=usage))

@@ -42,7 +42,7 @@ from typing import Any
 
 from sandbox_kernel.errors import ConfigError, SandboxError
 
-from . import snapshots
+from . import saving, snapshots
 from .callers import Caller
 from .quotas import DaemonConfig
 from .service import Event, KernelService
@@ -175,6 +175,8 @@ class Daemon:
         for task in list(self._tasks):
             task.cancel()
         await self.service.close()
+        # Snapshots still being written to disk are finished first (quotas included).
+        await asyncio.to_thread(saving.wait_all, snapshots.SAVE_WAIT)
         snapshots.QUOTA_SOURCE = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -19,18 +19,24 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import hashlib
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .ioctl import FIDEDUPERANGE
+from .ioctl import FICLONERANGE, FIDEDUPERANGE
 
 PAGE = 4096
 #: How much is compared at once before looking page by page (equal blocks are common).
 _BLOCK = 256 * PAGE
+#: How much is hashed and written at once when images are copied.
+_CHUNK = 8 << 20
 #: btrfs dedupes at most 16 MiB per call.
 _MAX_CALL = 16 << 20
 _PE_PRESENT = 1 << 2
@@ -249,3 +255,135 @@ def share_with_parent(images: Path, parent: Path) -> int:
             os.close(new_fd)
             os.close(old_fd)
     return shared
+
+
+def _clone(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> bool:
+    """Make ``length`` bytes at ``dst`` of the destination the source's blocks at
+    ``src`` (reflink); whether it could."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("=qQQQ", src_fd, src, length, dst))
+    except OSError:
+        return False
+    return True
+
+
+def _pages_files(images: Path, parent: Path | None) -> dict[str, tuple[Path, list[Run], list[Run]]]:
+    """For each pages file of ``images`` that ``parent`` holds the same process's
+    pages for: (the parent's pages file, the new runs, the parent's runs by address)."""
+    found: dict[str, tuple[Path, list[Run], list[Run]]] = {}
+    if parent is None:
+        return found
+    for pagemap in sorted(images.glob("pagemap-*.img")):
+        try:
+            new_id, new_runs = read_pagemap(pagemap)
+            old_id, old_runs = read_pagemap(parent / pagemap.name)
+        except (OSError, ValueError):
+            continue
+        old_runs.sort(key=lambda run: run.vaddr)
+        found[f"pages-{new_id}.img"] = (parent / f"pages-{old_id}.img", new_runs, old_runs)
+    return found
+
+
+def copy_sharing(images: Path, target: Path, parent: Path | None) -> tuple[dict[str, Any], int]:
+    """Copy CRIU images ``images`` into the new folder ``target``, each file fsynced,
+    sharing every unchanged page with ``parent``'s images by reflink instead of
+    writing it; return (``{relative path: {"sha256", "size"}}``, bytes shared).
+
+    The checksums are of the bytes read from ``images`` as they are copied: one
+    pass over them. Pages are matched by process and virtual address, and compared
+    before they are shared, so ``target`` holds byte for byte what ``images`` does.
+
+    Raises:
+        OSError: a file could not be read or written (ENOSPC: the volume is full).
+    """
+    sharing = _pages_files(images, parent)
+    files = sorted(f for f in images.rglob("*") if f.is_file() and not f.is_symlink())
+    for folder in sorted({f.parent for f in files}):
+        (target / folder.relative_to(images)).mkdir(mode=0o755, parents=True, exist_ok=True)
+
+    def copy(file: Path) -> tuple[str, dict[str, Any], int]:
+        rel = file.relative_to(images).as_posix()
+        return rel, *_copy_one(file, target / rel, sharing.get(rel))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        done = list(pool.map(copy, files))
+    return {rel: entry for rel, entry, _ in done}, sum(shared for _, _, shared in done)
+
+
+def _copy_one(
+    source: Path, dest: Path, like: tuple[Path, list[Run], list[Run]] | None
+) -> tuple[dict[str, Any], int]:
+    """Copy one image (see :func:`copy_sharing`): its manifest entry, bytes shared."""
+    digest = hashlib.sha256()
+    shared = 0
+    src_fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(src_fd).st_size
+        mode = stat.S_IMODE(os.fstat(src_fd).st_mode)
+        dst_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        try:
+            if size:
+                with mmap.mmap(src_fd, 0, prot=mmap.PROT_READ) as data:
+                    view = memoryview(data)
+                    try:
+                        shared = _copy_ranges(view, dst_fd, size, digest, like)
+                    finally:
+                        view.release()
+            os.fsync(dst_fd)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    return {"sha256": digest.hexdigest(), "size": size}, shared
+
+
+def _copy_ranges(
+    view: memoryview,
+    dst_fd: int,
+    size: int,
+    digest: Any,
+    like: tuple[Path, list[Run], list[Run]] | None,
+) -> int:
+    """Write ``view`` to ``dst_fd`` from offset 0, cloning the ranges equal to the
+    parent's pages; hash every byte into ``digest``. Bytes shared."""
+    ranges: list[tuple[int, int, int]] = []
+    old_fd = -1
+    old: mmap.mmap | None = None
+    if like is not None:
+        try:
+            old_fd = os.open(like[0], os.O_RDONLY | os.O_NOFOLLOW)
+            if os.fstat(old_fd).st_size:
+                old = mmap.mmap(old_fd, 0, prot=mmap.PROT_READ)
+                new = view.obj
+                assert isinstance(new, mmap.mmap)
+                ranges = sorted(_equal_ranges(new, old, _pairs(like[1], like[2])))
+        except OSError:
+            ranges = []
+    shared = pos = 0
+    try:
+        for dst, src, length in [*ranges, (size, 0, 0)]:
+            _write(view, dst_fd, pos, dst, digest)
+            if length:
+                if _clone(old_fd, src, dst_fd, dst, length):
+                    with view[dst : dst + length] as same:
+                        digest.update(same)
+                    shared += length
+                else:
+                    _write(view, dst_fd, dst, dst + length, digest)
+            pos = dst + length
+    finally:
+        if old is not None:
+            old.close()
+        if old_fd >= 0:
+            os.close(old_fd)
+    return shared
+
+
+def _write(view: memoryview, fd: int, start: int, end: int, digest: Any) -> None:
+    """Hash and write bytes ``start`` to ``end`` of ``view`` at the same offsets of ``fd``."""
+    pos = start
+    while pos < end:
+        # Released at once, even on an error: the mmap under it must close after.
+        with view[pos : min(end, pos + _CHUNK)] as chunk:
+            digest.update(chunk)
+            pos += os.pwrite(fd, chunk, pos)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import bases, classes, paths, pristine, snapshots
+from . import bases, classes, paths, pristine, saving, snapshots
 from .drivers import Drivers
 from .fsutil import lock_held, read_json
 from .lifecycle import owner_alive
@@ -194,6 +194,10 @@ class Collector:
             removed.append(f"unfinished snapshot {leftover}")
             if not dry_run:
                 snapshots.purge(leftover)
+        for staging in saving.leftover_stagings():
+            removed.append(f"memory images of an unsaved snapshot {staging}")
+            if not dry_run:
+                shutil.rmtree(staging, ignore_errors=True)
         return removed
 
     def _layers(self, dry_run: bool) -> list[str]:

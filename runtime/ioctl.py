@@ -56,6 +56,9 @@ def _IOWR(kind: int, number: int, size: int) -> int:
 
 #: _IOW(0x94, 9, int): make the target file share all of the source's blocks (reflink).
 FICLONE = _IOW(0x94, 9, 4)
+#: _IOW(0x94, 13, struct file_clone_range): share a byte range of the source (reflink).
+#: The struct: s64 src_fd, u64 src_offset, u64 src_length, u64 dest_offset.
+FICLONERANGE = _IOW(0x94, 13, 32)
 #: _IOWR(0x94, 54, struct file_dedupe_range): share equal byte ranges of two files.
 #: The struct's fixed part is 24 bytes; its destinations follow it.
 FIDEDUPERANGE = _IOWR(0x94, 54, 24)

@@ -106,6 +106,8 @@ class Restorer:
         kdir = self.store.kernel_dir(kernel_id)
         owner = str(record.uid)
         folder = snapshots.snapshot_dir(owner, name)
+        # One still being saved in the background is restored once it is durable.
+        await asyncio.to_thread(snapshots.wait_saved, owner, name)
         # Only a snapshot this kernel may see (same owner, image and folder).
         snapshots.load_visible(record, name)
         meta = await asyncio.to_thread(snapshots.verify, owner, name)

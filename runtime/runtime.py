@@ -144,9 +144,11 @@ class Runtime:
         message: str = "",
         live: bool = True,
         progress: Callable[[str], None] | None = None,
+        wait: bool = False,
     ) -> dict[str, Any]:
-        """Snapshot the kernel's files and live memory; return the meta."""
-        return await self.snapshotter.snapshot(kernel_id, name, message, live, progress)
+        """Snapshot the kernel's files and live memory; return the meta. It may be
+        saved to disk in the background (``saving`` in the meta) unless ``wait``."""
+        return await self.snapshotter.snapshot(kernel_id, name, message, live, progress, wait)
 
     async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
         """Bring the kernel back to snapshot ``name`` in place:

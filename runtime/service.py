@@ -290,8 +290,9 @@ class KernelService:
         message: str = "",
         live: bool = True,
         progress: Progress | None = None,
+        wait: bool = False,
     ) -> dict[str, Any]:
-        meta = await self.runtime.snapshot(kernel_id, name, message, live, progress)
+        meta = await self.runtime.snapshot(kernel_id, name, message, live, progress, wait)
         self.log.info(
             "snapshot %s of kernel %s (owner %s): %s, memory %s, files %s, %.2f s",
             meta["name"], kernel_id, self._owner_text(kernel_id), meta["mode"],
@@ -711,6 +712,7 @@ async def _snapshot(
     return await svc.snapshot(
         record.kernel_id, args["name"], str(args.get("message") or ""),
         live=bool(args.get("live", True)), progress=progress,
+        wait=bool(args.get("wait", True)),
     )  # fmt: skip
 
 

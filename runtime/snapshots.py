@@ -16,6 +16,7 @@ the hidden leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, SandboxError
 
+from . import saving
 from .fsutil import DraftFolder, fsync_dir, lock_held, read_json, write_json
 from .limits import parse_size
 from .volume import compress, delete_subvolume, ensure_volume, image_path, is_subvolume
@@ -137,20 +139,80 @@ def names(owner: str, every: bool = False) -> list[str]:
     """The owner's snapshots, oldest first; hidden (unfinished) ones are not listed,
     nor (unless ``every``) the one a pristine base is being made from."""
     base = owner_dir(owner)
-    if not base.is_dir():
-        return []
-    found = [p for p in base.iterdir() if not p.name.startswith(".") and (p / "meta.json").exists()]
+    found = []
+    if base.is_dir():
+        found = [
+            p for p in base.iterdir() if not p.name.startswith(".") and (p / "meta.json").exists()
+        ]
+    listed = [p.name for p in sorted(found, key=lambda p: (p / "meta.json").stat().st_mtime)]
+    # Being saved (see saving.py), by this process or another: after the saved ones.
+    listed += [s.name for s in saving.saving(owner) if s.name not in listed]
+    listed += [name for name in _saving_drafts(owner) if name not in listed]
     if not every:
-        found = [p for p in found if not p.name.startswith(PRISTINE_PREFIX)]
-    return [p.name for p in sorted(found, key=lambda p: (p / "meta.json").stat().st_mtime)]
+        listed = [n for n in listed if not n.startswith(PRISTINE_PREFIX)]
+    return listed
 
 
-def load(owner: str, name: str) -> dict[str, Any]:
-    """The meta of snapshot ``name``.
+#: How long reading a snapshot waits for its save under way (see saving.py).
+SAVE_WAIT = 600.0
+#: In a draft being saved in the background: its meta so far, for other processes.
+SAVING_META = "saving.json"
+
+
+def _saving_drafts(owner: str) -> dict[str, Path]:
+    """``owner``'s drafts being saved in the background, by this process or another
+    (their writer holds the lock): name -> folder."""
+    base = owner_dir(owner)
+    found: dict[str, Path] = {}
+    if not base.is_dir():
+        return found
+    for folder in sorted(base.iterdir()):
+        if not folder.name.startswith(".") or folder.name.startswith(".deleting."):
+            continue
+        name = folder.name[1:].rsplit(".", 1)[0]  # DraftFolder's ".<name>.<random>"
+        try:
+            if (folder / SAVING_META).is_file() and lock_held(folder / ".lock"):
+                found[name] = folder
+        except OSError:
+            continue  # committed or discarded meanwhile
+    return found
+
+
+def wait_saved(owner: str, name: str, timeout: float = SAVE_WAIT) -> None:
+    """Wait until snapshot ``name`` is no longer being saved, by this process or
+    another (not its outcome: a failed save leaves no snapshot). Blocks: async code
+    calls it in a thread.
 
     Raises:
-        SnapshotNotFound: there is no such snapshot.
+        TimeoutError: it is still being saved after ``timeout`` seconds.
     """
+    deadline = time.monotonic() + timeout
+    saving.wait(owner, name, timeout)
+    while name in _saving_drafts(owner):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"snapshot {name!r} is still being saved")
+        time.sleep(0.02)
+
+
+def load(owner: str, name: str, wait: bool = True) -> dict[str, Any]:
+    """The meta of snapshot ``name``. One being saved is waited for (at most
+    :data:`SAVE_WAIT` seconds); without ``wait``, its meta so far is returned, with
+    ``saving`` True.
+
+    Raises:
+        SnapshotNotFound: there is no such snapshot (or its save failed).
+        TimeoutError: it is still being saved.
+    """
+    under_way = saving.find(owner, name)
+    if under_way is not None and not wait:
+        return {**under_way.meta, "saving": True}
+    if wait:
+        wait_saved(owner, name)
+    elif not (snapshot_dir(owner, name) / "meta.json").exists():
+        draft = _saving_drafts(owner).get(name)
+        if draft is not None:
+            with contextlib.suppress(OSError, ValueError):
+                return {**read_json(draft / SAVING_META), "saving": True}
     try:
         meta: dict[str, Any] = read_json(snapshot_dir(owner, name) / "meta.json")
     except FileNotFoundError:
@@ -159,8 +221,14 @@ def load(owner: str, name: str) -> dict[str, Any]:
 
 
 def listing(owner: str) -> list[dict[str, Any]]:
-    """Every snapshot's meta, oldest first."""
-    return [load(owner, name) for name in names(owner)]
+    """Every snapshot's meta, oldest first; those being saved last, with ``saving``."""
+    found = []
+    for name in names(owner):
+        try:
+            found.append(load(owner, name, wait=False))
+        except SnapshotNotFound:
+            continue  # its save failed or it was deleted meanwhile
+    return found
 
 
 # ---- who sees which snapshot -------------------------------------------------------
@@ -296,6 +364,7 @@ def check_quota(owner: str, name: str, adding: dict[str, Any] | None = None) -> 
         QuotaExceeded: naming the limit and the use.
     """
     metas = _by_name(owner)
+    metas.pop(name, None)  # itself, while it is being saved
     use = usage(owner, metas)
     if adding is None:
         if use["count"] >= use["quota_count"]:
@@ -331,7 +400,7 @@ class Draft:
         base = owner_dir(owner)
         base.mkdir(mode=0o700, parents=True, exist_ok=True)  # behind the volume's 0700 too
         compress(base)  # made before the store was compressed, perhaps
-        if (base / name).exists():
+        if (base / name).exists() or saving.find(owner, name) is not None:
             raise ConfigError(
                 "snapshot name", name, "is taken; choose another name or delete that snapshot"
             )
@@ -341,8 +410,14 @@ class Draft:
         self.criu_dir = self.path / "criu"
         self.files = self.path / "files"
 
-    def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+    def commit(
+        self, meta: dict[str, Any], checksums: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """Checksum, fsync and rename the draft into place; return the final meta.
+
+        ``checksums``: the images' ``{"sha256", "size"}`` by relative path, where
+        they were taken as the images were written and fsynced (``saving.py``);
+        the images are then not read again.
 
         Raises:
             ConfigError: another snapshot of that name appeared meanwhile.
@@ -350,9 +425,13 @@ class Draft:
         manifest: dict[str, dict[str, Any]] = {}
         if self.criu_dir.is_dir():
             files = sorted(f for f in self.criu_dir.rglob("*") if f.is_file())
-            # hashlib releases the GIL on large buffers: hash and fsync side by side.
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-                digests = list(pool.map(_sha256_and_fsync, files))
+            if checksums is None:
+                # hashlib releases the GIL on large buffers: hash and fsync side by side.
+                with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                    digests = list(pool.map(_sha256_and_fsync, files))
+            else:
+                rels = [f.relative_to(self.criu_dir).as_posix() for f in files]
+                digests = [checksums[rel]["sha256"] for rel in rels]
             for file, digest in zip(files, digests, strict=True):
                 st = file.stat()
                 manifest[file.relative_to(self.criu_dir).as_posix()] = {
@@ -360,11 +439,13 @@ class Draft:
                     "size": st.st_size,
                     "stamp": [st.st_ino, st.st_mtime_ns, st.st_ctime_ns],
                 }
-            fsync_dir(self.criu_dir)
+            for folder in sorted({f.parent for f in files} | {self.criu_dir}):
+                fsync_dir(folder)
         size = sum(entry["size"] for entry in manifest.values())
         meta = {**meta, "name": self.name, "owner": self.owner, "memory_bytes": size}
         write_json(self.path / "manifest.json", manifest)
         write_json(self.path / "meta.json", meta)
+        (self.path / SAVING_META).unlink(missing_ok=True)
         try:
             self._folder.commit(owner_dir(self.owner) / self.name)
         except OSError:
@@ -373,6 +454,11 @@ class Draft:
             self.discard()  # the rename failed: the name was taken meanwhile
             raise ConfigError("snapshot name", self.name, "is taken; choose another name") from None
         return meta
+
+    def saving(self, meta: dict[str, Any]) -> None:
+        """Mark the draft as being saved in the background, with its meta so far:
+        other processes list it as saving, and wait for it (:func:`wait_saved`)."""
+        write_json(self.path / SAVING_META, meta)
 
     def discard(self) -> None:
         """Remove the draft; nothing is listed. After a commit or discard, nothing."""
@@ -444,6 +530,7 @@ def delete(owner: str, name: str) -> None:
         SnapshotNotFound: there is no such snapshot.
     """
     folder = snapshot_dir(owner, name)
+    wait_saved(owner, name)
     if not (folder / "meta.json").exists():
         raise SnapshotNotFound(name, names(owner))
     _wait_for_page_server(folder)

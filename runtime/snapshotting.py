@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import shutil
 import stat
 import time
@@ -23,13 +24,15 @@ from typing import Any
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import RequirementMissing, SandboxError
 
-from . import bases, dedupe, hostpath, layers, snapshots
+from . import bases, dedupe, hostpath, layers, paths, saving, snapshots
 from .boot import Boot, fresh_work
 from .drivers import Drivers
 from .fsutil import give
 from .record import KernelRecord, Start
 from .rootfs import Rootfs, checked_cwd, tree_bytes, tree_sizes
 from .store import KernelStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Dump:
     mode: str  # "live" (files and memory) or "files"
     reason: str  # why files only, or ""
     paused: float  # seconds the kernel was frozen
+    staged: bool = False  # the memory images are in a staging folder, not the draft
 
 
 def _out_of_space(error: str, log: Path) -> bool:
@@ -67,16 +71,24 @@ class Snapshotter:
         message: str = "",
         live: bool = True,
         progress: Callable[[str], None] | None = None,
+        wait: bool = False,
     ) -> dict[str, Any]:
         """Snapshot kernel ``kernel_id``'s files and live memory as ``name``; return its
-        meta. Four steps: freeze and dump, share pages with the parent, describe,
-        commit. A failure at any step keeps nothing.
+        meta. A failure at any step keeps nothing.
 
         The container is frozen while its writable layer is copied and CRIU dumps
         its processes (leaving them running), so files and memory come from the same
         moment; then it is thawed. Where CRIU is missing or fails, or ``live`` is
         False, the snapshot keeps the files only (mode ``files``, with the reason).
         ``progress`` is called with a line of text as each later step starts.
+
+        Where the machine can spare the memory, CRIU dumps into a staging folder in
+        memory, and the images are saved to the volume in the background after the
+        kernel is thawed (see ``saving.py``): the meta returned then has ``saving``
+        True, and the snapshot is listed as saving until it is durable. With
+        ``wait``, or where only the save can tell whether the snapshot fits the
+        owner's quota (its pages shared with the parent count), this waits for the
+        save and returns the final meta.
 
         Raises:
             ConfigError: the name is invalid or taken.
@@ -86,23 +98,36 @@ class Snapshotter:
         """
         started = time.monotonic()
         say = progress or (lambda text: None)
+        under_way: saving.Saving | None = None
+        must_wait = wait
         async with self.store.exclusive(kernel_id):
             record = self.store.load(kernel_id)
             owner = str(record.uid)
             snapshots.check_name(name)
             await asyncio.to_thread(snapshots.check_quota, owner, name)
             draft = snapshots.Draft(owner, name)
+            staging: saving.Staging | None = None
             try:
-                dump = await self._freeze_and_dump(record, draft, live)
-                memory = tree_bytes(draft.criu_dir) if draft.criu_dir.is_dir() else 0
+                staging = self._staging(record, live)
+                dump = await self._freeze_and_dump(record, draft, live, staging)
+                images = staging.images if staging is not None and dump.staged else draft.criu_dir
+                memory = tree_bytes(images) if images.is_dir() else 0
                 say(f"saved files and {format_size(memory)} of memory ({dump.paused:.2f} s frozen)")
-                shared_with, shared = await self._share_pages(record, draft, dump, say)
-                meta = await self._describe(record, draft, dump, message, memory)
-                meta.update(shared_bytes=shared, shared_with=shared_with if shared else {})
-                meta["seconds"] = round(time.monotonic() - started, 4)
-                await asyncio.to_thread(snapshots.check_quota, owner, name, meta)
-                say(f"checksumming and syncing {format_size(memory)}")
-                meta = await asyncio.to_thread(draft.commit, meta)
+                if staging is not None and dump.staged:
+                    meta = await self._describe(record, draft, dump, message, memory)
+                    meta.update(name=name, owner=owner, shared_bytes=0, shared_with={})
+                    meta["seconds"] = round(time.monotonic() - started, 4)
+                    try:
+                        await asyncio.to_thread(snapshots.check_quota, owner, name, meta)
+                    except snapshots.QuotaExceeded:
+                        must_wait = True  # the save shares pages with the parent, then checks
+                    under_way = self._save_later(record, draft, staging, meta)
+                    staging = None  # the save's now
+                    if not must_wait:
+                        say(f"writing {format_size(memory)} to disk in the background")
+                else:
+                    meta = await self._commit_here(record, draft, dump, message, memory, say)
+                    meta["seconds"] = round(time.monotonic() - started, 4)
             except OSError as err:
                 draft.discard()
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -111,21 +136,124 @@ class Snapshotter:
             except BaseException:
                 draft.discard()
                 raise
+            finally:
+                if staging is not None:
+                    staging.remove()
 
             def parent(current: KernelRecord) -> None:
                 current.snapshot = name  # the next snapshot's parent
 
             await self.store.aupdate(kernel_id, parent)
+        if under_way is None:
             return meta
+        if must_wait:
+            say(f"saving {format_size(memory)} to disk")
+            final = await asyncio.to_thread(under_way.wait)
+            return {**final, "seconds": round(time.monotonic() - started, 4)}
+        return {**meta, "saving": True}
+
+    def _staging(self, record: KernelRecord, live: bool) -> saving.Staging | None:
+        """A staging folder in memory for the kernel's dump, or None (the dump then
+        goes straight to the volume)."""
+        if not live:
+            return None
+        used = self.drivers.cgroups.usage(paths.cgroup_of(record.container_id))
+        if used is None or used.memory is None:
+            return None
+        # What the cgroup holds (process memory and its page cache) bounds the dump.
+        staging, why = saving.stage(used.memory)
+        if staging is None:
+            log.info("kernel %s: dumping to the volume: %s", record.kernel_id, why)
+        return staging
+
+    def _save_later(
+        self,
+        record: KernelRecord,
+        draft: snapshots.Draft,
+        staging: saving.Staging,
+        meta: dict[str, Any],
+    ) -> saving.Saving:
+        """Queue the save of a staged dump into ``draft`` (see ``saving.py``)."""
+        kernel_id, owner, name = record.kernel_id, draft.owner, draft.name
+        started = time.monotonic()
+
+        def save() -> dict[str, Any]:
+            try:
+                # Here, not before: a parent still being saved is saved by now.
+                like, shared_with = self._parent_images(record, draft)
+                checksums, shared = dedupe.copy_sharing(staging.images, draft.criu_dir, like)
+                self._readable(record, draft.criu_dir)
+                final = {**meta, "shared_bytes": shared}
+                final["shared_with"] = shared_with if shared else {}
+                final["save_seconds"] = round(time.monotonic() - started, 4)
+                snapshots.check_quota(owner, name, final)
+                return draft.commit(final, checksums)
+            except OSError as err:
+                draft.discard()
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise snapshots.StoreFull(name) from err
+                raise
+            except BaseException:
+                draft.discard()
+                raise
+            finally:
+                staging.remove()
+
+        def ended(done: saving.Saving) -> None:
+            if done.error is None:
+                took = time.monotonic() - started
+                self._note(kernel_id, f"snapshot {name} saved in {took:.2f} s")
+                return
+            self._note(kernel_id, f"snapshot {name} was not saved: {done.error}")
+
+            def unparent(current: KernelRecord) -> None:
+                if current.snapshot == name:
+                    current.snapshot = meta.get("parent")
+
+            with contextlib.suppress(SandboxError, OSError):
+                self.store.update(kernel_id, unparent)
+
+        draft.saving(meta)
+        return saving.submit(saving.Saving(owner, name, meta, save, ended))
+
+    def _note(self, kernel_id: str, text: str) -> None:
+        """A line in the kernel's log (and the runtime's)."""
+        log.info("kernel %s: %s", kernel_id, text)
+        with contextlib.suppress(OSError, SandboxError):
+            self.rootfs.append_log(kernel_id, text)
+
+    async def _commit_here(
+        self,
+        record: KernelRecord,
+        draft: snapshots.Draft,
+        dump: Dump,
+        message: str,
+        memory: int,
+        say: Callable[[str], None],
+    ) -> dict[str, Any]:
+        """Share pages, describe and commit a dump written straight to the volume."""
+        owner, name = draft.owner, draft.name
+        shared_with, shared = await self._share_pages(record, draft, dump, say)
+        meta = await self._describe(record, draft, dump, message, memory)
+        meta.update(shared_bytes=shared, shared_with=shared_with if shared else {})
+        await asyncio.to_thread(snapshots.check_quota, owner, name, meta)
+        say(f"checksumming and syncing {format_size(memory)}")
+        return await asyncio.to_thread(draft.commit, meta)
 
     async def _freeze_and_dump(
-        self, record: KernelRecord, draft: snapshots.Draft, live: bool
+        self,
+        record: KernelRecord,
+        draft: snapshots.Draft,
+        live: bool,
+        staging: saving.Staging | None = None,
     ) -> Dump:
         """Freeze the kernel, snapshot its writable layer into the draft and, if
-        ``live``, dump its memory there; thaw it."""
+        ``live``, dump its memory into ``staging`` (else the draft); thaw it. A dump
+        that fails in staging (the tmpfs full) is taken again into the draft."""
         kdir = self.store.kernel_dir(record.kernel_id)
         mode, reason = "files", "" if live else "asked for files only"
         dump: tuple[str, dict[str, str], str] | None = None
+        staged = False
         if live:
             try:
                 dump = self.drivers.criu.dump_command(record.uid, record.gid)
@@ -141,43 +269,61 @@ class Snapshotter:
             await asyncio.to_thread(
                 self.drivers.volume.snapshot_subvolume, layer, draft.files, True
             )
-            if dump is not None:
-                mode, reason = await self._dump(kdir, record, draft, dump, work)
+            if dump is not None and staging is not None:
+                try:
+                    mode, reason = await self._dump(kdir, record, staging.images, dump, work)
+                    staged = mode == "live"
+                except snapshots.StoreFull:
+                    shutil.rmtree(staging.images, ignore_errors=True)
+                    log.info("kernel %s: the staging tmpfs is full; dumping to the volume",
+                             record.kernel_id)  # fmt: skip
+                    work = fresh_work(kdir)
+                    staging = None
+            if dump is not None and staging is None:
+                mode, reason = await self._dump(kdir, record, draft.criu_dir, dump, work)
+                if mode == "live":
+                    self._readable(record, draft.criu_dir)
         finally:
             self.boot.criu_config(kdir)
             await self.drivers.runc.resume(record.container_id)
-        return Dump(mode, reason, time.monotonic() - frozen)
+        return Dump(mode, reason, time.monotonic() - frozen, staged)
 
     async def _dump(
         self,
         kdir: Path,
         record: KernelRecord,
-        draft: snapshots.Draft,
+        images: Path,
         dump: tuple[str, dict[str, str], str],
         work: Path,
     ) -> tuple[str, str]:
-        """CRIU-dump the frozen kernel into the draft: (mode, reason).
+        """CRIU-dump the frozen kernel into ``images``: (mode, reason).
 
         Raises:
-            StoreFull: the volume ran out of room.
+            StoreFull: the volume (or staging tmpfs) ran out of room.
         """
         criu, env, config = dump
         self.boot.criu_config(kdir, config)
         try:
-            await self.drivers.runc.checkpoint(record.container_id, criu, draft.criu_dir, work, env)
+            await self.drivers.runc.checkpoint(record.container_id, criu, images, work, env)
         except SandboxError as err:
             if _out_of_space(str(err), work / "dump.log"):
-                raise snapshots.StoreFull(draft.name) from err
-            shutil.rmtree(draft.criu_dir, ignore_errors=True)
+                raise snapshots.StoreFull(images.parent.name) from err
+            shutil.rmtree(images, ignore_errors=True)
             return "files", f"CRIU could not dump this kernel: {err}"
-        # A restore reads the images from inside the kernel's user namespace, where
-        # only ids it maps have rights, and CRIU reads the first one (timens) before
-        # it has even written the namespace's maps: the folder runc made (root's,
-        # 0600) becomes the kernel user's, and searchable by all. The images are
-        # 0644, and the snapshot's own folder stays root's alone (0700).
-        give(draft.criu_dir, record.uid, record.gid)
-        draft.criu_dir.chmod(0o711)
         return "live", ""
+
+    @staticmethod
+    def _readable(record: KernelRecord, images: Path) -> None:
+        """Let a restore read the images.
+
+        A restore reads the images from inside the kernel's user namespace, where
+        only ids it maps have rights, and CRIU reads the first one (timens) before
+        it has even written the namespace's maps: the folder runc made (root's,
+        0600) becomes the kernel user's, and searchable by all. The images are
+        0644, and the snapshot's own folder stays root's alone (0700).
+        """
+        give(images, record.uid, record.gid)
+        images.chmod(0o711)
 
     async def _share_pages(
         self,
@@ -190,11 +336,27 @@ class Snapshotter:
         the kernel's files came from (or its base): (whose, bytes shared)."""
         if dump.mode != "live":
             return {}, 0
+        like, shared_with = await asyncio.to_thread(self._parent_images, record, draft)
+        if like is None:
+            return {}, 0
+        say(f"sharing unchanged pages with {record.snapshot or 'the base'}")
+        shared = await asyncio.to_thread(dedupe.share_with_parent, draft.criu_dir, like)
+        return shared_with, shared
+
+    @staticmethod
+    def _parent_images(
+        record: KernelRecord, draft: snapshots.Draft
+    ) -> tuple[Path | None, dict[str, Any]]:
+        """The memory images of the snapshot the kernel's files came from (or its
+        base), to share unchanged pages with, and how the meta names them; (None,
+        {}) where there are none. A parent still being saved is waited for."""
         like: Path | None = None
         shared_with: dict[str, Any] = {}
-        if record.snapshot:
+        # A parent of the same name never reached the disk (its save failed or was
+        # cut short, and the name was taken again): there is nothing to share.
+        if record.snapshot and record.snapshot != draft.name:
             # The parent may have been deleted since: then there is nothing to share.
-            with contextlib.suppress(SandboxError, OSError):
+            with contextlib.suppress(SandboxError, OSError, TimeoutError):
                 created = snapshots.load(draft.owner, record.snapshot)["created"]
                 like = snapshots.snapshot_dir(draft.owner, record.snapshot) / "criu"
                 shared_with = {"kind": "snapshot", "name": record.snapshot, "created": created}
@@ -202,10 +364,8 @@ class Snapshotter:
             like = bases.base_dir(record.base) / "criu"
             shared_with = {"kind": "base", "id": record.base}
         if like is None or not like.is_dir():
-            return {}, 0
-        say(f"sharing unchanged pages with {record.snapshot or 'the base'}")
-        shared = await asyncio.to_thread(dedupe.share_with_parent, draft.criu_dir, like)
-        return shared_with, shared
+            return None, {}
+        return like, shared_with
 
     @staticmethod
     async def _describe(
@@ -242,14 +402,21 @@ class Snapshotter:
 
     def listing(self, kernel_id: str) -> dict[str, Any]:
         """The snapshots kernel ``kernel_id`` may see (see ``snapshots.visible_to``),
-        oldest first, and its owner's use of the store against the limit:
-        ``{"snapshots": [meta, ...], "store": snapshots.usage(...)}``."""
+        oldest first (those being saved last, with ``saving``), its owner's use of
+        the store against the limit, and this kernel's snapshots whose save failed
+        in the last hour: ``{"snapshots": [meta, ...], "store": snapshots.usage(...),
+        "unsaved": [{"name", "error", "time"}, ...]}``."""
         record = self.store.load(kernel_id)
         owner = str(record.uid)
         metas = snapshots.listing(owner)  # read once, for both answers
         return {
             "snapshots": [m for m in metas if snapshots.visible_to(m, record)],
             "store": snapshots.usage(owner, {m["name"]: m for m in metas}),
+            "unsaved": [
+                f
+                for f in saving.failures(owner, time.time() - 3600)
+                if f.get("kernel_id") == kernel_id
+            ],
         }
 
     def delete(self, kernel_id: str, name: str) -> None:

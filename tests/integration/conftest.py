@@ -27,7 +27,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 from sandbox_kernel.kernelspec import install, provisioner_config
-from sandbox_kernel.runtime import Limits, snapshots
+from sandbox_kernel.runtime import Limits, saving, snapshots
 
 from .leftovers import snapshot
 
@@ -110,6 +110,7 @@ def no_leftovers() -> Iterator[None]:
     """Fail a test that leaves a container, netns, veth, mount, cgroup or reservation."""
     before = snapshot()
     yield
+    assert saving.wait_all(300), "a snapshot was still being saved 300 s after the test"
     after = snapshot()
     new = {kind: sorted(after[kind] - before[kind]) for kind in after}
     leaked = {kind: items for kind, items in new.items() if items}
@@ -190,7 +191,12 @@ async def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None =
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, **env} if env else None,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:  # timed out: it must not act after the test
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return Done(proc.returncode, out.decode(), err.decode())
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from sandbox_kernel.runtime import bases, cgroups, network, paths, snapshots, volume
+from sandbox_kernel.runtime import bases, cgroups, network, paths, saving, snapshots, volume
 from sandbox_kernel.runtime.mounts import mounts_under
 
 
@@ -26,6 +26,8 @@ def snapshot() -> dict[str, set[str]]:
         "reservations": {str(i) for i in network.reservations()},
         "kernel folders": {p.name for p in kernels.iterdir()} if kernels.is_dir() else set(),
         "unfinished snapshots": {str(p) for p in snapshots.leftovers()},
+        # Any, even one a save still holds: a test waits for its saves to end.
+        "staged images": {str(p) for p in saving.staging_root().glob(f"{saving.STAGING_PREFIX}*")},
         "writable layers": {p.name for p in (volume.ensure_volume() / "kernels").iterdir()},
         "run folders": {p.name for p in (volume.ensure_volume() / "run").iterdir()},
         "bases": {b["id"] for b in bases.listing()},

@@ -178,7 +178,7 @@ async def test_a_big_snapshot_shows_its_progress(kernels: Kernels, make_spec, na
     updates = [o for o in cell.outputs if o["header"]["msg_type"] == "update_display_data"]
     assert updates, cell.outputs
     final = updates[-1]["content"]["data"]["text/plain"]
-    assert f"Snapshot {name}: done in" in final and "checksumming and syncing" in final, final
+    assert f"Snapshot {name}: done in" in final and "to disk in the background" in final, final
 
 
 async def test_help_rich_tables_and_a_quiet_diff(kernels: Kernels, make_spec, name: str) -> None:

@@ -255,7 +255,7 @@ async def test_slow_snapshot_and_restore_show_bars_that_end_full(
     final = [m for m in snap.of("update_display_data")
              if m["content"]["transient"]["display_id"] == display_id][-1]  # fmt: skip
     assert f"Snapshot {name}: done in" in final["content"]["data"]["text/plain"]
-    assert "checksumming and syncing" in final["content"]["data"]["text/plain"]
+    assert "to disk in the background" in final["content"]["data"]["text/plain"]
     (await run_cell(kc, "x = 2")).check()
     before = snap.reply["content"]["execution_count"]
     restore = await execute(kc, f"%container restore {name}")

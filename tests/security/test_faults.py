@@ -9,6 +9,7 @@ Numbers in test names are the faults' numbers in SECURITY.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import pytest
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 
 from sandbox_kernel.kernelspec import install, provisioner_config
-from sandbox_kernel.runtime import Limits, Runtime, network, runc, snapshots, volume
+from sandbox_kernel.runtime import Limits, Runtime, network, runc, saving, snapshots, volume
 
 from ..integration.conftest import OWNER, Kernels, run_cli, wait_until
 from ..integration.probe import run_cell
@@ -161,6 +162,99 @@ async def test_f7_a_full_disk_during_a_snapshot_is_a_clear_error_and_leaves_noth
     assert not snapshots.leftovers()
     out = await run_cell(kc, "print(big.shape[0] >> 20)")
     assert out.check().strip() == "128"  # the kernel runs on, thawed
+
+
+#: A runtime of its own that takes a snapshot, says whether it is being saved in the
+#: background, and then (a normal exit) finishes that save: killed before it can.
+_SNAPSHOT_THEN_SAVE = """
+import asyncio, sys
+from sandbox_kernel.runtime import Runtime
+
+async def main():
+    meta = await Runtime().snapshot(sys.argv[1], sys.argv[2])
+    print("saving" if meta.get("saving") else "saved", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_f10_the_runtime_killed_mid_save_lists_nothing_and_the_kernel_runs_on(
+    kernels: Kernels, make_spec, names
+) -> None:
+    km, kc = await kernels.start(make_spec(memory="2G"))
+    (
+        await run_cell(
+            kc,
+            "import numpy as np; x = 'before'\n"
+            "big = np.random.default_rng(2).integers(0, 255, 600 << 20, np.uint8)",
+        )
+    ).check()
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SNAPSHOT_THEN_SAVE, km.kernel_id, name,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        said = await asyncio.wait_for(proc.stdout.readline(), 120)
+    finally:
+        # The notebook's cell would have returned here; the save is under way.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    assert said.strip() == b"saving", said
+    # 600 MB take over a second to copy and sync: it was cut short.
+    assert not snapshots.snapshot_dir(OWNER, name).exists()
+    assert name not in snapshots.names(OWNER)
+    # What it left is hidden and unlocked: gc removes it.
+    assert snapshots.leftovers(), "no unfinished snapshot: was the save cut short?"
+    assert saving.leftover_stagings(), "no staged images left: did the dump go to the volume?"
+    done = await run_cli("gc")
+    assert done.returncode == 0, done.stderr
+    assert not snapshots.leftovers() and not saving.leftover_stagings()
+    out = await run_cell(kc, "print(x, big.shape[0] >> 20)")
+    assert out.check().strip() == "before 600"  # the kernel runs on, thawed
+    # The name is free again, and a snapshot of it saves and restores.
+    (await run_cell(kc, "x = 'second'")).check()
+    done = await run_cli("snapshot", km.kernel_id, name)
+    assert done.returncode == 0, done.stderr
+    assert snapshots.load(OWNER, name)["mode"] == "live"
+
+
+async def test_f11_a_full_volume_during_a_background_save_lists_nothing_and_says_so(
+    kernels: Kernels, make_spec, names
+) -> None:
+    km, kc = await kernels.start(make_spec(memory="1G"))
+    (
+        await run_cell(
+            kc,
+            "import numpy as np; big = np.random.default_rng(1).integers(0, 255, 128 << 20, np.uint8)",
+        )
+    ).check()
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    filler = volume.volume_dir() / f"filler-{uuid.uuid4().hex[:8]}"
+    free = os.statvfs(volume.volume_dir())
+    try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, free.f_bavail * free.f_frsize - (32 << 20))
+        finally:
+            os.close(fd)
+        taken = await run_cell(kc, f"%container snapshot {name}")
+        # The cell returns once the kernel runs again; the save fails after it.
+        assert "writing it to disk in the background" in taken.check(), taken.stdout
+        await asyncio.to_thread(saving.wait, OWNER, name, 300)
+    finally:
+        filler.unlink(missing_ok=True)
+    assert name not in snapshots.names(OWNER)
+    assert not snapshots.leftovers() and not saving.leftover_stagings()
+    listed = (await run_cell(kc, "%container list")).check()
+    assert f"Snapshot {name} was not saved: no space left on the snapshot volume" in listed
+    assert Runtime().record(km.kernel_id).snapshot is None  # not the next one's parent
+    out = await run_cell(kc, "print(big.shape[0] >> 20)")
+    assert out.check().strip() == "128"  # the kernel runs on
 
 
 async def test_f9_a_veth_left_by_a_crash_is_removed_not_reused(kernels: Kernels, make_spec) -> None:

@@ -102,3 +102,40 @@ def test_equal_ranges_skip_changed_pages_and_merge_the_rest(tmp_path: Path) -> N
     ):
         ranges = list(dedupe._equal_ranges(new, old, iter([(0, 0, 300 * PAGE)])))
     assert ranges == [(0, 0, 5 * PAGE), (6 * PAGE, 6 * PAGE, 294 * PAGE)]
+
+
+def test_copy_sharing_copies_every_byte_and_checksums_what_it_read(tmp_path: Path) -> None:
+    """Where the filesystem cannot reflink (tmp here), equal pages are written too:
+    the copy is the same bytes either way, and so is its checksum."""
+    import hashlib
+    import os
+
+    new, old, out = tmp_path / "new", tmp_path / "old", tmp_path / "out"
+    new.mkdir(), old.mkdir()
+    run = {"vaddr": 0x10000, "compat": 0, "flags": 4, "nr_pages": 3}
+    _pagemap(new / "pagemap-7.img", 1, run)
+    _pagemap(old / "pagemap-7.img", 1, run)
+    parent_pages = b"a" * PAGE + b"b" * PAGE + b"c" * PAGE
+    pages = b"a" * PAGE + b"X" * PAGE + b"c" * PAGE  # the middle page changed
+    (old / "pages-1.img").write_bytes(parent_pages)
+    (new / "pages-1.img").write_bytes(pages)
+    (new / "sub").mkdir()
+    (new / "sub" / "core-7.img").write_bytes(os.urandom(10_000))
+    (new / "empty.img").write_bytes(b"")
+    out.mkdir()
+    sums, shared = dedupe.copy_sharing(new, out, old)
+    for rel in ("pages-1.img", "pagemap-7.img", "sub/core-7.img", "empty.img"):
+        data = (new / rel).read_bytes()
+        assert (out / rel).read_bytes() == data
+        assert sums[rel] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert shared in (0, 2 * PAGE)  # 2 pages where it reflinks (btrfs), else none
+
+
+def test_copy_sharing_without_a_parent_and_refusing_to_overwrite(tmp_path: Path) -> None:
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir(), out.mkdir()
+    (new / "pages-1.img").write_bytes(b"z" * (3 * PAGE))
+    assert dedupe.copy_sharing(new, out, None)[1] == 0
+    assert (out / "pages-1.img").read_bytes() == b"z" * (3 * PAGE)
+    with pytest.raises(FileExistsError):  # never writes through what is there
+        dedupe.copy_sharing(new, out, None)
