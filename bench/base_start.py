@@ -88,7 +88,7 @@ async def start_once(name: str, ksm: KernelSpecManager, cwd: Path, code: str) ->
     started = time.perf_counter()
     try:
         await km.start_kernel(cwd=str(cwd))
-        kc = km.client()
+        kc = km.client(context=km.context)  # as the Jupyter server connects
         kc.start_channels()
         times = {"kernel_info": await first_reply(kc, km, started)}
         if name == COLD:
@@ -138,7 +138,7 @@ async def resets(
             km = AsyncKernelManager(kernel_name=spec, kernel_spec_manager=ksm)
             kernels[spec] = km
             await km.start_kernel(cwd=str(cwd))
-            kc = km.client()
+            kc = km.client(context=km.context)  # as the Jupyter server connects
             kc.start_channels()
             await kc.wait_for_ready(timeout=TIMEOUT)
             await run(kc, "pass")
@@ -146,7 +146,7 @@ async def resets(
         times: dict[str, list[float]] = {"restart": [], "reset": []}
         for i in range(rounds + 1):  # the first of each is a warm-up
             km = kernels[COLD]
-            kc = km.client()
+            kc = km.client(context=km.context)  # as the Jupyter server connects
             kc.start_channels()
             started = time.perf_counter()
             await km.restart_kernel(now=True)
@@ -155,7 +155,7 @@ async def resets(
             restart = time.perf_counter() - started
             kc.stop_channels()
             km = kernels[BASE]
-            kc = km.client()
+            kc = km.client(context=km.context)  # as the Jupyter server connects
             kc.start_channels()
             await kc.wait_for_ready(timeout=TIMEOUT)
             await run(kc, "BENCH_MARK = 'changed'")
@@ -181,7 +181,7 @@ async def make_base(ksm: KernelSpecManager, cwd: Path, code: str, tmp: Path) -> 
     """Run ``code`` in a cold kernel, snapshot it; return (owner, snapshot name)."""
     km = AsyncKernelManager(kernel_name=COLD, kernel_spec_manager=ksm)
     await km.start_kernel(cwd=str(cwd))
-    kc = km.client()
+    kc = km.client(context=km.context)  # as the Jupyter server connects
     kc.start_channels()
     try:
         await kc.wait_for_ready(timeout=TIMEOUT)

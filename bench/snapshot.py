@@ -328,7 +328,7 @@ async def measure_ours(
         kernel_id = km.kernel_id
         owner = str(runtime.record(kernel_id).uid)
         work = runtime.kernel_dir(kernel_id) / "criu-work"  # CRIU's logs and stats
-        kc = km.client()
+        kc = km.client(context=km.context)  # as the Jupyter server connects (km.connect_*)
         kc.start_channels()
         await kc.wait_for_ready(timeout=READY_TIMEOUT)
         await run_cell(kc, case.build)
