@@ -187,7 +187,9 @@ class Snapshotter:
                 final["shared_with"] = shared_with if shared else {}
                 final["save_seconds"] = round(time.monotonic() - started, 4)
                 snapshots.check_quota(owner, name, final)
-                return draft.commit(final, checksums)
+                done = draft.commit(final, checksums)
+                self.drivers.volume.sync()  # so the next snapshot's freeze need not
+                return done
             except OSError as err:
                 draft.discard()
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -261,6 +263,9 @@ class Snapshotter:
                 reason = str(err)
         work = fresh_work(kdir)
         layer = self.rootfs.layer_dir(record.kernel_id)
+        # The btrfs snapshot below commits the volume's transaction: commit what
+        # it holds now, while the kernel runs.
+        await asyncio.to_thread(self.drivers.volume.sync)
         # Nothing is said while the kernel is frozen: CRIU would dump the unread
         # line with the kernel's control connection.
         await self.drivers.runc.pause(record.container_id)
