@@ -162,6 +162,8 @@ async def test_a_daemon_killed_mid_snapshot_and_mid_restore(daemon: Daemon, user
         # Every page written, so that a dump or a restore takes a while.
         await server.run(kid, "b = bytearray(b'x') * 300_000_000; b[-1] = 7")
         await server.run(kid, "%container snapshot good")
+        # Saved in the background: a kill before then loses it (test_faults.py, f10).
+        await asyncio.to_thread(snapshots.wait_saved, str(alice.uid), "good")
         for verb, args in (("snapshot", [kid, "cut"]), ("restore", [kid, "good"])):
             cli = asyncio.ensure_future(alice.cli(verb, *args))
             await _until_busy(kid)
