@@ -240,7 +240,6 @@ class SandboxProvisioner(KernelProvisionerBase):
                 raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
             km.transport = "tcp"
             km.ip = record["kernel_ip"]
-            _reconnect_quickly(km)
             for name, port in KERNEL_PORTS.items():
                 setattr(km, name, port)
             env = kwargs.get("env", {})
@@ -280,6 +279,9 @@ class SandboxProvisioner(KernelProvisionerBase):
                 await self._undo_first_launch()
             raise
         self._launched = True
+        # Only once it started: the KernelManager makes (and later closes) its
+        # context for the control socket right after this returns.
+        _reconnect_quickly(km)
         if started["warning"]:
             self.log.warning("Kernel %s started cold: %s", self.kernel_id, started["warning"])
         self.log.info("Started sandboxed %s (%s)", started["describe"], self.backend.name)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.runtime import Runtime, paths, snapshots, volume
+from sandbox_kernel.runtime import Runtime, paths, saving, snapshots, volume
 from sandbox_kernel.runtime.rootfs import LOG_CAP, run_dir
 
 from ..integration.conftest import OWNER, Kernels, fresh, run_cli, wait_until
@@ -344,6 +344,8 @@ async def test_6_the_snapshot_store_has_a_limit_per_owner(
 
     # Bytes: a snapshot that takes the owner past the limit is not kept.
     monkeypatch.setenv("SANDBOX_KERNEL_SNAPSHOT_COUNT", "100")
+    # Saved in the background: until then each counts whole (no pages shared yet).
+    assert saving.wait_all(120)
     used = snapshots.usage(OWNER)["bytes"]
     monkeypatch.setenv("SANDBOX_KERNEL_SNAPSHOT_QUOTA", str(used + (40 << 20)))
     (await run_cell(kc, "import os; big = os.urandom(80 << 20)")).check()
