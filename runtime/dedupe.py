@@ -215,13 +215,8 @@ def share_with_parent(images: Path, parent: Path) -> int:
     Anything that cannot be matched or shared simply stays a copy.
     """
     shared = 0
-    for pagemap in sorted(images.glob("pagemap-*.img")):
-        try:
-            new_id, new_runs = read_pagemap(pagemap)
-            old_id, old_runs = read_pagemap(parent / pagemap.name)
-        except (OSError, ValueError):
-            continue
-        new_path, old_path = images / f"pages-{new_id}.img", parent / f"pages-{old_id}.img"
+    for name, (old_path, new_runs, old_runs) in _pages_files(images, parent).items():
+        new_path = images / name
         try:
             new_fd = os.open(new_path, os.O_RDWR)
         except OSError:
@@ -238,7 +233,7 @@ def share_with_parent(images: Path, parent: Path) -> int:
                 mmap.mmap(new_fd, 0, prot=mmap.PROT_READ) as new,
                 mmap.mmap(old_fd, 0, prot=mmap.PROT_READ) as old,
             ):
-                pairs = _pairs(new_runs, sorted(old_runs, key=lambda run: run.vaddr))
+                pairs = _pairs(new_runs, old_runs)
                 ranges = list(_equal_ranges(new, old, pairs))
             done: list[tuple[int, int]] = []
             for dst, src, length in ranges:

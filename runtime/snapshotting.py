@@ -16,7 +16,7 @@ import logging
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,21 @@ class Dump:
     reason: str  # why files only, or ""
     paused: float  # seconds the kernel was frozen
     staged: bool = False  # the memory images are in a staging folder, not the draft
+
+
+@contextlib.contextmanager
+def _dropped_on_failure(draft: snapshots.Draft) -> Iterator[None]:
+    """Discard ``draft`` if the block fails; a full volume is :class:`StoreFull`."""
+    try:
+        yield
+    except OSError as err:
+        draft.discard()
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise snapshots.StoreFull(draft.name) from err
+        raise
+    except BaseException:
+        draft.discard()
+        raise
 
 
 def _out_of_space(error: str, log: Path) -> bool:
@@ -108,37 +123,34 @@ class Snapshotter:
             draft = snapshots.Draft(owner, name)
             staging: saving.Staging | None = None
             try:
-                staging = self._staging(record, live)
-                dump = await self._freeze_and_dump(record, draft, live, staging)
-                images = staging.images if staging is not None and dump.staged else draft.criu_dir
-                memory = tree_bytes(images) if images.is_dir() else 0
-                say(f"saved files and {format_size(memory)} of memory ({dump.paused:.2f} s frozen)")
-                if staging is not None and dump.staged:
-                    meta = await self._describe(record, draft, dump, message, memory)
-                    meta.update(name=name, owner=owner, shared_bytes=0, shared_with={})
-                    meta["seconds"] = round(time.monotonic() - started, 4)
-                    try:
-                        await asyncio.to_thread(snapshots.check_quota, owner, name, meta)
-                    except snapshots.QuotaExceeded:
-                        must_wait = True  # the save shares pages with the parent, then checks
-                    under_way = self._save_later(record, draft, staging, meta)
-                    staging = None  # the save's now
-                    if not must_wait:
-                        say(f"writing {format_size(memory)} to disk in the background")
-                else:
-                    meta = await self._commit_here(record, draft, dump, message, memory, say)
-                    meta["seconds"] = round(time.monotonic() - started, 4)
-            except OSError as err:
-                draft.discard()
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise snapshots.StoreFull(name) from err
-                raise
-            except BaseException:
-                draft.discard()
-                raise
+                with _dropped_on_failure(draft):
+                    staging = self._staging(record, live)
+                    dump = await self._freeze_and_dump(record, draft, live, staging)
+                    images = (
+                        staging.images if staging is not None and dump.staged else draft.criu_dir
+                    )
+                    memory = tree_bytes(images) if images.is_dir() else 0
+                    frozen = f"{dump.paused:.2f} s frozen"
+                    say(f"saved files and {format_size(memory)} of memory ({frozen})")
+                    if staging is not None and dump.staged:
+                        meta = await self._describe(record, draft, dump, message, memory)
+                        meta.update(name=name, owner=owner, shared_bytes=0, shared_with={})
+                        meta["seconds"] = round(time.monotonic() - started, 4)
+                        try:
+                            await asyncio.to_thread(snapshots.check_quota, owner, name, meta)
+                        except snapshots.QuotaExceeded:
+                            must_wait = True  # the save shares pages with the parent, then checks
+                        # The last step here: from now on the draft is the save's.
+                        under_way = self._save_later(record, draft, staging, meta)
+                        staging = None
+                    else:
+                        meta = await self._commit_here(record, draft, dump, message, memory, say)
+                        meta["seconds"] = round(time.monotonic() - started, 4)
             finally:
                 if staging is not None:
                     staging.remove()
+            if under_way is not None and not must_wait:
+                say(f"writing {format_size(memory)} to disk in the background")
 
             def parent(current: KernelRecord) -> None:
                 current.snapshot = name  # the next snapshot's parent
@@ -179,25 +191,18 @@ class Snapshotter:
 
         def save() -> dict[str, Any]:
             try:
-                # Here, not before: a parent still being saved is saved by now.
-                like, shared_with = self._parent_images(record, draft)
-                checksums, shared = dedupe.copy_sharing(staging.images, draft.criu_dir, like)
-                self._readable(record, draft.criu_dir)
-                final = {**meta, "shared_bytes": shared}
-                final["shared_with"] = shared_with if shared else {}
-                final["save_seconds"] = round(time.monotonic() - started, 4)
-                snapshots.check_quota(owner, name, final)
-                done = draft.commit(final, checksums)
+                with _dropped_on_failure(draft):
+                    # Here, not before: a parent still being saved is saved by now.
+                    like, shared_with = self._parent_images(record, draft)
+                    checksums, shared = dedupe.copy_sharing(staging.images, draft.criu_dir, like)
+                    self._readable(record, draft.criu_dir)
+                    final = {**meta, "shared_bytes": shared}
+                    final["shared_with"] = shared_with if shared else {}
+                    final["save_seconds"] = round(time.monotonic() - started, 4)
+                    snapshots.check_quota(owner, name, final)
+                    done = draft.commit(final, checksums)
                 self.drivers.volume.sync()  # so the next snapshot's freeze need not
                 return done
-            except OSError as err:
-                draft.discard()
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise snapshots.StoreFull(name) from err
-                raise
-            except BaseException:
-                draft.discard()
-                raise
             finally:
                 staging.remove()
 
