@@ -357,6 +357,8 @@ def _copy_ranges(
     shared = pos = 0
     try:
         for dst, src, length in [*ranges, (size, 0, 0)]:
+            if dst < pos or dst + length > size:
+                continue  # overlapping or past the end (pagemaps that disagree): copied
             _write(view, dst_fd, pos, dst, digest)
             if length:
                 if _clone(old_fd, src, dst_fd, dst, length):

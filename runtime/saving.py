@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox_kernel.display import format_size
+
 from .fsutil import flocked, lock_held
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,11 @@ class Staging:
         self.path = Path(tempfile.mkdtemp(dir=staging_root(), prefix=STAGING_PREFIX))
         self.images = self.path / "criu"
         self._lock = flocked(self.path / ".lock")
-        self._lock.__enter__()
+        try:
+            self._lock.__enter__()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         with _state:
             _staged[self.path] = expected
 
@@ -129,7 +135,10 @@ def stage(expected: int) -> tuple[Staging | None, str]:
         return None, f"{root} is not a tmpfs"
     spare = spare_bytes()
     if expected > spare:
-        return None, f"the kernel's {expected} bytes exceed the {spare} bytes of memory to spare"
+        return None, (
+            f"the kernel holds {format_size(expected)}, more than the "
+            f"{format_size(spare)} of memory the machine can spare"
+        )
     try:
         return Staging(expected), ""
     except OSError as err:

@@ -11,7 +11,9 @@ A snapshot is a folder ``snapshots/<owner>/<name>/`` of the runtime's btrfs volu
 
 It is built in a hidden folder beside it and renamed into place after every file
 and folder is fsynced, so a crash leaves no partial snapshot listed; ``gc`` removes
-the hidden leftovers.
+the hidden leftovers. A snapshot whose images are saved after the kernel was thawed
+(``saving.py``) is listed meanwhile as *saving*, from the ``saving.json`` in its
+locked hidden folder, and whatever reads it waits for it (:func:`wait_saved`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ class SnapshotCorrupt(SandboxError):
         super().__init__(
             f"snapshot {name!r} is damaged ({problem}); it was not restored and the "
             "kernel is untouched. Delete it with `sandbox-kernel snapshots --delete`"
+        )
+
+
+class SnapshotBusy(SandboxError):
+    """A snapshot is still being written to disk after the time allowed to wait."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"snapshot {name!r} is still being written to disk; try again in a moment "
+            "(`%container list` shows it as saving until then)"
         )
 
 
@@ -184,13 +197,16 @@ def wait_saved(owner: str, name: str, timeout: float = SAVE_WAIT) -> None:
     calls it in a thread.
 
     Raises:
-        TimeoutError: it is still being saved after ``timeout`` seconds.
+        SnapshotBusy: it is still being saved after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
-    saving.wait(owner, name, timeout)
+    try:
+        saving.wait(owner, name, timeout)
+    except TimeoutError:
+        raise SnapshotBusy(name) from None
     while name in _saving_drafts(owner):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"snapshot {name!r} is still being saved")
+            raise SnapshotBusy(name)
         time.sleep(0.02)
 
 
@@ -201,7 +217,7 @@ def load(owner: str, name: str, wait: bool = True) -> dict[str, Any]:
 
     Raises:
         SnapshotNotFound: there is no such snapshot (or its save failed).
-        TimeoutError: it is still being saved.
+        SnapshotBusy: it is still being saved.
     """
     under_way = saving.find(owner, name)
     if under_way is not None and not wait:

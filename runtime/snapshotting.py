@@ -201,7 +201,8 @@ class Snapshotter:
                     final["save_seconds"] = round(time.monotonic() - started, 4)
                     snapshots.check_quota(owner, name, final)
                     done = draft.commit(final, checksums)
-                self.drivers.volume.sync()  # so the next snapshot's freeze need not
+                with contextlib.suppress(OSError):  # saved already; this only helps
+                    self.drivers.volume.sync()  # the next snapshot's freeze
                 return done
             finally:
                 staging.remove()
@@ -366,7 +367,7 @@ class Snapshotter:
         # cut short, and the name was taken again): there is nothing to share.
         if record.snapshot and record.snapshot != draft.name:
             # The parent may have been deleted since: then there is nothing to share.
-            with contextlib.suppress(SandboxError, OSError, TimeoutError):
+            with contextlib.suppress(SandboxError, OSError):
                 created = snapshots.load(draft.owner, record.snapshot)["created"]
                 like = snapshots.snapshot_dir(draft.owner, record.snapshot) / "criu"
                 shared_with = {"kind": "snapshot", "name": record.snapshot, "created": created}
