@@ -27,6 +27,16 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Lay out ``fig``, write it to ``path`` (PNG), close it; the path."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"chart: {path}", file=sys.stderr)
+    return path
+
+
 def distributions(
     path: Path, title: str, series: dict[str, list[float]], unit: str = "s"
 ) -> Path | None:
@@ -47,12 +57,7 @@ def distributions(
     ax.set_xlim(left=0)
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    print(f"chart: {path}", file=sys.stderr)
-    return path
+    return _save(plt, fig, path)
 
 
 def against_size(
@@ -85,12 +90,7 @@ def against_size(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    print(f"chart: {path}", file=sys.stderr)
-    return path
+    return _save(plt, fig, path)
 
 
 def lines(
@@ -110,9 +110,4 @@ def lines(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    print(f"chart: {path}", file=sys.stderr)
-    return path
+    return _save(plt, fig, path)

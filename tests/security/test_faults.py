@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
@@ -29,6 +31,28 @@ from ..integration.conftest import OWNER, Kernels, run_cli, wait_until
 from ..integration.probe import run_cell
 
 pytestmark = pytest.mark.integration
+
+
+async def _random_array(kc: Any, mib: int) -> None:
+    """Give the kernel ``big``: ``mib`` MiB of random bytes (they do not compress)."""
+    make = f"np.random.default_rng(1).integers(0, 255, {mib} << 20, np.uint8)"
+    (await run_cell(kc, f"import numpy as np; big = {make}")).check()
+
+
+@contextlib.contextmanager
+def _volume_filled(leaving: int) -> Iterator[None]:
+    """Fill the snapshot volume but ``leaving`` bytes, for the block."""
+    filler = volume.volume_dir() / f"filler-{uuid.uuid4().hex[:8]}"
+    free = os.statvfs(volume.volume_dir())
+    try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, free.f_bavail * free.f_frsize - leaving)
+        finally:
+            os.close(fd)
+        yield
+    finally:
+        filler.unlink(missing_ok=True)
 
 
 def _kernel_process(runtime: Runtime, kernel_id: str, init: int) -> int:
@@ -137,25 +161,11 @@ async def test_f7_a_full_disk_during_a_snapshot_is_a_clear_error_and_leaves_noth
     kernels: Kernels, make_spec, names
 ) -> None:
     km, kc = await kernels.start(make_spec(memory="1G"))
-    (
-        await run_cell(
-            kc,
-            "import numpy as np; big = np.random.default_rng(1).integers(0, 255, 128 << 20, np.uint8)",
-        )
-    ).check()
-    filler = volume.volume_dir() / f"filler-{uuid.uuid4().hex[:8]}"
-    free = os.statvfs(volume.volume_dir())
+    await _random_array(kc, 128)
     name = f"t-{uuid.uuid4().hex[:10]}"
     names.append(name)
-    try:
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, free.f_bavail * free.f_frsize - (32 << 20))
-        finally:
-            os.close(fd)
+    with _volume_filled(leaving=32 << 20):
         done = await run_cli("snapshot", km.kernel_id, name)
-    finally:
-        filler.unlink(missing_ok=True)
     assert done.returncode != 0, done.stdout
     assert "no space left on the snapshot volume" in done.stderr, done.stderr
     assert name not in snapshots.names(OWNER)
@@ -226,28 +236,14 @@ async def test_f11_a_full_volume_during_a_background_save_lists_nothing_and_says
     kernels: Kernels, make_spec, names
 ) -> None:
     km, kc = await kernels.start(make_spec(memory="1G"))
-    (
-        await run_cell(
-            kc,
-            "import numpy as np; big = np.random.default_rng(1).integers(0, 255, 128 << 20, np.uint8)",
-        )
-    ).check()
+    await _random_array(kc, 128)
     name = f"t-{uuid.uuid4().hex[:10]}"
     names.append(name)
-    filler = volume.volume_dir() / f"filler-{uuid.uuid4().hex[:8]}"
-    free = os.statvfs(volume.volume_dir())
-    try:
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, free.f_bavail * free.f_frsize - (32 << 20))
-        finally:
-            os.close(fd)
+    with _volume_filled(leaving=32 << 20):
         taken = await run_cell(kc, f"%container snapshot {name}")
         # The cell returns once the kernel runs again; the save fails after it.
         assert "writing it to disk in the background" in taken.check(), taken.stdout
         await asyncio.to_thread(saving.wait, OWNER, name, 300)
-    finally:
-        filler.unlink(missing_ok=True)
     assert name not in snapshots.names(OWNER)
     assert not snapshots.leftovers() and not saving.leftover_stagings()
     listed = (await run_cell(kc, "%container list")).check()
