@@ -200,10 +200,7 @@ class Snapshotter:
                     final["shared_with"] = shared_with if shared else {}
                     final["save_seconds"] = round(time.monotonic() - started, 4)
                     snapshots.check_quota(owner, name, final)
-                    done = draft.commit(final, checksums)
-                with contextlib.suppress(OSError):  # saved already; this only helps
-                    self.drivers.volume.sync()  # the next snapshot's freeze
-                return done
+                    return draft.commit(final, checksums)
             finally:
                 staging.remove()
 
@@ -269,9 +266,6 @@ class Snapshotter:
                 reason = str(err)
         work = fresh_work(kdir)
         layer = self.rootfs.layer_dir(record.kernel_id)
-        # The btrfs snapshot below commits the volume's transaction: commit what
-        # it holds now, while the kernel runs.
-        await asyncio.to_thread(self.drivers.volume.sync)
         # Nothing is said while the kernel is frozen: CRIU would dump the unread
         # line with the kernel's control connection.
         await self.drivers.runc.pause(record.container_id)

@@ -325,20 +325,6 @@ def is_subvolume(path: Path) -> bool:
         return False
 
 
-def sync() -> None:
-    """Commit the volume's running btrfs transaction (``BTRFS_IOC_SYNC``).
-
-    Taking a btrfs snapshot commits the transaction too, and waits for everything
-    it holds: after a snapshot's images were saved (their clones and writes), that
-    took up to a second, with the kernel frozen. Committed beforehand, it is quick.
-    """
-    fd = os.open(ensure_volume(), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.ioctl(fd, BTRFS_IOC_SYNC)
-    finally:
-        os.close(fd)
-
-
 def bytes_used(sync: bool = True) -> int:
     """Bytes the volume's data and metadata take on disk, after compression and with
     shared blocks counted once (what ``btrfs filesystem df`` calls used).

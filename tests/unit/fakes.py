@@ -173,9 +173,6 @@ class FakeVolume:
     def snapshot_subvolume(self, source: Path, target: Path, readonly: bool) -> None:
         shutil.copytree(source, target, symlinks=True)
 
-    def sync(self) -> None:
-        pass
-
     def delete_subvolume(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
         self.limits.pop(path, None)
