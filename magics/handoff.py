@@ -309,8 +309,26 @@ class RestoreHandoff:
                 if time.monotonic() > deadline:
                     return
                 self._pause.wait(0.005)
+        if info and info.get("kind") == "pool":
+            info = self._wait_to_be_claimed()
         if info:
             self._arrive(info, in_cell=False)
+
+    def _wait_to_be_claimed(self) -> dict[str, Any] | None:
+        """In a kernel of a warm pool (restored from its pristine base before anyone
+        asked for it): wait until a start claims it, then take the claiming kernel's
+        key (written before the answer) and return what to arrive as."""
+        while True:
+            try:
+                info = self.channel.request("claimed", timeout=None)
+                break
+            except ChannelError:
+                # The runtime went away: a new one removes this kernel (gc).
+                self._pause.wait(1.0)
+        with self._identity_lock:
+            self._take_identity()
+            self._identity_start = _start_time()
+        return info if isinstance(info, dict) else None
 
     def after_restore(self) -> None:
         """Before a cell runs in a restored process: let the frontend reconnect first,

@@ -76,12 +76,7 @@ class Boot:
         interface of its own network namespace), its /etc files, the CRIU config and
         the OCI bundle. ``env`` is the kernel's environment before the runtime adds
         the user's names and ``PATH``."""
-        inside = {k: v.decode() if isinstance(v, bytes) else v for k, v in connection.items()}
-        inside["ip"] = "0.0.0.0"
-        conn_path = self.rootfs.run_dir(record.kernel_id) / "connection.json"
-        conn_path.unlink(missing_ok=True)
-        write_json(conn_path, inside, mode=0o400)
-        give(conn_path, record.uid, record.gid)
+        self.write_connection(record, connection)
         self.rootfs.write_etc(kdir / "etc", record)
         env = {
             **env,
@@ -113,6 +108,16 @@ class Boot:
         )
         self.criu_config(kdir)
         write_json(kdir / "config.json", spec)
+
+    def write_connection(self, record: KernelRecord, connection: dict[str, Any]) -> None:
+        """Write the kernel's connection file (read-only, the kernel user's), binding
+        every interface of its own network namespace."""
+        inside = {k: v.decode() if isinstance(v, bytes) else v for k, v in connection.items()}
+        inside["ip"] = "0.0.0.0"
+        conn_path = self.rootfs.run_dir(record.kernel_id) / "connection.json"
+        conn_path.unlink(missing_ok=True)
+        write_json(conn_path, inside, mode=0o400)
+        give(conn_path, record.uid, record.gid)
 
     async def run(self, kdir: Path, record: KernelRecord) -> int:
         """Start the kernel's container from its bundle; return its init's host pid.

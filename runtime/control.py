@@ -183,6 +183,10 @@ class ControlServer:
         #: after its restore; see ``bases.py``), and has numbered its cells afresh
         #: (it asks ``resume`` first; see the magic's handoff).
         self.heard = asyncio.Event()
+        #: A pool kernel's: set when a start claims it (see ``pool.py``); its process
+        #: waits in ``claimed`` until then, and ``asked`` is set once it does.
+        self.claim: asyncio.Future[None] | None = None
+        self.asked = asyncio.Event()
         self._handlers = self._dispatch_table()
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._server: asyncio.Server | None = None
@@ -219,6 +223,8 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop listening and close open connections."""
+        if self.claim is not None and not self.claim.done():
+            self.claim.cancel()  # a pool kernel's wait ends
         if self._server is not None:
             self._server.close()
             for writer in list(self._writers):
@@ -304,6 +310,10 @@ class ControlServer:
                 await asyncio.wait_for(writer.drain(), self.read_timeout)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the kernel was restored or killed mid-request
+        except asyncio.CancelledError:
+            # The loop ends (a server's exit) under a request still waiting (a pool
+            # kernel's ``claimed``): this connection's task ends here, quietly.
+            pass
         except TimeoutError:
             self._complain(f"closed a connection that took no reply for {self.read_timeout:g} s")
         except Exception as err:
@@ -410,10 +420,29 @@ class ControlServer:
     async def _op_resume(
         self, args: dict[str, Any], progress: Progress | None
     ) -> dict[str, Any] | None:
+        if self.claim is not None and not self.claim.done():
+            return {"kind": "pool"}  # it asks ``claimed`` next, and waits there
         pending, self.pending = self.pending, None
         if pending is not None and pending.get("kind") != "restore":
             pending = {**self.arrival, **pending}
         return pending
+
+    async def _op_claimed(
+        self, args: dict[str, Any], progress: Progress | None
+    ) -> dict[str, Any] | None:
+        """A pool kernel's wait: answered when a start claims it, with what its
+        ``resume`` would have said (its new folder, environment and numbering)."""
+        claim = self.claim
+        if claim is None:
+            return None
+        self.asked.set()
+        try:
+            await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            if claim.cancelled():  # the server closes: the kernel is being removed
+                return None
+            raise
+        return await self._op_resume(args, progress)
 
     # A kernel sees and acts on the snapshots it may restore, no others: the same
     # owner, image and working folder (snapshots.visible_to).

@@ -61,6 +61,7 @@ class Collector:
         removed += await asyncio.to_thread(self._kernel_folders, live, dry_run)
         removed += await asyncio.to_thread(self._subvolumes, live, dry_run)
         removed += await asyncio.to_thread(self._drafts, dry_run)
+        removed += await asyncio.to_thread(self._aliases, live, dry_run)
         removed += await asyncio.to_thread(self._layers, dry_run)
         records, unreadable = self.store.scan()
         if not unreadable:  # else a base may be in use by a record it cannot read
@@ -198,6 +199,16 @@ class Collector:
             removed.append(f"memory images of an unsaved snapshot {staging}")
             if not dry_run:
                 shutil.rmtree(staging, ignore_errors=True)
+        return removed
+
+    def _aliases(self, live: set[str], dry_run: bool) -> list[str]:
+        """Jupyter ids of pool kernels that are gone (see ``pool.py``)."""
+        removed = []
+        for alias, kid in self.store.aliases().items():
+            if kid not in live:
+                removed.append(f"kernel id {alias} (of kernel {kid}, gone)")
+                if not dry_run:
+                    self.store.unalias(alias)
         return removed
 
     def _layers(self, dry_run: bool) -> list[str]:

@@ -511,6 +511,7 @@ class Lifecycle:
             record = self.store.load(kernel_id)
         except KernelNotFound:
             return
+        kernel_id = record.kernel_id  # ``kernel_id`` may be its alias
         # Every step runs even if one before it failed; the first error is raised last.
         errors: list[BaseException] = []
         try:
@@ -525,6 +526,8 @@ class Lifecycle:
         self.drivers.network.release_index(record.index)
         # The writable layer can hold gigabytes: delete it off the event loop.
         await asyncio.to_thread(self.rootfs.remove, self.store.kernel_dir(kernel_id))
+        if record.public_id != kernel_id:
+            self.store.unalias(record.public_id)
         if errors:
             raise errors[0]
 

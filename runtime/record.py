@@ -41,7 +41,8 @@ class KernelRecord:
     """One kernel: what it is made of, where it lives, what limits it has.
 
     Attributes:
-        kernel_id, container_id, hostname: Jupyter's id; runc's id (also the cgroup's
+        kernel_id, container_id, hostname: the id the kernel was made under (Jupyter's,
+            except for a pool kernel: see :attr:`public_id`); runc's id (also the cgroup's
             name); the hostname inside.
         image, layers: the image's name and the read-only layers (ids), lowest last.
         snapshot: the snapshot the files came from (the next snapshot's parent).
@@ -105,6 +106,18 @@ class KernelRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def public_id(self) -> str:
+        """The id Jupyter knows the kernel by: its own, or for a kernel taken from a
+        warm pool (made before Jupyter chose an id) the id it was claimed as."""
+        alias = self.extra.get("alias")
+        return alias if isinstance(alias, str) and alias else self.kernel_id
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the kernel waits in a warm pool, claimed by nobody yet."""
+        return isinstance(self.extra.get("pool"), dict)
+
+    @property
     def belongs_to(self) -> int:
         """The uid of the user the kernel belongs to (see ``owner_uid``)."""
         return self.uid if self.owner_uid is None else self.owner_uid
@@ -131,7 +144,7 @@ class KernelRecord:
     def describe(self) -> str:
         """One line about the kernel for logs: id, image, limits, network."""
         return (
-            f"kernel {self.kernel_id} (image {self.image}, {self.limits.describe()}, "
+            f"kernel {self.public_id} (image {self.image}, {self.limits.describe()}, "
             f"network {self.network})"
         )
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandbox_kernel.display import format_size
-from sandbox_kernel.errors import ConfigError, KernelNotFound, SandboxError
+from sandbox_kernel.errors import ConfigError, KernelNotFound, QuotaError, SandboxError
 
 from . import bases, exits, snapshots
 from .callers import Caller
@@ -38,6 +38,7 @@ from .fsutil import write_json
 from .lifecycle import KernelConfig
 from .limits import Limits, parse_size
 from .network import Addresses
+from .pool import Pools, check_pool, pool_key
 from .quotas import DaemonConfig, check_kernel, check_limits
 from .record import KernelRecord, Start
 from .runtime import Runtime
@@ -174,6 +175,8 @@ class KernelService:
         self.in_process = config is None
         self._subscribers: list[Callable[[Event], None]] = []
         self._user_locks: dict[int, asyncio.Lock] = {}
+        #: Kernels restored before anyone asked (see ``pool.py``).
+        self.pools = Pools(self)
 
     # ---- calls -----------------------------------------------------------------------
 
@@ -222,7 +225,8 @@ class KernelService:
         if not isinstance(kernel_id, str):
             raise ConfigError("kernel id", kernel_id, "is not a kernel id")
         record = self.runtime.record(kernel_id)
-        if not self.sees(caller, record):
+        if not self.sees(caller, record) or record.pooled:
+            # A pool kernel is nobody's until a start claims it.
             raise KernelNotFound(kernel_id)
         return record
 
@@ -353,9 +357,11 @@ class KernelService:
     def emit(self, event: Event) -> None:
         """Tell every subscriber. An event names its kernel and the kernel's owner."""
         kernel_id = event.get("kernel_id")
-        if kernel_id and "owner_uid" not in event:
+        if kernel_id:
             with contextlib.suppress(SandboxError, OSError):
-                event["owner_uid"] = self.runtime.record(kernel_id).belongs_to
+                record = self.runtime.record(kernel_id)
+                event["kernel_id"] = record.public_id  # the id Jupyter knows
+                event.setdefault("owner_uid", record.belongs_to)
         for listener in list(self._subscribers):
             try:
                 listener(event)
@@ -387,6 +393,11 @@ class KernelService:
         taken = []
         for record in await asyncio.to_thread(self.runtime.records):
             kid = record.kernel_id
+            if record.pooled or record.extra.get("claimed"):
+                # Its wait to be claimed was this process's predecessor's.
+                with contextlib.suppress(SandboxError, OSError):
+                    await self.runtime.remove(kid)
+                continue
             try:
                 await self.runtime.thaw_if_stale(kid)
                 pid = await self.runtime.finish_restore(kid)
@@ -407,6 +418,7 @@ class KernelService:
                 await self.close_channel(kid)
 
     async def close(self) -> None:
+        await self.pools.drain()
         for kid in list(self.channels):
             await self.close_channel(kid)
 
@@ -455,7 +467,9 @@ def _config(caller: Caller, data: dict[str, Any]) -> KernelConfig:
 
 def _kernel_info(record: KernelRecord) -> dict[str, Any]:
     return {
-        "kernel_id": record.kernel_id,
+        "kernel_id": record.public_id,
+        "internal_id": record.kernel_id,
+        "pooled": bool(record.extra.get("claimed")),
         "kernel_ip": record.kernel_ip,
         "uid": record.uid,
         "gid": record.gid,
@@ -474,20 +488,35 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
         raise ConfigError("kernel id", kernel_id, "is not a kernel id")
     svc.runtime.kernel_dir(kernel_id)  # checks its form
     config = _config(caller, args["config"])
+    size, key = _pool_of(caller, config, args["config"])
     if svc.runtime.store.exists(kernel_id):
         svc.kernel(caller, kernel_id)  # a restart: the caller's own kernel
+        kernel_id = svc.runtime.store.resolve(kernel_id)
         record = await svc.runtime.prepare(kernel_id, config)
     else:
+        if size:
+            svc.pools.ask(key, config, size)
+            claimed = await svc.pools.claim(caller, kernel_id, key)
+            if claimed is not None:
+                return _kernel_info(claimed)
         quota = svc.config.quota_for(caller)
         if quota.kernels is None and quota.memory_total is None:
             check_limits(quota, config.limits, [])
             record = await svc.runtime.prepare(kernel_id, config)
         else:
             # Counted and made under the user's lock: two starts at once cannot
-            # both take the last place.
+            # both take the last place. The user's pool kernels make room.
             async with svc.user_lock(caller.uid):
-                check_kernel(quota, config.limits, svc.running_limits(caller.uid))
+                while True:
+                    try:
+                        check_kernel(quota, config.limits, svc.running_limits(caller.uid))
+                        break
+                    except QuotaError:
+                        if not await svc.pools.evict(caller.uid):
+                            raise
                 record = await svc.runtime.prepare(kernel_id, config)
+        if size:
+            record = await svc.runtime.store.aupdate(kernel_id, lambda r: _pool_mark(r, key))
     if record.belongs_to != caller.uid and not caller.is_root:
         raise KernelNotFound(kernel_id)
     try:
@@ -498,10 +527,31 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
     return _kernel_info(record)
 
 
+def _pool_of(caller: Caller, config: KernelConfig, data: dict[str, Any]) -> tuple[int, str]:
+    """The pool size a start asks for and the key of its pool (see ``pool.py``)."""
+    pool = data.get("pool") or {}
+    if not isinstance(pool, dict):
+        raise ConfigError("pool", pool, "must be an object with a size and a spec")
+    size = check_pool(pool.get("size", 0))
+    if size and (config.base or config.class_name or not config.pristine):
+        raise ConfigError(
+            "pool", size,
+            "keeps kernels restored from the pristine base: a kernelspec with a base or "
+            "a class, or with the pristine base off, cannot have one; set pool 0",
+        )  # fmt: skip
+    return size, pool_key(caller, config, str(pool.get("spec") or ""))
+
+
+def _pool_mark(record: KernelRecord, key: str) -> KernelRecord:
+    record.extra["pool_of"] = key
+    return record
+
+
 @_op("launch")
 async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     """Start the prepared kernel; a kernel restored from a base must take its new
-    key (its magic calls the control server with it) or starts cold instead."""
+    key (its magic calls the control server with it) or starts cold instead. A
+    kernel claimed from a pool only takes its key and environment."""
     record = svc.kernel(caller, args["kernel_id"])
     kid = record.kernel_id
     argv, env = args["argv"], args["env"]
@@ -509,6 +559,14 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         raise ConfigError("argv", argv, "must be a list of strings")
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         raise ConfigError("env", "...", "must map names to strings")
+    connection = dict(args["connection"])
+    pool = record.extra.get("pool_of")
+    if record.extra.get("claimed") and kid in svc.channels:
+        record, pid, warning = await svc.pools.hand_over(record, env, connection)
+        svc.emit({"event": "started", "kernel_id": kid, "pid": pid})
+        if isinstance(pool, str):
+            svc.pools.fill_later(pool, argv, env, connection)
+        return {**_kernel_info(record), "pid": pid, "warning": warning}
     await asyncio.to_thread(svc.notice_for_next_start, record)
     if (
         record.base is None and not record.class_name and not record.base_note
@@ -527,7 +585,7 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
                 "was_cwd": record.pristine_cwd,
                 "env": env,
             }
-    pid = await svc.runtime.start(kid, argv, env, dict(args["connection"]))
+    pid = await svc.runtime.start(kid, argv, env, connection)
     record = svc.runtime.record(kid)  # the start says how it went
     channel = await svc.open_channel(record, listen=True)
     warning = ""
@@ -541,6 +599,8 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     elif record.start is Start.COLD and record.base_note:
         warning = record.base_note
     svc.emit({"event": "started", "kernel_id": kid, "pid": pid})
+    if isinstance(pool, str):
+        svc.pools.fill_later(pool, argv, env, connection)
     return {**_kernel_info(record), "pid": pid, "warning": warning}
 
 
@@ -577,7 +637,7 @@ async def _pristine(
 async def _stop(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
     await svc.runtime.stop(record.kernel_id)
-    svc.emit({"event": "stopped", "kernel_id": record.kernel_id})
+    svc.emit({"event": "stopped", "kernel_id": record.public_id})
 
 
 @_op("remove")
@@ -589,7 +649,7 @@ async def _remove(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     owner = record.belongs_to
     await svc.close_channel(record.kernel_id)
     await svc.runtime.remove(record.kernel_id)
-    svc.emit({"event": "removed", "kernel_id": record.kernel_id, "owner_uid": owner})
+    svc.emit({"event": "removed", "kernel_id": record.public_id, "owner_uid": owner})
 
 
 @_op("pid")
@@ -674,7 +734,11 @@ async def _kernels(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
     """The caller's kernels (every kernel for an admin), with their use now."""
     records = await asyncio.to_thread(svc.runtime.records)
     return [
-        {**r.to_dict(), "owner_uid": r.belongs_to, "usage": await asyncio.to_thread(_usage, svc, r)}
+        {
+            **r.to_dict(), "kernel_id": r.public_id, "internal_id": r.kernel_id,
+            "pooled": r.pooled, "owner_uid": r.belongs_to,
+            "usage": await asyncio.to_thread(_usage, svc, r),
+        }  # fmt: skip
         for r in records
         if svc.sees(caller, r)
     ]

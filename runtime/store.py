@@ -9,6 +9,11 @@ dies:
   other's change: a limit changed from the CLI while a snapshot runs stays.
 - ``lock``, held for a whole snapshot, restore or reset (:meth:`exclusive`), so
   those of one kernel run one at a time.
+
+A kernel taken from a warm pool (``pool.py``) was made under an id of its own
+before Jupyter chose one: ``aliases/<jupyter id>`` names it, and :meth:`load`,
+:meth:`exists` and :meth:`resolve` follow it. Everything else is named by the
+kernel's own id (``KernelRecord.kernel_id``).
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ def private_folder(folder: Path) -> None:
     os.chmod(folder, 0o710)
 
 
+def aliases_dir() -> Path:
+    """``aliases/<jupyter id>``: the kernel id each claimed pool kernel was made under."""
+    return paths.state_dir() / "aliases"
+
+
 class KernelStore:
     """Records of kernels, and their locks. Keeps nothing in memory."""
 
@@ -64,8 +74,48 @@ class KernelStore:
         return kernel_dir(kernel_id)
 
     def exists(self, kernel_id: str) -> bool:
-        """Whether kernel ``kernel_id`` has a record."""
-        return self.has_record(kernel_dir(kernel_id))
+        """Whether kernel ``kernel_id`` (or the kernel it is an alias of) has a record."""
+        return self.has_record(kernel_dir(self.resolve(kernel_id)))
+
+    def resolve(self, kernel_id: str) -> str:
+        """The id kernel ``kernel_id`` was made under: itself, or for an alias (a
+        pool kernel's Jupyter id) the pool kernel's.
+
+        Raises:
+            ConfigError: the id could name another folder.
+        """
+        if self.has_record(kernel_dir(kernel_id)):
+            return kernel_id
+        try:
+            target = read_json(aliases_dir() / kernel_id).get("kernel_id")
+        except (OSError, ValueError, AttributeError):
+            return kernel_id
+        if not isinstance(target, str):
+            return kernel_id
+        kernel_dir(target)  # checks its form
+        return target
+
+    def alias(self, alias: str, kernel_id: str) -> None:
+        """Make ``alias`` (a Jupyter kernel id) name kernel ``kernel_id``."""
+        kernel_dir(alias)  # checks its form
+        folder = aliases_dir()
+        folder.mkdir(mode=0o700, exist_ok=True)
+        write_json(folder / alias, {"kernel_id": kernel_id})
+
+    def unalias(self, alias: str) -> None:
+        """Remove ``alias`` (gone already: fine)."""
+        kernel_dir(alias)  # checks its form
+        with contextlib.suppress(FileNotFoundError):
+            (aliases_dir() / alias).unlink()
+
+    def aliases(self) -> dict[str, str]:
+        """Every alias and the id it names (``gc`` removes those of no kernel)."""
+        found: dict[str, str] = {}
+        if aliases_dir().is_dir():
+            for entry in aliases_dir().iterdir():
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    found[entry.name] = str(read_json(entry).get("kernel_id"))
+        return found
 
     @staticmethod
     def has_record(folder: Path) -> bool:
@@ -74,13 +124,13 @@ class KernelStore:
         return (folder / "record.json").exists()
 
     def load(self, kernel_id: str) -> KernelRecord:
-        """The record of kernel ``kernel_id``.
+        """The record of kernel ``kernel_id``, or of the kernel it is an alias of.
 
         Raises:
             KernelNotFound: the runtime has no such kernel.
         """
         try:
-            data = read_json(kernel_dir(kernel_id) / "record.json")
+            data = read_json(kernel_dir(self.resolve(kernel_id)) / "record.json")
         except FileNotFoundError:
             raise KernelNotFound(kernel_id) from None
         return KernelRecord.from_dict(data)

@@ -9,6 +9,7 @@ over its socket, as the server's user; the in-process one directly, as this
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import weakref
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 from .daemon_client import START_HINT, DaemonClient, daemon_running, socket_path
 from .errors import ConfigError
 from .runtime.callers import Caller
+from .runtime.pool import drain_at_exit
 from .runtime.service import KernelService
 
 Log = logging.Logger | logging.LoggerAdapter[Any]
@@ -48,13 +50,21 @@ _services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KernelService] =
 )
 
 
+_drain_registered = False
+
+
 def local_service(log: Log | None = None) -> KernelService:
     """This process's kernel service: one per event loop, shared by its kernels. The
     first ``log`` given (the server's) gets its lines for operators."""
+    global _drain_registered
     loop = asyncio.get_running_loop()
     service = _services.get(loop)
     if service is None:
         service = _services[loop] = KernelService(log=log)  # type: ignore[arg-type]
+        if not _drain_registered:
+            # Its pool kernels (runtime/pool.py) go with this process.
+            atexit.register(drain_at_exit)
+            _drain_registered = True
     return service
 
 

@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="start every kernel cold; by default kernels restore a "
                    "pristine base, an idle kernel of this configuration made at the "
                    "first start")  # fmt: skip
+    p.add_argument("--pool", type=int, default=0, metavar="N",
+                   help="keep N kernels restored and paused, ready to be claimed: a "
+                   "start then takes one at once (default 0; each costs an idle "
+                   "kernel's memory)")  # fmt: skip
     where = p.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for this user only")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
@@ -203,6 +207,16 @@ def _install(args: argparse.Namespace) -> int:
         config["base"] = base["id"]
     if args.no_pristine:
         config["pristine_base"] = False
+    if args.pool:
+        from .runtime.pool import check_pool
+
+        check_pool(args.pool)
+        if args.no_pristine or args.base:
+            raise ConfigError(
+                "--pool", args.pool,
+                "keeps kernels restored from the pristine base; drop --no-pristine and --base",
+            )  # fmt: skip
+        config["pool"] = args.pool
     prefix = sys.prefix if args.sys_prefix else None
     path = install(args.name, args.display_name, config, user=args.user, prefix=prefix)
     print(f"Installed kernelspec {args.name} in {path}")
@@ -293,7 +307,7 @@ def _ps(args: argparse.Namespace) -> int:
             cpu = f"{(use['cpu_seconds'] - before['cpu_seconds']) / elapsed * 100:.0f}%"
         cpu += f" / {limits.get('cpus') or '-'}"
         rows.append([
-            kid, user, "running", kernel["image"],
+            kid, user, "pooled" if kernel.get("pooled") else "running", kernel["image"],
             f"{format_size(use['memory'])} / {format_size(use['memory_limit'])}",
             cpu, f"{use['pids']} / {use['pids_limit'] or '-'}", kernel["network"],
             _age(kernel["created"]),

@@ -149,6 +149,9 @@ OPS: Mapping[str, Op] = _ops(
     ),
     # The restore or reset a new process must finish, if any (see the magic's handoff).
     Op("resume", command=False),
+    # A pool kernel's wait to be claimed (see runtime/pool.py): answered, with what
+    # ``resume`` would say, when a start takes it.
+    Op("claimed", command=False),
     # Held open, never answered: its end tells the kernel it was restored.
     Op("watch", command=False, answered=False),
 )

@@ -15,6 +15,8 @@ Selected by a kernelspec's ``metadata.kernel_provisioner``::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -35,6 +37,8 @@ from .runtime.layers import check_image_name
 from .runtime.lifecycle import KERNEL_PORTS, default_uid
 from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
+from .runtime.pool import POOL_MAX, check_pool
+from .runtime.pristine import PER_LAUNCH_ENV
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
 MAGICS = "sandbox_kernel.magics"
@@ -87,6 +91,12 @@ class SandboxProvisioner(KernelProvisionerBase):
         "base, an idle kernel of the same configuration snapshotted before any cell, made "
         "at the first start (and again when the image, the Python environment or this "
         "package changes). False: every start is a cold start of Python."
+    ).tag(config=True)  # fmt: skip
+    pool = Int(
+        0, help="How many kernels of this kernelspec to keep restored from its pristine "
+        "base and paused, ready to be claimed: a start then only hands over its key. "
+        f"Each costs an idle kernel's memory and counts against its user's quotas; "
+        f"at most {POOL_MAX}. Needs the pristine base (no base or class).",
     ).tag(config=True)  # fmt: skip
     image = Unicode(
         "host", help="Image the kernel's root filesystem comes from; `host` is a read-only "
@@ -180,6 +190,10 @@ class SandboxProvisioner(KernelProvisionerBase):
             parse_size(proposal["value"], "shm size")
         return proposal["value"]
 
+    @validate("pool")
+    def _check_pool(self, proposal: dict[str, Any]) -> int:
+        return check_pool(proposal["value"])
+
     @validate("image")
     def _check_image(self, proposal: dict[str, Any]) -> str:
         return check_image_name(str(proposal["value"]))
@@ -232,6 +246,8 @@ class SandboxProvisioner(KernelProvisionerBase):
             "class_name": self.class_name,
             "pristine": self.pristine_base,
             "shm": self.shm,
+            # As the superclass's pre_launch: no env given means this process's.
+            "pool": {"size": self.pool, "spec": self._spec_digest(kwargs.get("env", os.environ))},
         }
         record = await self.backend.call("prepare", kernel_id=self.kernel_id, config=config)
         try:
@@ -252,6 +268,19 @@ class SandboxProvisioner(KernelProvisionerBase):
             if not self._launched:
                 await self._undo_first_launch()  # a prepared kernel that never launches
             raise
+
+    def _spec_digest(self, env: dict[str, str]) -> str:
+        """What, besides the container's configuration, a pool kernel must share with
+        this start (see runtime/pool.py): the kernelspec's command and the
+        environment the kernel would get, but for what differs per notebook."""
+        spec_env = set(self.kernel_spec.env) if self.kernel_spec else set()
+        allowed = allowed_env(env, self.env_allowlist, spec_env)
+        data = {
+            "argv": list(self.kernel_spec.argv) if self.kernel_spec else [],
+            "env": {k: v for k, v in allowed.items() if k not in PER_LAUNCH_ENV},
+        }
+        text = json.dumps(data, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the container. Called by ``KernelManager.launch_kernel``.

@@ -54,9 +54,9 @@ def make_spec(spec_prefix: Path) -> Callable[..., str]:
 
     def make(
         memory: str = "1G", cpus: str = "1", pids: str = "256", network: str = "none",
-        disk: str = "1G", shm: str = "", pristine_base: bool = True,
+        disk: str = "1G", shm: str = "", pristine_base: bool = True, **more: Any,
     ) -> str:  # fmt: skip
-        key = (memory, cpus, pids, network, disk, shm, pristine_base)
+        key = (memory, cpus, pids, network, disk, shm, pristine_base, *sorted(more.items()))
         if key not in made:
             name = f"sbx-{len(made)}"
             limits = Limits.parse(memory=memory, cpus=cpus, pids=pids, disk=disk)
@@ -65,6 +65,7 @@ def make_spec(spec_prefix: Path) -> Callable[..., str]:
                 config["shm"] = shm
             if not pristine_base:
                 config["pristine_base"] = False
+            config.update(more)  # e.g. pool, kernel_uid
             install(name, name, config, prefix=str(spec_prefix))
             made[key] = name
         return made[key]

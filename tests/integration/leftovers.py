@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sandbox_kernel.runtime import bases, cgroups, network, paths, saving, snapshots, volume
 from sandbox_kernel.runtime.mounts import mounts_under
+from sandbox_kernel.runtime.store import KernelStore
 
 
 def snapshot() -> dict[str, set[str]]:
@@ -25,6 +26,7 @@ def snapshot() -> dict[str, set[str]]:
         "cgroups": {str(p) for p in cgroups.leftover_cgroups(paths.cgroup_parent())},
         "reservations": {str(i) for i in network.reservations()},
         "kernel folders": {p.name for p in kernels.iterdir()} if kernels.is_dir() else set(),
+        "kernel aliases": set(KernelStore().aliases()),
         "unfinished snapshots": {str(p) for p in snapshots.leftovers()},
         # Any, even one a save still holds: a test waits for its saves to end.
         "staged images": {str(p) for p in saving.staging_root().glob(f"{saving.STAGING_PREFIX}*")},
