@@ -735,10 +735,13 @@ async def _kernels(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
     records = await asyncio.to_thread(svc.runtime.records)
     return [
         {
-            **r.to_dict(), "kernel_id": r.public_id, "internal_id": r.kernel_id,
-            "pooled": r.pooled, "owner_uid": r.belongs_to,
+            **r.to_dict(),
+            "kernel_id": r.public_id,
+            "internal_id": r.kernel_id,
+            "pooled": r.pooled,
+            "owner_uid": r.belongs_to,
             "usage": await asyncio.to_thread(_usage, svc, r),
-        }  # fmt: skip
+        }
         for r in records
         if svc.sees(caller, r)
     ]
