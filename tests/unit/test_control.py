@@ -577,3 +577,40 @@ def test_a_bad_kernelspec_name_is_refused(name: str) -> None:
 
 def test_good_names_pass() -> None:
     assert snapshots.check_name("before-training.2") == "before-training.2"
+
+
+async def test_a_pool_kernel_waits_until_claimed_and_then_arrives() -> None:
+    s = live_server()
+    await s.start()
+    try:
+        s.claim = asyncio.get_running_loop().create_future()
+        assert await ask(s) == {"kind": "pool"}  # it is told to wait
+        creds = {"host": LOCAL, "port": s.port, "token": TOKEN, "kernel_id": s.kernel_id}
+        waiting = asyncio.create_task(asyncio.to_thread(Channel(creds).request, "claimed", None))
+        await asyncio.wait_for(s.asked.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        s.pending = {"kind": "base", "count": 1}
+        s.arrival = {"cwd": "/home/u", "env": {"A": "1"}}
+        s.claim.set_result(None)
+        info = await asyncio.wait_for(waiting, 5)
+        assert info == {"cwd": "/home/u", "env": {"A": "1"}, "kind": "base", "count": 1}
+        assert await ask(s) is None  # handed over once
+    finally:
+        await s.close()
+
+
+async def test_a_pool_kernels_wait_ends_when_it_is_removed() -> None:
+    s = live_server()
+    await s.start()
+    creds = {"host": LOCAL, "port": s.port, "token": TOKEN, "kernel_id": s.kernel_id}
+    s.claim = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(asyncio.to_thread(Channel(creds).request, "claimed", None))
+    await asyncio.wait_for(s.asked.wait(), 5)
+    await s.close()
+    # Its wait ends with no arrival: the connection ends, or says nothing.
+    try:
+        result = await asyncio.wait_for(waiting, 5)
+    except ChannelError:
+        result = None
+    assert result is None and s.claim.cancelled()
