@@ -102,7 +102,8 @@ class Pools:
     def __init__(self, service: KernelService) -> None:
         self.service = service
         self._pools: dict[str, _Pool] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: The fills under way, and the server (pid) each is for.
+        self._tasks: dict[asyncio.Task[None], int] = {}
 
     # ---- what is in a pool --------------------------------------------------------
 
@@ -206,8 +207,8 @@ class Pools:
             return
         pool.launch = (list(argv), dict(env), dict(connection))
         task = asyncio.get_running_loop().create_task(self._fill(key, pool))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = pool.config.caller.pid if pool.config.caller else 0
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
 
     async def _fill(self, key: str, pool: _Pool) -> None:
         async with pool.lock:
@@ -295,10 +296,11 @@ class Pools:
     async def drain(self, owner_pid: int | None = None) -> list[str]:
         """Remove every pool kernel not claimed yet (of the server ``owner_pid`` only,
         if given), after the fills under way; their ids."""
-        for task in list(self._tasks):
+        fills = [t for t, pid in self._tasks.items() if owner_pid in (None, pid)]
+        for task in fills:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*fills, return_exceptions=True)
         removed = []
         for record in await asyncio.to_thread(self.service.runtime.records):
             if record.pooled and owner_pid in (None, record.owner.get("pid")):

@@ -633,6 +633,13 @@ async def _pristine(
     return await svc.runtime.store.aupdate(kid, mark)
 
 
+@_op("drain_pools")
+async def _drain_pools(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Remove the pool kernels the caller's process asked for (a server at its
+    exit: nobody can claim them now); their ids."""
+    return await svc.pools.drain(owner_pid=caller.pid)
+
+
 @_op("stop")
 async def _stop(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])

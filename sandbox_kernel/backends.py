@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import weakref
@@ -97,6 +98,11 @@ class DaemonBackend:
 
     def __init__(self, path: str | None = None) -> None:
         self.client = DaemonClient(path)
+        global _daemon_drain_registered
+        if not _daemon_drain_registered:
+            # The pool kernels the daemon keeps for this process go with it.
+            atexit.register(_drain_daemon_pools, path)
+            _daemon_drain_registered = True
 
     async def call(
         self, op: str, progress: Callable[[str], None] | None = None, **args: Any
@@ -107,6 +113,15 @@ class DaemonBackend:
         # The kernel's pidfd reports the old process's end, and the provisioner
         # then asks for the new one: no stream per kernel is needed.
         return lambda: None
+
+
+_daemon_drain_registered = False
+
+
+def _drain_daemon_pools(path: str | None) -> None:
+    """``atexit``: ask the daemon to remove this process's pool kernels."""
+    with contextlib.suppress(Exception):  # no daemon, or it refuses: gc sweeps them
+        DaemonClient(path).call_sync("drain_pools", timeout=120)
 
 
 def choose(mode: str, log: Log | None = None) -> Backend:

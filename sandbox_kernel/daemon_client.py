@@ -153,9 +153,17 @@ class DaemonClient:
         finally:
             writer.close()
 
-    def call_sync(self, op: str, progress: Callable[[str], None] | None = None, **args: Any) -> Any:
-        """:meth:`call`, blocking (for the command line)."""
+    def call_sync(
+        self,
+        op: str,
+        progress: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+        **args: Any,
+    ) -> Any:
+        """:meth:`call`, blocking (for the command line); ``timeout`` bounds each
+        step on the socket, in seconds."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
             try:
                 sock.connect(self.path)
             except OSError as err:

@@ -300,3 +300,53 @@ async def test_classes_belong_to_their_teacher(
             for base in bases.listing(copies=True):
                 if meta["base"] in (base["id"], base.get("derived_from")):
                     bases.delete(base["id"])
+
+
+async def test_a_users_pool_is_theirs_within_their_quota_and_goes_with_their_server(
+    daemon: Daemon, users
+) -> None:
+    alice, bob = users
+    daemon.config.write_text(f"[users.{alice.name}]\nkernels = 3\n")
+    await daemon.stop()
+    await daemon.start()
+    runtime = Runtime()
+
+    def waiting() -> list[str]:
+        return [
+            r.kernel_id for r in runtime.records()
+            if r.pooled and r.belongs_to == alice.uid and r.extra["pool"]["ready"]
+        ]  # fmt: skip
+
+    async with UserServer(alice) as server:
+        first = (await server.start(pool=1))["kernel_id"]
+        [pooled] = await wait_until(waiting, 120, "alice's pool kernel")
+        record = runtime.record(pooled)
+        assert (record.uid, record.belongs_to) == (alice.uid, alice.uid)
+        # Bob sees nothing of it and reaches it by no id.
+        assert pooled not in (await bob.cli("ps")).stdout
+        reply = bob.request("prepare", kernel_id=pooled, config=_config(bob))
+        assert reply["ok"] is False and NOT_FOUND in reply["error"]["message"], reply
+        assert NOT_FOUND in (await alice.cli("logs", pooled)).stderr  # nor does alice
+        # Alice's next start takes it, as her kernel.
+        second = (await server.start(pool=1))["kernel_id"]
+        assert runtime.record(second).kernel_id == pooled
+        assert await server.run(second, "import os; print(os.getuid())") == f"{alice.uid}\n"
+        [refill] = await wait_until(waiting, 120, "the pool to refill")  # her third kernel
+        # A start of another configuration at her quota: the pool kernel makes room.
+        other = (await server.start(memory="256M"))["kernel_id"]
+        assert not runtime.store.exists(refill)
+        assert runtime.record(other).kernel_id == other
+        assert await server.run(other, "print('other')") == "other\n"
+        # At her quota, with nothing pooled, a start is refused as before.
+        refused = await server.ask("start", config={"memory": "512M"}, cwd=str(alice.home))
+        assert "quota kernels = 3" in refused["error"], refused
+        for kid in (second, other):
+            await server.ask("shutdown", kernel_id=kid)
+        await server.start(pool=1)  # no pool kernel ready: a start of its own
+        await wait_until(waiting, 120, "the pool to refill")
+        assert first in {r.public_id for r in runtime.records()}
+    # The server's exit asks the daemon to remove its pool kernels.
+    await wait_until(
+        lambda: not [r for r in runtime.records() if r.belongs_to == alice.uid],
+        60, "alice's kernels to be gone",
+    )  # fmt: skip
