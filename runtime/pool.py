@@ -172,17 +172,21 @@ class Pools:
         server.pending = {"kind": "base", "count": 1}
         server.arrival = {"cwd": record.cwd_inside, "was_cwd": record.pristine_cwd, "env": env}
         server.heard.clear()
-        await svc.runtime.drivers.runc.resume(record.container_id)
-        assert server.claim is not None
-        if not server.claim.done():
-            server.claim.set_result(None)
         warning = ""
-        pid: int | None
-        if not await channel.heard_within(BASE_CONFIRM_TIMEOUT):
+        try:
+            await svc.runtime.drivers.runc.resume(record.container_id)
+        except SandboxError as err:  # its process is gone, say
+            warning = f"the kernel taken from the pool could not be thawed ({err})"
+        assert server.claim is not None
+        if not warning and not server.claim.done():
+            server.claim.set_result(None)
+        if not warning and not await channel.heard_within(BASE_CONFIRM_TIMEOUT):
             warning = (
                 f"the kernel taken from the pool did not take its new key within "
                 f"{BASE_CONFIRM_TIMEOUT:.0f} s"
             )
+        pid: int | None
+        if warning:
             pid = await svc.runtime.start_cold(kid, warning)
         else:
             pid = await svc.runtime.container_pid(kid)

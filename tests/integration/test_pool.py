@@ -206,3 +206,29 @@ async def test_a_servers_pool_goes_with_it(
             server.kill()
             await server.wait()
         await run_cli("gc")
+
+
+async def test_a_pool_kernel_that_died_while_waiting_still_gives_a_kernel(
+    kernels: Kernels, pools: None, make_spec
+) -> None:
+    spec = make_spec(memory="620M", pool=1)
+    km1, _ = await kernels.start(spec)
+    runtime = Runtime()
+    key = runtime.record(km1.kernel_id).extra["pool_of"]
+    [waiting] = await ready_pool(key)
+    # Killed as the OOM killer or an operator would, thawed so that it ends now.
+    state = await runtime.drivers.runc.state(waiting.container_id)
+    assert state is not None and state["status"] == "paused", state
+    os.kill(int(state["pid"]), signal.SIGKILL)
+    await runtime.drivers.runc.resume(waiting.container_id)
+
+    async def stopped() -> bool:
+        now = await runtime.drivers.runc.state(waiting.container_id)
+        return now is None or now["status"] == "stopped"
+
+    await wait_until(stopped, 30, "the pool kernel to end")
+    km2, kc2 = await kernels.start(spec)
+    record = runtime.record(km2.kernel_id)
+    assert record.kernel_id == waiting.kernel_id  # it was claimed, and started cold
+    assert record.start is Start.COLD and "pool" in record.base_note, record
+    assert (await run_cell(kc2, "print(6 * 7)")).check().strip() == "42"
