@@ -182,7 +182,7 @@ def test_the_commands_are_the_users_ops_in_the_helps_order() -> None:
     assert protocol.COMMANDS == (
         "snapshot", "restore", "list", "delete", "reset", "diff", "limits", "status", "class",
     )  # fmt: skip
-    assert {n for n, op in protocol.OPS.items() if not op.command} == {"resume", "watch"}
+    assert {n for n, op in protocol.OPS.items() if not op.command} == {"resume", "claimed", "watch"}
     assert [n for n, op in protocol.OPS.items() if not op.answered] == ["watch"]
 
 
