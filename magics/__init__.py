@@ -21,6 +21,8 @@ def unload_ipython_extension(ipython: Any) -> None:
     ipython.magics_manager.magics["line"].pop("container", None)
     if magics is not None and magics.handoff is not None:
         magics.handoff.close()  # unregisters its pre_execute hook
+    if magics is not None and magics.autosave is not None:
+        magics.autosave.close()
 
 
 __all__ = [

@@ -32,6 +32,7 @@ from sandbox_kernel.display import (
 )
 
 from . import progress
+from .autosave import Autosave
 from .channel import Channel, ChannelError, Interrupted, available
 from .handoff import RestoreHandoff
 from .progress import View
@@ -56,6 +57,9 @@ HELP = """\
   class publish|reset|ps NAME    a class: publish it --from SNAPSHOT, reset or list its kernels
   diff [NAME] [--all]            files added, changed, deleted since a snapshot
   limits [--memory M] [--cpus C] [--pids P]   show or change the limits
+  autosave [on|off|status]       checkpoint the kernel each time it goes idle after a cell
+  history                        the checkpoints: cell, first line, time, bytes added
+  undo [N] [--to CELL]           go back to before the last N cells (1), or before CELL
   status                         use against the limits, and the snapshots"""
 
 
@@ -120,6 +124,11 @@ def _parser(command: str) -> MagicArgumentParser:
         parser.add_argument("action", choices=protocol.CLASS_ACTIONS)
         parser.add_argument("name", nargs="?", help="the class's name")
         parser.add_argument("--from", dest="snapshot", help="publish: the live snapshot")
+    elif command == "autosave":
+        parser.add_argument("state", nargs="?", choices=("on", "off", "status"), default="status")
+    elif command == "undo":
+        parser.add_argument("n", nargs="?", type=int, help="how many cells to undo (default 1)")
+        parser.add_argument("--to", type=int, metavar="CELL", help="go back to before cell CELL")
     elif command == "limits":
         parser.add_argument("--memory", help="memory limit, e.g. 2G")
         parser.add_argument("--cpus", help="CPU quota in cores, e.g. 1.5")
@@ -136,10 +145,14 @@ class ContainerMagics(Magics):
         self.channel = Channel() if available() else None
         #: Carries this process across restores; None outside a sandboxed kernel.
         self.handoff = RestoreHandoff(shell, self.channel) if self.channel is not None else None
-        if self.handoff is not None:
+        #: Checkpoints when the kernel goes idle; None outside a sandboxed kernel.
+        self.autosave: Autosave | None = None
+        if self.handoff is not None and self.channel is not None:
             self.handoff.new_kernel_hooks.append(self._warn_of_last_end)
             self.handoff.start()
             self._warn_of_last_end()
+            self.autosave = Autosave(shell, self.handoff, self.channel.request)
+            self.autosave.start()
 
     def _warn_of_last_end(self) -> None:
         """If the kernel's last process died (out of memory, a signal), say so before
@@ -175,6 +188,9 @@ class ContainerMagics(Magics):
         %container diff [NAME] [--all]           files added, changed, deleted since a snapshot
         %container limits [--memory M] [--cpus C] [--pids P]   show or change the limits
         %container status                        use against the limits, and snapshots
+        %container autosave [on|off|status]      checkpoint the kernel when idle after a cell
+        %container history                       the checkpoints, with the cells they follow
+        %container undo [N] [--to CELL]          back to before the last N cells, in place
         """
         command, _, rest = line.strip().partition(" ")
         if command == "" and self.channel is not None:
@@ -345,6 +361,49 @@ class ContainerMagics(Magics):
 
     def _status(self, line: str) -> None:
         _show(status_view(self._call("status")))
+
+    def _autosave(self, line: str) -> None:
+        args = _parse("autosave", line)
+        state = self._call("autosave", state=None if args.state == "status" else args.state)
+        if self.autosave is not None:
+            self.autosave.heard(bool(state["autosave"]))
+        text = (
+            f"Autosave is {'on' if state['autosave'] else 'off'}: {state['checkpoints']} "
+            f"checkpoints kept (the last {state['retain']})."
+        )
+        if state.get("why_off"):
+            text += f" It turned itself off: {state['why_off']}."
+        print(text)
+
+    def _history(self, line: str) -> None:
+        done = self._call("history")
+        rows = [["BEFORE CELL", "AFTER", "TIME", "ADDED"]]
+        for c in done["checkpoints"]:
+            added = format_size(c["added_bytes"]) + (" (saving)" if c.get("saving") else "")
+            rows.append([str(c["next"]), f"[{c['cell']}] {c['line']}",
+                         relative_time(c["time"], time.time()), added])  # fmt: skip
+        if len(rows) == 1:
+            state = "on" if done["autosave"] else "off (`%container autosave on`)"
+            print(f"No checkpoints yet; autosave is {state}.")
+            return
+        text = table(rows)
+        _show(Rich(text, html_table(rows)))
+
+    def _undo(self, line: str) -> None:
+        args = _parse("undo", line)
+        assert self.handoff is not None
+        if args.n is not None and args.to is not None:
+            raise UsageError("%container undo: give N or --to CELL, not both")
+        parent, idents = self.handoff.cell_origin()
+        count = self.handoff.next_number()
+        print("Undoing ...", flush=True)
+        self._call(
+            "undo", n=args.n, to=args.to, parent=parent, ident=idents, count=count,
+            peers=self.handoff.frontend_peers(),
+        )  # fmt: skip
+        # A live restore replaces this process; reaching this line means the runtime
+        # restarted the kernel on the checkpoint's files instead.
+        print("Undone: the files are back; the kernel restarts.")
 
     # ---- plumbing ----------------------------------------------------------------
 

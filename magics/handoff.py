@@ -213,7 +213,12 @@ class RestoreHandoff:
         kind = info.get("kind")
         count = info.get("count")
         numbered = threading.Event()
-        if kind == "restore":
+        if kind == "crash":
+            self._arrive_after_crash(info)
+            return
+        if kind == "restore" and info.get("undo"):
+            text = f"Undone: back to the state before cell {info['undo']} (memory and files).\n"
+        elif kind == "restore":
             text = (
                 f"Restored to snapshot {info['name']} (live): files and memory are as they were.\n"
             )
@@ -238,6 +243,49 @@ class RestoreHandoff:
         if info.get("parent") and in_cell:
             self._redirect_cell(info)
             print(text, end="")
+
+    def _arrive_after_crash(self, info: dict[str, Any]) -> None:
+        """This process is the kernel's last checkpoint, restored after the process
+        died in a cell (out of memory, a signal): that cell ends with an error
+        saying so, and the next cell follows its number."""
+        count = info.get("count")
+        if isinstance(count, int) and not isinstance(count, bool):
+            self._continue_numbering(count + 1)
+        if not info.get("parent"):
+            return
+
+        def when_back() -> None:
+            self._wait_for_frontend(peers=info.get("peers"))
+            parent = info["parent"]
+            ident = [bytes.fromhex(i) for i in info["ident"]]
+            self.kernel.io_loop.add_callback(
+                self._send_error, parent, ident, str(info.get("ename") or "Error"),
+                str(info.get("evalue") or ""), count if isinstance(count, int) else None,
+            )  # fmt: skip
+
+        threading.Thread(target=when_back, daemon=True).start()
+
+    def _send_error(
+        self, parent: dict[str, Any], ident: list[bytes], ename: str, evalue: str,
+        count: int | None,
+    ) -> None:  # fmt: skip
+        """End the cell ``parent`` with error ``ename: evalue``: the error output, its
+        ``execute_reply`` and an idle status. Runs on the kernel's io loop."""
+        kernel = self.kernel
+        session = kernel.session
+        if getattr(kernel, "_supports_kernel_subshells", False):
+            stream = kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
+        else:
+            stream = kernel.shell_stream
+        error = {"ename": ename, "evalue": evalue, "traceback": [f"{ename}: {evalue}"]}
+        session.send(kernel.iopub_socket, "error", error, parent=parent,
+                     ident=kernel._topic("error"))  # fmt: skip
+        content: dict[str, Any] = {
+            "status": "error", **error,
+            "execution_count": count if count is not None else kernel.execution_count,
+        }  # fmt: skip
+        session.send(stream, "execute_reply", content, parent=parent, ident=ident)
+        kernel._publish_status("idle", "shell", parent=parent)
 
     def _move_in(self, info: dict[str, Any]) -> None:
         """A process from a pristine base (see ``runtime/pristine.py``): take this

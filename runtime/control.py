@@ -118,6 +118,24 @@ class ControlledRuntime(Protocol):
         """The kernel's record."""
         ...
 
+    async def checkpoint(self, kernel_id: str, cell: int, next_count: int, line: str, /) -> Any:
+        """Checkpoint the idle kernel after cell ``cell`` (see ``timetravel.py``)."""
+        ...
+
+    async def autosave(self, kernel_id: str, state: str | None, /) -> dict[str, Any]:
+        """Turn autosave on or off (None: leave it); its state."""
+        ...
+
+    def history(self, kernel_id: str, /) -> dict[str, Any]:
+        """The kernel's checkpoints; may block on the disk."""
+        ...
+
+    def undo_target(
+        self, kernel_id: str, n: int | None, to: int | None, next_count: int | None, /
+    ) -> tuple[str, int]:
+        """The checkpoint an undo restores, and the cell it is the state before."""
+        ...
+
 
 def write_credentials(run_dir: Path, host: str, kernel_id: str, uid: int, gid: int) -> str:
     """Write the kernel's control credentials (mode 0400, the kernel's user); return the token.
@@ -426,6 +444,24 @@ class ControlServer:
         if pending is not None and pending.get("kind") != "restore":
             pending = {**self.arrival, **pending}
         return pending
+
+    async def _op_checkpoint(self, args: dict[str, Any], progress: Progress | None) -> Any:
+        return await self.runtime.checkpoint(
+            self.kernel_id, args["cell"], args["next"], args["line"]
+        )
+
+    async def _op_autosave(self, args: dict[str, Any], progress: Progress | None) -> Any:
+        return await self.runtime.autosave(self.kernel_id, args.get("state"))
+
+    async def _op_history(self, args: dict[str, Any], progress: Progress | None) -> Any:
+        return await asyncio.to_thread(self.runtime.history, self.kernel_id)
+
+    async def _op_undo(self, args: dict[str, Any], progress: Progress | None) -> Any:
+        name, before = await asyncio.to_thread(
+            self.runtime.undo_target, self.kernel_id, args.get("n"), args.get("to"),
+            args.get("count"),
+        )  # fmt: skip
+        return await self._op_restore({**args, "name": name, "undo": before}, progress)
 
     async def _op_claimed(
         self, args: dict[str, Any], progress: Progress | None

@@ -22,6 +22,9 @@ from sandbox_kernel.display import format_size
 _SIGNALLED = re.compile(r"Main child exited with signal \(with signal '([^']+)'\)")
 #: tini's line when it starts the kernel: what comes after it is this process's.
 _SPAWNED = "Spawned child process"
+#: The same line, written by the runtime when it brings a dead kernel back from a
+#: checkpoint (``timetravel.py``): the process after it is a new one.
+SPAWNED = _SPAWNED
 #: The notice's file in the kernel's run folder.
 NOTICE = "notice.json"
 

@@ -42,6 +42,7 @@ from .pool import Pools, check_pool, pool_key
 from .quotas import DaemonConfig, check_kernel, check_limits
 from .record import KernelRecord, Start
 from .runtime import Runtime
+from .timetravel import TimeTravel
 
 #: How long a kernel restored from a base has to confirm it took its new key.
 BASE_CONFIRM_TIMEOUT = 10.0
@@ -146,6 +147,20 @@ class _Governed:
     async def reset(self, kernel_id: str, /, pristine: bool = False) -> dict[str, Any]:
         return await self._service.reset(kernel_id, pristine)
 
+    async def checkpoint(self, kernel_id: str, cell: int, next_count: int, line: str, /) -> Any:
+        return await self._service.timetravel.checkpoint(kernel_id, cell, next_count, line)
+
+    async def autosave(self, kernel_id: str, state: str | None, /) -> dict[str, Any]:
+        return await self._service.timetravel.set_autosave(kernel_id, state)
+
+    def history(self, kernel_id: str, /) -> dict[str, Any]:
+        return self._service.timetravel.history(kernel_id)
+
+    def undo_target(
+        self, kernel_id: str, n: int | None, to: int | None, next_count: int | None, /
+    ) -> tuple[str, int]:
+        return self._service.timetravel.undo_target(kernel_id, n, to, next_count)
+
     async def class_call(self, kernel_id: str, op: str, args: dict[str, Any], /) -> Any:
         """A class operation asked from the kernel's notebook, as the kernel's owner;
         a class published from a notebook gets the kernel's limits and network."""
@@ -177,6 +192,8 @@ class KernelService:
         self._user_locks: dict[int, asyncio.Lock] = {}
         #: Kernels restored before anyone asked (see ``pool.py``).
         self.pools = Pools(self)
+        #: Checkpoints, undo and recovery from a crash (see ``timetravel.py``).
+        self.timetravel = TimeTravel(self)
 
     # ---- calls -----------------------------------------------------------------------
 
@@ -517,6 +534,9 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
                 record = await svc.runtime.prepare(kernel_id, config)
         if size:
             record = await svc.runtime.store.aupdate(kernel_id, lambda r: _pool_mark(r, key))
+        if args["config"].get("autosave"):
+            retain = args["config"].get("retain")
+            record = await svc.runtime.store.aupdate(kernel_id, lambda r: _autosave_on(r, retain))
     if record.belongs_to != caller.uid and not caller.is_root:
         raise KernelNotFound(kernel_id)
     try:
@@ -547,6 +567,15 @@ def _pool_mark(record: KernelRecord, key: str) -> KernelRecord:
     return record
 
 
+def _autosave_on(record: KernelRecord, retain: object) -> KernelRecord:
+    record.extra["autosave"] = True
+    if isinstance(retain, int) and not isinstance(retain, bool):
+        if not 1 <= retain <= 1000:
+            raise ConfigError("autosave_keep", retain, "must be from 1 to 1000 checkpoints")
+        record.extra["retain"] = retain
+    return record
+
+
 @_op("launch")
 async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     """Start the prepared kernel; a kernel restored from a base must take its new
@@ -568,6 +597,8 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
             svc.pools.fill_later(pool, argv, env, connection)
         return {**_kernel_info(record), "pid": pid, "warning": warning}
     await asyncio.to_thread(svc.notice_for_next_start, record)
+    # A new process numbers its cells afresh: the last one's checkpoints are no use.
+    await svc.timetravel.drop_all(record)
     if (
         record.base is None and not record.class_name and not record.base_note
         and record.extra.get("pristine") is None
@@ -655,6 +686,7 @@ async def _remove(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         return None  # gone already: fine
     owner = record.belongs_to
     await svc.close_channel(record.kernel_id)
+    await svc.timetravel.drop_all(record)
     await svc.runtime.remove(record.kernel_id)
     svc.emit({"event": "removed", "kernel_id": record.public_id, "owner_uid": owner})
 
@@ -670,6 +702,19 @@ async def _pid(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any)
     if pid is None:
         pid = await svc.runtime.container_pid(record.kernel_id)
     return pid
+
+
+@_op("recover")
+async def _recover(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """After the kernel's process died unasked: bring it back from its latest
+    checkpoint if it has one and died by the OOM killer or a signal (see
+    ``timetravel.py``); ``{"pid", "text"}``, or None."""
+    record = svc.kernel(caller, args["kernel_id"])
+    done = await svc.timetravel.recover(record.kernel_id)
+    if done is not None:
+        svc.log.warning("kernel %s: %s; restored from its latest checkpoint",
+                        record.public_id, done["text"])  # fmt: skip
+    return done
 
 
 @_op("tend")
@@ -821,7 +866,13 @@ async def _snapshots(svc: KernelService, caller: Caller, args: dict[str, Any], _
             owners = sorted({str(r.uid) for r in records} | set(snapshots.owners()))
         else:
             owners = [str(caller.uid)]
-        return [[owner, meta] for owner in owners for meta in snapshots.listing(owner)]
+        # Not checkpoints: `%container history` shows those.
+        return [
+            [owner, meta]
+            for owner in owners
+            for meta in snapshots.listing(owner)
+            if not snapshots.is_checkpoint(meta["name"])
+        ]
 
     return await asyncio.to_thread(listing)
 

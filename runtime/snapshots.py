@@ -107,6 +107,14 @@ class QuotaExceeded(SandboxError):
 #: The names of the snapshots pristine bases are made from (see ``pristine.py``):
 #: deleted once the base is made, and never listed.
 PRISTINE_PREFIX = "pristine-base-"
+#: The names of a kernel's automatic checkpoints (see ``timetravel.py``): counted
+#: against the quota like any snapshot, but listed by ``%container history`` only.
+CHECKPOINT_PREFIX = "ckpt-"
+
+
+def is_checkpoint(name: str) -> bool:
+    """Whether snapshot ``name`` is an automatic checkpoint."""
+    return name.startswith(CHECKPOINT_PREFIX)
 
 
 def check_name(name: str) -> str:

@@ -60,6 +60,12 @@ def _dropped_on_failure(draft: snapshots.Draft) -> Iterator[None]:
         raise
 
 
+def _listed(meta: dict[str, Any], record: KernelRecord) -> bool:
+    """Whether ``%container list`` of kernel ``record`` shows snapshot ``meta``: one
+    it may see, but for automatic checkpoints (``%container history`` shows them)."""
+    return snapshots.visible_to(meta, record) and not snapshots.is_checkpoint(meta["name"])
+
+
 def _out_of_space(error: str, log: Path) -> bool:
     """Whether a failed CRIU dump ran out of room on the volume."""
     marks = ("No space left on device", "Disk quota exceeded")
@@ -415,7 +421,7 @@ class Snapshotter:
         owner = str(record.uid)
         metas = snapshots.listing(owner)  # read once, for both answers
         return {
-            "snapshots": [m for m in metas if snapshots.visible_to(m, record)],
+            "snapshots": [m for m in metas if _listed(m, record)],
             "store": snapshots.usage(owner, {m["name"]: m for m in metas}),
             "unsaved": [
                 f

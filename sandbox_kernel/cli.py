@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep N kernels restored and paused, ready to be claimed: a "
                    "start then takes one at once (default 0; each costs an idle "
                    "kernel's memory)")  # fmt: skip
+    p.add_argument("--no-autosave", action="store_true",
+                   help="do not checkpoint kernels when they go idle after a cell (by "
+                   "default they are: `%%container undo` goes back, and a cell out of "
+                   "memory ends with an error)")  # fmt: skip
     where = p.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for this user only")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
@@ -207,6 +211,8 @@ def _install(args: argparse.Namespace) -> int:
         config["base"] = base["id"]
     if args.no_pristine:
         config["pristine_base"] = False
+    if not args.no_autosave:
+        config["autosave"] = True
     if args.pool:
         from .runtime.pool import check_pool
 

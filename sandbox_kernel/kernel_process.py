@@ -109,6 +109,8 @@ class KernelProcess:
                 pid = await self.backend.call("pid", kernel_id=self.kernel_id, finish=True)
             except SandboxError as err:
                 self.log.warning("Kernel %s: a cut-short restore failed: %s", self.kernel_id, err)
+        if pid is None and not self.shutdown_requested and self._signalled is None:
+            pid = await self._recover()
         if pid is None:
             try:
                 pid = await self.backend.call("pid", kernel_id=self.kernel_id)
@@ -120,6 +122,24 @@ class KernelProcess:
             self.track(pid)
             self.log.info("Kernel %s was restored from a snapshot (pid %s)", self.kernel_id, pid)
         return True
+
+    async def _recover(self) -> int | None:
+        """The process died unasked: where it died out of memory or by a signal and
+        has a checkpoint, the runtime brings it back from it, and the cell that was
+        running ends with an error (runtime/timetravel.py). The new pid, or None."""
+        try:
+            done = await self.backend.call("recover", kernel_id=self.kernel_id)
+        except SandboxError as err:
+            self.log.warning("Kernel %s could not be recovered: %s", self.kernel_id, err)
+            return None
+        if not done:
+            return None
+        self.log.warning(
+            "Kernel %s: %s; restored from its latest checkpoint", self.kernel_id, done["text"]
+        )
+        pid = int(done["pid"])
+        self.track(pid)
+        return pid
 
     # ---- the process-like methods --------------------------------------------------
 

@@ -147,6 +147,26 @@ OPS: Mapping[str, Op] = _ops(
             Arg("snapshot", Kind.TEXT, required=False),
         ),
     ),
+    # Automatic checkpoints (see runtime/timetravel.py): turn them on or off, list
+    # them, go back to the one before the last N cells or before cell ``to``.
+    Op("autosave", (Arg("state", Kind.TEXT, required=False),)),
+    Op("history"),
+    Op(
+        "undo",
+        (
+            Arg("n", Kind.COUNT, required=False),
+            Arg("to", Kind.COUNT, required=False),
+            Arg("parent", Kind.OBJECT),
+            Arg("ident", Kind.LIST),
+            Arg("count", Kind.COUNT, required=False),
+        ),
+    ),
+    # The magic's own: checkpoint the kernel, idle after cell ``cell``.
+    Op(
+        "checkpoint",
+        (Arg("cell", Kind.COUNT), Arg("next", Kind.COUNT), Arg("line", Kind.TEXT)),
+        command=False,
+    ),
     # The restore or reset a new process must finish, if any (see the magic's handoff).
     Op("resume", command=False),
     # A pool kernel's wait to be claimed (see runtime/pool.py): answered, with what

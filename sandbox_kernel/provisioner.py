@@ -98,6 +98,16 @@ class SandboxProvisioner(KernelProvisionerBase):
         f"Each costs an idle kernel's memory and counts against its user's quotas; "
         f"at most {POOL_MAX}. Needs the pristine base (no base or class).",
     ).tag(config=True)  # fmt: skip
+    autosave = Bool(
+        False, help="Checkpoint each kernel whenever it goes idle after a cell, so that "
+        "`%container undo` can go back and a cell that runs out of memory ends with an "
+        "error instead of a dead kernel. `sandbox-kernel install` turns it on for new "
+        "kernelspecs; `%container autosave on|off` changes it for one kernel."
+    ).tag(config=True)  # fmt: skip
+    autosave_keep = Int(
+        20, help="How many checkpoints a kernel keeps (the oldest go first; they also "
+        "count against its user's snapshot quota)."
+    ).tag(config=True)  # fmt: skip
     image = Unicode(
         "host", help="Image the kernel's root filesystem comes from; `host` is a read-only "
         "view of this machine's system and of the kernel's Python environment."
@@ -247,6 +257,8 @@ class SandboxProvisioner(KernelProvisionerBase):
             "pristine": self.pristine_base,
             "shm": self.shm,
             # As the superclass's pre_launch: no env given means this process's.
+            "autosave": self.autosave,
+            "retain": self.autosave_keep,
             "pool": {"size": self.pool, "spec": self._spec_digest(kwargs.get("env", os.environ))},
         }
         record = await self.backend.call("prepare", kernel_id=self.kernel_id, config=config)

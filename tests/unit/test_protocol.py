@@ -181,8 +181,11 @@ def test_unreadable_lines_are_problems_not_errors() -> None:
 def test_the_commands_are_the_users_ops_in_the_helps_order() -> None:
     assert protocol.COMMANDS == (
         "snapshot", "restore", "list", "delete", "reset", "diff", "limits", "status", "class",
+        "autosave", "history", "undo",
     )  # fmt: skip
-    assert {n for n, op in protocol.OPS.items() if not op.command} == {"resume", "claimed", "watch"}
+    assert {n for n, op in protocol.OPS.items() if not op.command} == {
+        "checkpoint", "resume", "claimed", "watch",
+    }  # fmt: skip
     assert [n for n, op in protocol.OPS.items() if not op.answered] == ["watch"]
 
 

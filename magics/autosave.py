@@ -1,0 +1,164 @@
+"""Automatic checkpoints, from inside the kernel (see ``runtime/timetravel.py``).
+
+The kernel is the one place that knows when it goes idle: a cell's reply is sent
+and no other request waits. After each cell (IPython's ``post_run_cell``),
+:class:`Autosave` looks again a moment later, on the kernel's own event loop; if no
+request runs or waits by then, it asks the runtime for a checkpoint and waits for
+it on that loop, so nothing runs while the kernel is dumped. During "Run All"
+the next cell already waits on the kernel's shell lock, and no checkpoint is taken
+between queued cells.
+
+At each cell's start it writes the cell's request header and routing identities
+to ``/run/sandbox/cell.json``: if the process dies in the cell (out of memory, a
+segfault), the runtime restores the last checkpoint and the restored process ends
+that cell with an error (see ``handoff.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .channel import ChannelError, Interrupted
+
+#: After a cell, how long the kernel must stay idle before it is checkpointed, in
+#: seconds: a request of a "Run All" arrives well within it.
+IDLE_DELAY = 0.05
+#: Where the cell under way is written for the runtime.
+CELL_FILE = Path("/run/sandbox/cell.json")
+
+
+def _start_time() -> str:
+    return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def _first_line(source: object) -> str:
+    for line in str(source or "").splitlines():
+        if line.strip():
+            return line.strip()[:120]
+    return ""
+
+
+class Autosave:
+    """Asks for a checkpoint each time the kernel goes idle after a cell.
+
+    ``call(op, **args)`` sends a request on the kernel's control channel (the
+    magic's); ``handoff`` is the kernel's :class:`RestoreHandoff`.
+    """
+
+    def __init__(self, shell: Any, handoff: Any, call: Callable[..., Any]) -> None:
+        self.shell = shell
+        self.handoff = handoff
+        self.call = call
+        #: Whether autosave is on, as this process last heard (None: not heard).
+        self._on: bool | None = None
+        self._heard_in = ""  # the process start time it was heard in
+        self._last: tuple[int, str] | None = None
+        self._pending = False
+        self.warning = ""
+
+    def start(self) -> None:
+        self.shell.events.register("pre_run_cell", self._cell_starts)
+        self.shell.events.register("post_run_cell", self._cell_ended)
+
+    def close(self) -> None:
+        for event, hook in (("pre_run_cell", self._cell_starts),
+                            ("post_run_cell", self._cell_ended)):  # fmt: skip
+            with contextlib.suppress(ValueError):
+                self.shell.events.unregister(event, hook)
+
+    # ---- whether it is on ----------------------------------------------------------
+
+    def heard(self, on: bool) -> None:
+        """The runtime said autosave is ``on`` (or off) for this kernel."""
+        self._on = on
+        self._heard_in = _start_time()
+
+    @property
+    def on(self) -> bool:
+        """Whether to ask: unless the runtime said no in this very process (a restore
+        brings back a process that may have heard otherwise)."""
+        if self._on is None or self._heard_in != _start_time():
+            return True
+        return self._on
+
+    # ---- the hooks -----------------------------------------------------------------
+
+    def _cell_starts(self, info: Any) -> None:
+        """``pre_run_cell``: write the cell under way for the runtime."""
+        if not self.on or self.handoff.kernel is None:
+            return
+        try:
+            parent, idents = self.handoff.cell_origin()
+            cell = {
+                "header": parent.get("header", {}), "ident": idents,
+                "count": getattr(self.shell, "execution_count", None),
+            }  # fmt: skip
+            tmp = CELL_FILE.with_name(".cell.json.tmp")
+            tmp.write_text(json.dumps(cell, default=str))
+            os.replace(tmp, CELL_FILE)
+        except (OSError, KeyError, TypeError, ValueError):
+            pass  # not in a sandboxed kernel's run folder, or no request under way
+
+    def _cell_ended(self, result: Any) -> None:
+        """``post_run_cell``: look again once the reply is out."""
+        count = getattr(result, "execution_count", None)
+        if count is None or not self.on:
+            return  # a silent execution: nothing a user sees as a cell
+        source = getattr(getattr(result, "info", None), "raw_cell", "")
+        line = _first_line(source)
+        if line.startswith("%container"):
+            return  # a command of the magic's own changes nothing to go back to
+        self._last = (int(count), line)
+        kernel = self.handoff.kernel
+        loop = getattr(kernel, "io_loop", None)
+        if loop is None or self._pending:
+            return
+        self._pending = True
+        loop.call_later(IDLE_DELAY, self._when_idle)
+
+    def _busy(self) -> bool:
+        """Whether a request runs or waits on the kernel's shell."""
+        kernel = self.handoff.kernel
+        lock = getattr(kernel, "_main_asyncio_lock", None)
+        if lock is not None and (lock.locked() or getattr(lock, "_waiters", None)):
+            return True
+        return bool(getattr(self.handoff, "_in_snapshot", False))
+
+    def _when_idle(self) -> None:
+        """On the kernel's loop, once idle: take the checkpoint (the loop waits)."""
+        self._pending = False
+        if self._last is None or self._busy():
+            return
+        cell, line = self._last
+        self._last = None
+        from .container import trim_heap  # here: container.py imports this module
+
+        trim_heap()
+        next_count = int(getattr(self.shell, "execution_count", cell + 1))
+        try:
+            reply = self.call("checkpoint", cell=cell, next=next_count, line=line)
+        except Interrupted:
+            return  # this process is the restore of a checkpoint: the handoff arrives
+        except ChannelError as err:
+            print(f"%container: a checkpoint failed ({err})", file=sys.__stderr__)
+            return
+        if not isinstance(reply, dict):
+            return
+        self.heard(bool(reply.get("autosave")))
+        if reply.get("warning"):
+            self.warning = str(reply["warning"])
+            self.shell.events.register("pre_run_cell", self._warn)
+
+    def _warn(self, *_: Any) -> None:
+        """Before the next cell's output: autosave turned itself off, and why."""
+        self.shell.events.unregister("pre_run_cell", self._warn)
+        if self.warning:
+            text = f"%container: autosave is off: {self.warning}. "
+            print(text + "`%container autosave on` turns it back on.", file=sys.stderr, flush=True)
+            self.warning = ""
