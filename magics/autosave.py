@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,25 @@ def _first_line(source: object) -> str:
     return ""
 
 
+def _unread(kernel: Any) -> bool:
+    """Whether a shell request waits, unread, on the socket the kernel's main thread
+    reads: ipykernel 7's pair from its shell channel thread, else the shell socket.
+    Private attributes of ipykernel's; where they are missing, nothing is seen."""
+    import zmq
+
+    manager = getattr(getattr(kernel, "shell_channel_thread", None), "manager", None)
+    pair = getattr(manager, "_shell_channel_to_main", None)
+    sock = getattr(pair, "to_socket", None)
+    if sock is None:
+        sock = getattr(getattr(kernel, "shell_stream", None), "socket", None)
+    if sock is None:
+        return False
+    try:
+        return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    except zmq.ZMQError:
+        return False
+
+
 class Autosave:
     """Asks for a checkpoint each time the kernel goes idle after a cell.
 
@@ -60,6 +80,7 @@ class Autosave:
         self._heard_in = ""  # the process start time it was heard in
         self._last: tuple[int, str] | None = None
         self._pending = False
+        self._ended_at = 0.0
         self.warning = ""
 
     def start(self) -> None:
@@ -115,6 +136,7 @@ class Autosave:
         if line.startswith("%container"):
             return  # a command of the magic's own changes nothing to go back to
         self._last = (int(count), line)
+        self._ended_at = time.monotonic()
         kernel = self.handoff.kernel
         loop = getattr(kernel, "io_loop", None)
         if loop is None or self._pending:
@@ -123,16 +145,27 @@ class Autosave:
         loop.call_later(IDLE_DELAY, self._when_idle)
 
     def _busy(self) -> bool:
-        """Whether a request runs or waits on the kernel's shell."""
+        """Whether a request runs or waits on the kernel's shell: it holds or waits
+        for the shell's lock, or has not been read from the socket yet (ipykernel
+        reads one message per turn of its loop)."""
         kernel = self.handoff.kernel
         lock = getattr(kernel, "_main_asyncio_lock", None)
         if lock is not None and (lock.locked() or getattr(lock, "_waiters", None)):
             return True
-        return bool(getattr(self.handoff, "_in_snapshot", False))
+        if getattr(self.handoff, "_in_snapshot", False):
+            return True
+        return _unread(kernel)
 
     def _when_idle(self) -> None:
         """On the kernel's loop, once idle: take the checkpoint (the loop waits)."""
         self._pending = False
+        # A look that fell due while a later cell ran (the loop was blocked) comes
+        # right at that cell's end: the next queued request is not read yet.
+        wait = IDLE_DELAY - (time.monotonic() - self._ended_at)
+        if wait > 0:
+            self._pending = True
+            self.handoff.kernel.io_loop.call_later(wait, self._when_idle)
+            return
         if self._last is None or self._busy():
             return
         cell, line = self._last

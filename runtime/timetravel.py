@@ -268,7 +268,15 @@ class TimeTravel:
             to = next_count - 1 - steps
         owner = str(record.uid)
         saved = set(snapshots.names(owner, every=True))
-        found = [c for c in checkpoints_of(record) if c["next"] <= to and c["name"] in saved]
+        kept = [c for c in checkpoints_of(record) if c["name"] in saved]
+        # Cell numbers never repeat, undone or not: the checkpoint taken just before
+        # cell ``to`` is the one. Where there is none (Run All took none between two
+        # cells), the closest earlier one of the kernel's own line of states: an
+        # earlier undo left checkpoints of cells it undid, which are not its past.
+        found = [c for c in kept if c["next"] == to]
+        if not found:
+            line = _lineage(owner, record.snapshot)
+            found = [c for c in kept if c["next"] <= to and c["name"] in line]
         if not found:
             oldest = min((c["next"] for c in checkpoints_of(record)), default=None)
             hint = (
@@ -338,6 +346,20 @@ class TimeTravel:
         # What follows is the restored process's: its end is not this one's.
         runtime.append_log(kernel_id, f"{exits.SPAWNED} (checkpoint {latest['name']} restored)")
         return {"pid": done["pid"], "text": f"{ename}: {text}"}
+
+
+def _lineage(owner: str, name: str | None) -> set[str]:
+    """Snapshot ``name`` and its parents, as far as they are kept."""
+    found: set[str] = set()
+    while name and name not in found:
+        found.add(name)
+        try:
+            meta = snapshots.load(owner, name, wait=False)
+        except SandboxError:
+            break
+        parent = meta.get("parent")
+        name = parent if isinstance(parent, str) else None
+    return found
 
 
 def _delete(owner: str, name: str) -> None:
