@@ -116,13 +116,16 @@ class Autosave:
             return
         try:
             parent, idents = self.handoff.cell_origin()
-            cell = {
-                "header": parent.get("header", {}), "ident": idents,
-                "count": getattr(self.shell, "execution_count", None),
-            }  # fmt: skip
-            tmp = CELL_FILE.with_name(".cell.json.tmp")
-            tmp.write_text(json.dumps(cell, default=str))
-            os.replace(tmp, CELL_FILE)
+            # IPython has counted this cell already: its number is one less.
+            count = int(getattr(self.shell, "execution_count", 1)) - 1
+            cell = {"header": parent.get("header", {}), "ident": idents, "count": count}
+            data = json.dumps(cell, default=str).encode()
+            # Rewritten in place: the runtime made it, and the folder is not ours.
+            fd = os.open(CELL_FILE, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
         except (OSError, KeyError, TypeError, ValueError):
             pass  # not in a sandboxed kernel's run folder, or no request under way
 

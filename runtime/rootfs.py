@@ -203,7 +203,8 @@ class Rootfs:
     # ---- the run folder and its log -------------------------------------------------
 
     def make_run_dir(self, record: KernelRecord) -> None:
-        """Make the kernel's run folder with an empty log that the kernel's user owns."""
+        """Make the kernel's run folder with an empty log and cell file that the
+        kernel's user owns."""
         folder = self.run_dir(record.kernel_id)
         self.volume.delete_subvolume(folder)
         self.volume.create_subvolume(folder)
@@ -212,6 +213,11 @@ class Rootfs:
         log = folder / "kernel.log"
         log.touch(0o600)
         give(log, record.uid, record.gid)
+        # The cell under way, which the kernel rewrites in place (it cannot make files
+        # here) for the runtime to answer after a crash (see timetravel.py).
+        cell = folder / "cell.json"
+        cell.touch(0o600)
+        give(cell, record.uid, record.gid)
 
     def trim_log(self, kernel_id: str) -> bool:
         """Keep the last :data:`LOG_KEEP` bytes of the kernel's log once it passes
