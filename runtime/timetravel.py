@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, SandboxError
 
-from . import exits, snapshots
+from . import exits, saving, snapshots
 from .record import KernelRecord
 
 if TYPE_CHECKING:
@@ -156,6 +156,22 @@ class TimeTravel:
         if not autosave_on(record):
             return {"autosave": False}
         owner = str(record.uid)
+        mine = {c["name"] for c in checkpoints_of(record)}
+        lost = [f for f in saving.failures(owner) if f.get("name") in mine]
+        if lost:
+            # One of its checkpoints could not be saved (the volume is full, say):
+            # autosave stops, says why once, and the kernel runs on.
+            gone = {f["name"] for f in lost}
+
+            def forget(current: KernelRecord) -> None:
+                current.extra["checkpoints"] = [
+                    c for c in checkpoints_of(current) if c.get("name") not in gone
+                ]
+
+            await runtime.store.aupdate(kernel_id, forget)
+            why = f"a checkpoint could not be saved: {lost[-1]['error']}"
+            await self._turn_off(kernel_id, why)
+            return {"autosave": False, "warning": why}
         name = f"{CHECKPOINT_PREFIX}{record.kernel_id}-{cell}-{secrets.token_hex(2)}"
         retain = int(record.extra.get("retain") or RETAIN)
         async with self._lock(kernel_id):

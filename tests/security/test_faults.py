@@ -253,6 +253,36 @@ async def test_f11_a_full_volume_during_a_background_save_lists_nothing_and_says
     assert out.check().strip() == "128"  # the kernel runs on
 
 
+async def test_f12_a_full_volume_turns_autosave_off_with_one_warning(
+    kernels: Kernels, make_spec
+) -> None:
+    km, kc = await kernels.start(make_spec(memory="1G", autosave=True))
+    (await run_cell(kc, "x = 'before'")).check()
+    runtime = Runtime()
+
+    def kept() -> list[dict[str, Any]]:
+        return list(runtime.record(km.kernel_id).extra.get("checkpoints") or [])
+
+    await wait_until(lambda: len(kept()) == 1, 60, "the first checkpoint")
+    with _volume_filled(leaving=32 << 20):
+        await _random_array(kc, 128)  # its checkpoint cannot be saved
+        await wait_until(lambda: len(kept()) == 2, 60, "the checkpoint after the array")
+        await asyncio.to_thread(saving.wait, OWNER, kept()[-1]["name"], 300)
+        # At the next idle, autosave learns it and stops.
+        (await run_cell(kc, "y = 1")).check()
+        await wait_until(
+            lambda: not runtime.record(km.kernel_id).extra.get("autosave"), 60, "autosave off"
+        )
+    warned = await run_cell(kc, "print(x, big.shape[0] >> 20)")
+    assert warned.check().strip() == "before 128"  # the kernel runs on
+    assert "autosave is off: a checkpoint could not be saved" in warned.stderr, warned
+    again = await run_cell(kc, "print('once')")
+    assert "autosave" not in again.stderr, again  # one warning
+    status = (await run_cell(kc, "%container autosave")).check()
+    assert "Autosave is off" in status and "could not be saved" in status, status
+    assert [c["cell"] for c in kept()] == [1]  # the lost one is not offered to undo
+
+
 async def test_f9_a_veth_left_by_a_crash_is_removed_not_reused(kernels: Kernels, make_spec) -> None:
     taken = set(network.reservations())
     index = next(i for i in range(1, 1 << 14) if i not in taken)
