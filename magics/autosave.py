@@ -118,7 +118,11 @@ class Autosave:
             parent, idents = self.handoff.cell_origin()
             # IPython has counted this cell already: its number is one less.
             count = int(getattr(self.shell, "execution_count", 1)) - 1
-            cell = {"header": parent.get("header", {}), "ident": idents, "count": count}
+            cell = {
+                "header": parent.get("header", {}), "ident": idents, "count": count,
+                # Whom the process after a crash waits for before it answers.
+                "peers": self.handoff.frontend_peers(),
+            }  # fmt: skip
             data = json.dumps(cell, default=str).encode()
             # Rewritten in place: the runtime made it, and the folder is not ours.
             fd = os.open(CELL_FILE, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)

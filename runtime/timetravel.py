@@ -73,7 +73,7 @@ def read_cell(run_dir: Any, uid: int) -> dict[str, Any] | None:
     """The cell under way as the kernel wrote it (``cell.json`` in its run folder),
     or None. The kernel's own file, so hostile: opened without following a
     symlink, a regular file of the kernel's user, at most :data:`CELL_FILE_MAX`
-    bytes, and only its ``header``, ``ident`` and ``count`` kept, checked."""
+    bytes, and only its ``header``, ``ident``, ``count`` and ``peers`` kept, checked."""
     path = os.path.join(str(run_dir), CELL_FILE)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -99,7 +99,14 @@ def read_cell(run_dir: Any, uid: int) -> dict[str, Any] | None:
         return None
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         count = None
-    return {"parent": {"header": header}, "ident": ident, "count": count}
+    found: dict[str, Any] = {"parent": {"header": header}, "ident": ident, "count": count}
+    peers = cell.get("peers")
+    if isinstance(peers, dict):
+        found["peers"] = {
+            k: v for k, v in peers.items()
+            if k in ("shell", "iopub") and isinstance(v, int) and not isinstance(v, bool)
+        }  # fmt: skip
+    return found
 
 
 class TimeTravel:
@@ -353,6 +360,8 @@ class TimeTravel:
         }  # fmt: skip
         if cell is not None:
             pending.update(parent=cell["parent"], ident=cell["ident"])
+            if "peers" in cell:
+                pending["peers"] = cell["peers"]
         channel = svc.channels.get(kernel_id)
         if channel is not None:
             channel.server.pending = pending

@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
+from nbclient import NotebookClient
 
 from sandbox_kernel.runtime import Runtime, snapshots
 from sandbox_kernel.runtime.timetravel import checkpoints_of
@@ -156,3 +158,30 @@ async def test_a_cell_that_kills_the_kernel_ends_with_an_error(
     assert cell.count == 2 and after.count == 3, (cell, after)
     assert km.get_connection_info() == ports
     assert restarts == []
+
+
+async def test_through_nbclient_a_cell_out_of_memory_is_an_error_and_the_run_goes_on(
+    kernels: Kernels, make_spec, workdir: Path
+) -> None:
+    """nbclient runs cells back to back (no checkpoint between them), and polls the
+    kernel while it waits: the kernel, checkpointed before the run, comes back."""
+    spec = make_spec(memory="700M", autosave=True)
+    km, kc = await kernels.start(spec)
+    await cell_then_checkpoint(kc, km, "kept = 'before'")
+    kc.stop_channels()  # nbclient is the notebook's one client
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("%container limits --memory 300M\nb = bytearray(600_000_000)"),
+        nbformat.v4.new_code_cell("print(kept)"),
+    ]
+    client = NotebookClient(nb, km=km, timeout=120, allow_errors=True,
+                            resources={"metadata": {"path": str(workdir)}})  # fmt: skip
+    try:
+        await client.async_execute()
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
+    [error] = [o for o in nb.cells[0].outputs if o["output_type"] == "error"]
+    assert error["ename"] == "MemoryError", error
+    assert "back at its state before this cell" in error["evalue"], error
+    assert nb.cells[1].outputs[0]["text"] == "before\n", nb.cells[1].outputs
