@@ -273,10 +273,7 @@ class RestoreHandoff:
         ``execute_reply`` and an idle status. Runs on the kernel's io loop."""
         kernel = self.kernel
         session = kernel.session
-        if getattr(kernel, "_supports_kernel_subshells", False):
-            stream = kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
-        else:
-            stream = kernel.shell_stream
+        stream = self._main_shell_stream()
         error = {"ename": ename, "evalue": evalue, "traceback": [f"{ename}: {evalue}"]}
         session.send(kernel.iopub_socket, "error", error, parent=parent,
                      ident=kernel._topic("error"))  # fmt: skip
@@ -680,6 +677,14 @@ class RestoreHandoff:
         finish_handed_over(kernel, info)  # the restore's progress bar, before the reply
         kernel.io_loop.add_callback(self._send_reply, parent, ident, text, number)
 
+    def _main_shell_stream(self) -> Any:
+        """Where a reply of the main shell goes, as ipykernel's own dispatch_shell
+        picks it: through the shell channel thread where there are subshells."""
+        kernel = self.kernel
+        if getattr(kernel, "_supports_kernel_subshells", False):
+            return kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
+        return kernel.shell_stream
+
     def _send_reply(
         self, parent: dict[str, Any], ident: list[bytes], text: str, count: int | None = None
     ) -> None:
@@ -687,11 +692,7 @@ class RestoreHandoff:
         then its ``execute_reply`` and an idle status. Runs on the kernel's io loop."""
         kernel = self.kernel
         session = kernel.session
-        # As ipykernel's own dispatch_shell picks the socket for the main shell.
-        if getattr(kernel, "_supports_kernel_subshells", False):
-            stream = kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
-        else:
-            stream = kernel.shell_stream
+        stream = self._main_shell_stream()
         session.send(
             kernel.iopub_socket, "stream", {"name": "stdout", "text": text},
             parent=parent, ident=kernel._topic("stream"),

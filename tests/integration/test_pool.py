@@ -52,6 +52,16 @@ async def ready_pool(key: str, size: int = 1) -> list[KernelRecord]:
     )
 
 
+async def started_with_pool(kernels: Kernels, spec: str) -> tuple[Runtime, str, KernelRecord]:
+    """Start a kernel of ``spec``; the runtime, its pool's key, and the pool kernel
+    once ready."""
+    km, _ = await kernels.start(spec)
+    runtime = Runtime()
+    key = runtime.record(km.kernel_id).extra["pool_of"]
+    [waiting] = await ready_pool(key)
+    return runtime, key, waiting
+
+
 def frozen(record: KernelRecord) -> bool:
     return cgroups.frozen(paths.cgroup_of(record.container_id))
 
@@ -118,10 +128,7 @@ async def test_a_pool_kernel_goes_to_one_start_of_its_own_user(
     kernels: Kernels, pools: None, make_spec
 ) -> None:
     spec = make_spec(memory="640M", pool=1)
-    km1, _ = await kernels.start(spec)
-    runtime = Runtime()
-    key = runtime.record(km1.kernel_id).extra["pool_of"]
-    [waiting] = await ready_pool(key)
+    runtime, key, waiting = await started_with_pool(kernels, spec)
     # Another user's kernelspec of the same limits does not take it.
     other = make_spec(memory="640M", pool=1, kernel_uid=1000)
     km_other, kc_other = await kernels.start(other)
@@ -212,10 +219,7 @@ async def test_a_pool_kernel_that_died_while_waiting_still_gives_a_kernel(
     kernels: Kernels, pools: None, make_spec
 ) -> None:
     spec = make_spec(memory="620M", pool=1)
-    km1, _ = await kernels.start(spec)
-    runtime = Runtime()
-    key = runtime.record(km1.kernel_id).extra["pool_of"]
-    [waiting] = await ready_pool(key)
+    runtime, _, waiting = await started_with_pool(kernels, spec)
     # Killed as the OOM killer or an operator would, thawed so that it ends now.
     state = await runtime.drivers.runc.state(waiting.container_id)
     assert state is not None and state["status"] == "paused", state
