@@ -168,7 +168,9 @@ async def test_through_nbclient_a_cell_out_of_memory_is_an_error_and_the_run_goe
     spec = make_spec(memory="700M", autosave=True)
     km, kc = await kernels.start(spec)
     await cell_then_checkpoint(kc, km, "kept = 'before'")
-    kc.stop_channels()  # nbclient is the notebook's one client
+    # nbclient's client comes from the same manager, so it has the same session and
+    # ZeroMQ identity: the kernel's ROUTER can route to one of the two only.
+    kc.stop_channels()
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell("%container limits --memory 300M\nb = bytearray(600_000_000)"),
