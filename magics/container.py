@@ -231,8 +231,9 @@ class ContainerMagics(Magics):
         bar.start()
         try:
             meta: dict[str, Any] = self._call(
-                "snapshot", name=name, message=args.message, on_progress=bar.step
-            )
+                "snapshot", name=name, message=args.message, on_progress=bar.step,
+                count=self._count_if_alone(),
+            )  # fmt: skip
         except Interrupted:
             # Either the runtime died mid-snapshot, or this process is a restore of
             # the snapshot it was taking: ask which. The bar is the old process's.
@@ -256,6 +257,8 @@ class ContainerMagics(Magics):
         mode = meta["mode"]
         # Saved in the background: `%container list` shows it as saving until then.
         saving = "; writing it to disk in the background" if meta.get("saving") else ""
+        if meta.get("copied_from"):
+            saving = "; the checkpoint taken after the last cell, kept under this name"
         print(
             f"Snapshot {name}: {mode} ({'files and memory' if mode == 'live' else 'files only'}), "
             f"{meta['seconds']:.2f} s, kernel paused {meta['paused_seconds']:.2f} s, "
@@ -265,6 +268,20 @@ class ContainerMagics(Magics):
         if meta["reason"]:
             print(f"Files only because {meta['reason']}")
         return meta
+
+    def _count_if_alone(self) -> int | None:
+        """The next cell's number if the running cell is nothing but one ``%container
+        snapshot`` line: right after a checkpoint, nothing ran since, and the runtime
+        may name that checkpoint instead of dumping again."""
+        assert self.handoff is not None
+        try:
+            parent, _ = self.handoff.cell_origin()
+            code = str(parent.get("content", {}).get("code", "")).strip()
+        except (AttributeError, KeyError, TypeError):
+            return None
+        if "\n" in code or not code.startswith("%container snapshot"):
+            return None
+        return self.handoff.next_number()
 
     def _restore(self, line: str, view: View | None = None) -> None:
         """``%container restore``; its progress bar goes to ``view`` (the panel's),

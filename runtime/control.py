@@ -126,6 +126,13 @@ class ControlledRuntime(Protocol):
         """Turn autosave on or off (None: leave it); its state."""
         ...
 
+    async def name_latest(
+        self, kernel_id: str, name: str, message: str, next_count: int, /
+    ) -> dict[str, Any] | None:
+        """Keep the checkpoint just taken as snapshot ``name``, or None if the kernel
+        may have changed since."""
+        ...
+
     def history(self, kernel_id: str, /) -> dict[str, Any]:
         """The kernel's checkpoints; may block on the disk."""
         ...
@@ -412,6 +419,12 @@ class ControlServer:
         return await handler(args, progress)
 
     async def _op_snapshot(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        if args.get("count") is not None:
+            named = await self.runtime.name_latest(
+                self.kernel_id, args["name"], args.get("message") or "", args["count"]
+            )
+            if named is not None:
+                return named
         return await self.runtime.snapshot(
             self.kernel_id, args["name"], args.get("message") or "", progress=progress
         )

@@ -153,6 +153,14 @@ class _Governed:
     async def autosave(self, kernel_id: str, state: str | None, /) -> dict[str, Any]:
         return await self._service.timetravel.set_autosave(kernel_id, state)
 
+    async def name_latest(
+        self, kernel_id: str, name: str, message: str, next_count: int, /
+    ) -> dict[str, Any] | None:
+        meta = await self._service.timetravel.name_latest(kernel_id, name, message, next_count)
+        if meta is not None:
+            self._service.emit({"event": "snapshot", "kernel_id": kernel_id, "name": name})
+        return meta
+
     def history(self, kernel_id: str, /) -> dict[str, Any]:
         return self._service.timetravel.history(kernel_id)
 

@@ -489,6 +489,39 @@ class Draft:
         self._folder.discard()
 
 
+def copy(owner: str, name: str, new_name: str, message: str = "") -> dict[str, Any]:
+    """Keep snapshot ``name`` also as ``new_name``, sharing every block: its CRIU
+    images cloned, its files a btrfs snapshot, its checksums taken over (they are
+    the same bytes). The new one's meta.
+
+    Raises:
+        SnapshotNotFound, SnapshotCorrupt: ``name`` is missing or damaged.
+        ConfigError: ``new_name`` is invalid or taken.
+        QuotaExceeded: the owner keeps as many snapshots as they may.
+    """
+    from .bases import clone  # here: bases.py imports this module
+    from .volume import snapshot_subvolume
+
+    meta = verify(owner, name)
+    check_quota(owner, new_name)
+    source = snapshot_dir(owner, name)
+    manifest: dict[str, dict[str, Any]] = read_json(source / "manifest.json")
+    draft = Draft(owner, new_name)
+    try:
+        draft.criu_dir.mkdir()
+        for rel in sorted(manifest):
+            target = draft.criu_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            clone(source / "criu" / rel, target)
+        if (source / "files").exists():
+            snapshot_subvolume(source / "files", draft.files, readonly=True)
+        copied = {**meta, "message": message, "copied_from": name, "created": time.time()}
+        return draft.commit(copied, {k: {"sha256": v["sha256"]} for k, v in manifest.items()})
+    except BaseException:
+        draft.discard()
+        raise
+
+
 def verify(owner: str, name: str) -> dict[str, Any]:
     """Check a snapshot before it is restored; return its meta.
 

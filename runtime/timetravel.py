@@ -310,6 +310,37 @@ class TimeTravel:
         best = found[-1]
         return str(best["name"]), int(best["next"])
 
+    async def name_latest(
+        self, kernel_id: str, name: str, message: str, next_count: int
+    ) -> dict[str, Any] | None:
+        """``%container snapshot NAME`` in a cell that runs nothing else, right after
+        a checkpoint (its next cell is the asking one, ``next_count - 1``): the
+        checkpoint's images and files, shared, under ``name``, instead of a new
+        dump. Its meta, or None where the kernel may have changed since."""
+        runtime = self.service.runtime
+        record = runtime.record(kernel_id)
+        kept = checkpoints_of(record)
+        if not kept or kept[-1]["next"] != next_count - 1:
+            return None
+        latest = kept[-1]["name"]
+        if record.snapshot != latest:
+            return None  # restored or snapshotted since
+        owner = str(record.uid)
+        started = time.monotonic()
+        async with runtime.store.exclusive(kernel_id):
+            try:
+                meta = await asyncio.to_thread(snapshots.copy, owner, latest, name, message)
+            except snapshots.SnapshotNotFound:
+                return None  # its save failed
+            meta["seconds"] = round(time.monotonic() - started, 4)
+            meta["paused_seconds"] = 0.0
+
+            def parent(current: KernelRecord) -> None:
+                current.snapshot = name
+
+            await runtime.store.aupdate(kernel_id, parent)
+        return meta
+
     # ---- a crash ------------------------------------------------------------------
 
     async def recover(self, kernel_id: str) -> dict[str, Any] | None:

@@ -105,7 +105,16 @@ def _ops(*ops: Op) -> dict[str, Op]:
 #: Every operation the control server carries out, in the order ``%container``'s
 #: help lists the commands. The server's dispatch table is built from this one.
 OPS: Mapping[str, Op] = _ops(
-    Op("snapshot", (Arg("name", Kind.TEXT), Arg("message", Kind.TEXT, required=False))),
+    # ``count``: sent by a cell that runs nothing but the snapshot, whose number is
+    # ``count - 1``: right after a checkpoint, that checkpoint is named instead.
+    Op(
+        "snapshot",
+        (
+            Arg("name", Kind.TEXT),
+            Arg("message", Kind.TEXT, required=False),
+            Arg("count", Kind.COUNT, required=False),
+        ),
+    ),
     # parent and ident: the restoring cell's request header and routing identities
     # (hex), so that a new process can answer that cell.
     # ``count``: the number the asking kernel's next cell would get, which the new

@@ -187,3 +187,30 @@ async def test_through_nbclient_a_cell_out_of_memory_is_an_error_and_the_run_goe
     assert error["ename"] == "MemoryError", error
     assert "back at its state before this cell" in error["evalue"], error
     assert nb.cells[1].outputs[0]["text"] == "before\n", nb.cells[1].outputs
+
+
+async def test_a_snapshot_right_after_a_checkpoint_names_it_without_a_new_dump(
+    kernels: Kernels, make_spec, names: list[str]
+) -> None:
+    spec = make_spec(memory="700M", autosave=True)
+    km, kc = await kernels.start(spec)
+    await cell_then_checkpoint(kc, km, "a = 1")
+    latest = checkpoints(km)[-1]["name"]
+    name = fresh(names)
+    taken = (await run_cell(kc, f"%container snapshot {name}")).check()
+    assert "the checkpoint taken after the last cell" in taken, taken
+    meta = snapshots.load(OWNER, name)
+    assert meta["copied_from"] == latest and meta["mode"] == "live"
+    # A cell that also runs code dumps anew.
+    other = fresh(names)
+    taken = (await run_cell(kc, f"a = 2\n%container snapshot {other}")).check()
+    assert "the checkpoint taken" not in taken, taken
+    assert "copied_from" not in snapshots.load(OWNER, other)
+    # The named copy restores, and outlives the checkpoint it came from.
+    await cell_then_checkpoint(kc, km, "a = 3")
+    restored = await run_cell(kc, f"%container restore {name}")
+    assert "Restored to snapshot" in restored.check(), restored
+    assert (await run_cell(kc, "print(a)")).check().strip() == "1"
+    await km.shutdown_kernel(now=True)  # its checkpoints go
+    assert latest not in snapshots.names(OWNER, every=True)
+    assert snapshots.verify(OWNER, name)["name"] == name
