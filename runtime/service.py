@@ -523,6 +523,11 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
             svc.pools.ask(key, config, size)
             claimed = await svc.pools.claim(caller, kernel_id, key)
             if claimed is not None:
+                if args["config"].get("autosave"):
+                    retain = args["config"].get("retain")
+                    claimed = await svc.runtime.store.aupdate(
+                        claimed.kernel_id, lambda r: _autosave_on(r, retain)
+                    )
                 return _kernel_info(claimed)
         quota = svc.config.quota_for(caller)
         if quota.kernels is None and quota.memory_total is None:

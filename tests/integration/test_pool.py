@@ -77,7 +77,7 @@ async def pools(kernels: Kernels) -> AsyncIterator[None]:
 async def test_a_start_takes_a_kernel_from_the_pool(
     kernels: Kernels, pools: None, make_spec, workdir: Path
 ) -> None:
-    spec = make_spec(memory="650M", pids="310", pool=1)
+    spec = make_spec(memory="650M", pids="310", pool=1, autosave=True)
     km1, _ = await kernels.start(spec)
     runtime = Runtime()
     first = runtime.record(km1.kernel_id)
@@ -102,6 +102,10 @@ async def test_a_start_takes_a_kernel_from_the_pool(
     assert lines[1] == f"{second.hostname} 0", cell
     assert lines[2] == f"{650 << 20} 310", cell
     assert (await run_cell(kc2, "x = 41\nprint(x + 1)")).check().strip() == "42"
+    # The kernelspec's autosave holds for the pool's kernel too.
+    await wait_until(
+        lambda: runtime.record(km2.kernel_id).extra.get("checkpoints"), 60, "a checkpoint"
+    )
     # The pool fills again, with another kernel.
     [again] = await ready_pool(key)
     assert again.kernel_id not in (first.kernel_id, second.kernel_id)
