@@ -32,6 +32,8 @@ from .channel import ChannelError, Interrupted
 IDLE_DELAY = 0.05
 #: Where the cell under way is written for the runtime.
 CELL_FILE = Path("/run/sandbox/cell.json")
+#: There while autosave is on (the runtime's; see runtime/timetravel.py).
+AUTOSAVE_FILE = Path("/run/sandbox/autosave")
 
 
 def _start_time() -> str:
@@ -102,8 +104,11 @@ class Autosave:
 
     @property
     def on(self) -> bool:
-        """Whether to ask: unless the runtime said no in this very process (a restore
-        brings back a process that may have heard otherwise)."""
+        """Whether to ask: while the runtime shows autosave on, and unless it said no
+        in this very process (a restore brings back a process that may have heard
+        otherwise). One stat: a kernel without autosave never asks."""
+        if not AUTOSAVE_FILE.exists():
+            return False
         if self._on is None or self._heard_in != _start_time():
             return True
         return self._on

@@ -42,7 +42,7 @@ from .pool import Pools, check_pool, pool_key
 from .quotas import DaemonConfig, check_kernel, check_limits
 from .record import KernelRecord, Start
 from .runtime import Runtime
-from .timetravel import TimeTravel
+from .timetravel import TimeTravel, show_autosave
 
 #: How long a kernel restored from a base has to confirm it took its new key.
 BASE_CONFIRM_TIMEOUT = 10.0
@@ -524,10 +524,7 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
             claimed = await svc.pools.claim(caller, kernel_id, key)
             if claimed is not None:
                 if args["config"].get("autosave"):
-                    retain = args["config"].get("retain")
-                    claimed = await svc.runtime.store.aupdate(
-                        claimed.kernel_id, lambda r: _autosave_on(r, retain)
-                    )
+                    claimed = await _turn_autosave_on(svc, claimed.kernel_id, args["config"])
                 return _kernel_info(claimed)
         quota = svc.config.quota_for(caller)
         if quota.kernels is None and quota.memory_total is None:
@@ -548,8 +545,7 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
         if size:
             record = await svc.runtime.store.aupdate(kernel_id, lambda r: _pool_mark(r, key))
         if args["config"].get("autosave"):
-            retain = args["config"].get("retain")
-            record = await svc.runtime.store.aupdate(kernel_id, lambda r: _autosave_on(r, retain))
+            record = await _turn_autosave_on(svc, kernel_id, args["config"])
     if record.belongs_to != caller.uid and not caller.is_root:
         raise KernelNotFound(kernel_id)
     try:
@@ -577,6 +573,16 @@ def _pool_of(caller: Caller, config: KernelConfig, data: dict[str, Any]) -> tupl
 
 def _pool_mark(record: KernelRecord, key: str) -> KernelRecord:
     record.extra["pool_of"] = key
+    return record
+
+
+async def _turn_autosave_on(
+    svc: KernelService, kernel_id: str, config: dict[str, Any]
+) -> KernelRecord:
+    """A new kernel of a kernelspec with autosave: on, in its record and for its magic."""
+    retain = config.get("retain")
+    record = await svc.runtime.store.aupdate(kernel_id, lambda r: _autosave_on(r, retain))
+    show_autosave(svc.runtime.run_dir(record.kernel_id), True)
     return record
 
 

@@ -59,6 +59,23 @@ CELL_FILE_MAX = 64 * 1024
 LINE_MAX = 120
 
 
+#: In the kernel's run folder while autosave is on (root's, the kernel reads it):
+#: the magic asks for checkpoints only then, without a request to learn it.
+AUTOSAVE_FILE = "autosave"
+
+
+def show_autosave(run_dir: Any, on: bool) -> None:
+    """Make the kernel see whether autosave is on (see :data:`AUTOSAVE_FILE`)."""
+    path = os.path.join(str(run_dir), AUTOSAVE_FILE)
+    if on:
+        with open(path, "w") as handle:
+            handle.write("on\n")
+        os.chmod(path, 0o644)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def checkpoints_of(record: KernelRecord) -> list[dict[str, Any]]:
     """The kernel's checkpoints, oldest first (as its record keeps them)."""
     found = record.extra.get("checkpoints")
@@ -134,6 +151,7 @@ class TimeTravel:
                 current.extra.pop("autosave_off_because", None)
 
             await runtime.store.aupdate(kernel_id, turn)
+            show_autosave(runtime.run_dir(kernel_id), state == "on")
         record = runtime.record(kernel_id)
         return {
             "autosave": autosave_on(record),
@@ -148,6 +166,7 @@ class TimeTravel:
             current.extra["autosave_off_because"] = why
 
         await self.service.runtime.store.aupdate(kernel_id, off)
+        show_autosave(self.service.runtime.run_dir(kernel_id), False)
         self.service.runtime.append_log(kernel_id, f"autosave turned off: {why}")
 
     # ---- checkpoints --------------------------------------------------------------
