@@ -187,14 +187,7 @@ class TimeTravel:
         if lost:
             # One of its checkpoints could not be saved (the volume is full, say):
             # autosave stops, says why once, and the kernel runs on.
-            gone = {f["name"] for f in lost}
-
-            def forget(current: KernelRecord) -> None:
-                current.extra["checkpoints"] = [
-                    c for c in checkpoints_of(current) if c.get("name") not in gone
-                ]
-
-            await runtime.store.aupdate(kernel_id, forget)
+            await self._forget(kernel_id, {f["name"] for f in lost})
             why = f"a checkpoint could not be saved: {lost[-1]['error']}"
             await self._turn_off(kernel_id, why)
             return {"autosave": False, "warning": why}
@@ -244,15 +237,18 @@ class TimeTravel:
         for entry in drop:
             await asyncio.to_thread(_delete, owner, entry["name"])
         if drop:
-            gone = {e["name"] for e in drop}
-
-            def remove(current: KernelRecord) -> None:
-                current.extra["checkpoints"] = [
-                    c for c in checkpoints_of(current) if c.get("name") not in gone
-                ]
-
-            await runtime.store.aupdate(kernel_id, remove)
+            await self._forget(kernel_id, {e["name"] for e in drop})
         return bool(drop)
+
+    async def _forget(self, kernel_id: str, names: set[str]) -> None:
+        """Take checkpoints ``names`` off the kernel's list."""
+
+        def forget(current: KernelRecord) -> None:
+            current.extra["checkpoints"] = [
+                c for c in checkpoints_of(current) if c.get("name") not in names
+            ]
+
+        await self.service.runtime.store.aupdate(kernel_id, forget)
 
     async def drop_all(self, record: KernelRecord) -> None:
         """Delete every checkpoint of the kernel (at its removal or restart)."""
