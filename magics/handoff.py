@@ -271,18 +271,8 @@ class RestoreHandoff:
     ) -> None:  # fmt: skip
         """End the cell ``parent`` with error ``ename: evalue``: the error output, its
         ``execute_reply`` and an idle status. Runs on the kernel's io loop."""
-        kernel = self.kernel
-        session = kernel.session
-        stream = self._main_shell_stream()
         error = {"ename": ename, "evalue": evalue, "traceback": [f"{ename}: {evalue}"]}
-        session.send(kernel.iopub_socket, "error", error, parent=parent,
-                     ident=kernel._topic("error"))  # fmt: skip
-        content: dict[str, Any] = {
-            "status": "error", **error,
-            "execution_count": count if count is not None else kernel.execution_count,
-        }  # fmt: skip
-        session.send(stream, "execute_reply", content, parent=parent, ident=ident)
-        kernel._publish_status("idle", "shell", parent=parent)
+        self._end_cell(parent, ident, "error", error, {"status": "error", **error}, count)
 
     def _move_in(self, info: dict[str, Any]) -> None:
         """A process from a pristine base (see ``runtime/pristine.py``): take this
@@ -677,31 +667,33 @@ class RestoreHandoff:
         finish_handed_over(kernel, info)  # the restore's progress bar, before the reply
         kernel.io_loop.add_callback(self._send_reply, parent, ident, text, number)
 
-    def _main_shell_stream(self) -> Any:
-        """Where a reply of the main shell goes, as ipykernel's own dispatch_shell
-        picks it: through the shell channel thread where there are subshells."""
-        kernel = self.kernel
-        if getattr(kernel, "_supports_kernel_subshells", False):
-            return kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
-        return kernel.shell_stream
-
     def _send_reply(
         self, parent: dict[str, Any], ident: list[bytes], text: str, count: int | None = None
     ) -> None:
         """Send ``text`` as the output of the cell ``parent`` (routed by ``ident``),
         then its ``execute_reply`` and an idle status. Runs on the kernel's io loop."""
+        output = {"name": "stdout", "text": text}
+        reply = {"status": "ok", "user_expressions": {}, "payload": []}
+        self._end_cell(parent, ident, "stream", output, reply, count)
+
+    def _end_cell(
+        self, parent: dict[str, Any], ident: list[bytes], output_type: str,
+        output: dict[str, Any], reply: dict[str, Any], count: int | None,
+    ) -> None:  # fmt: skip
+        """Answer the cell ``parent`` of another process (routed by ``ident``): one
+        output on iopub, its ``execute_reply`` numbered ``count`` (else the kernel's
+        count), and an idle status. Runs on the kernel's io loop."""
         kernel = self.kernel
         session = kernel.session
-        stream = self._main_shell_stream()
-        session.send(
-            kernel.iopub_socket, "stream", {"name": "stdout", "text": text},
-            parent=parent, ident=kernel._topic("stream"),
-        )  # fmt: skip
-        content: dict[str, Any] = {
-            "status": "ok",
-            "execution_count": count if count is not None else kernel.execution_count,
-            "user_expressions": {}, "payload": [],
-        }  # fmt: skip
+        # As ipykernel's own dispatch_shell picks the socket for the main shell.
+        if getattr(kernel, "_supports_kernel_subshells", False):
+            stream = kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
+        else:
+            stream = kernel.shell_stream
+        session.send(kernel.iopub_socket, output_type, output, parent=parent,
+                     ident=kernel._topic(output_type))  # fmt: skip
+        number = count if count is not None else kernel.execution_count
+        content = {**reply, "execution_count": number}
         session.send(stream, "execute_reply", content, parent=parent, ident=ident)
         kernel._publish_status("idle", "shell", parent=parent)
 
