@@ -147,7 +147,7 @@ class Pools:
                     return False  # another start took it
                 del current.extra["pool"]
                 current.extra["alias"] = jupyter_id
-                current.extra["claimed"] = True
+                current.extra["claimed"] = {"pid": pool.get("pid")}
                 current.extra["pool_of"] = key  # its restarts refill the pool too
                 return True
 
@@ -162,15 +162,15 @@ class Pools:
         """Make claimed kernel ``record`` the launched kernel: give it the launch's
         key and environment, thaw it, and wait until it has taken them. Returns its
         record, its host pid and a warning (it started cold instead) or ""."""
-        from .service import BASE_CONFIRM_TIMEOUT  # here: service.py imports this module
+        # Here: service.py imports this module.
+        from .service import BASE_CONFIRM_TIMEOUT, expect_new_kernel
 
         svc = self.service
         kid = record.kernel_id
         channel = svc.channels[kid]
         server = channel.server
         await asyncio.to_thread(svc.runtime.lifecycle.boot.write_connection, record, connection)
-        server.pending = {"kind": "base", "count": 1}
-        server.arrival = {"cwd": record.cwd_inside, "was_cwd": record.pristine_cwd, "env": env}
+        expect_new_kernel(server, record, env)
         server.heard.clear()
         warning = ""
         try:
@@ -189,7 +189,8 @@ class Pools:
         if warning:
             pid = await svc.runtime.start_cold(kid, warning)
         else:
-            pid = await svc.runtime.container_pid(kid)
+            # Thawing keeps the process: the pid it had when it was made.
+            pid = record.extra["claimed"].get("pid") or await svc.runtime.container_pid(kid)
 
         def launched(current: KernelRecord) -> KernelRecord:
             current.extra.pop("claimed", None)
@@ -258,7 +259,7 @@ class Pools:
             channel.server.claim = loop.create_future()
             channel.server.arrival = {}
             placeholder = {**connection, "key": secrets.token_hex(32)}
-            await svc.runtime.start(kid, argv, env, placeholder)
+            pid = await svc.runtime.start(kid, argv, env, placeholder)
             record = svc.runtime.record(kid)
             if record.start is not Start.BASE:
                 raise ConfigError("pool", pool.size, f"needs a pristine base: {record.base_note}")
@@ -273,7 +274,7 @@ class Pools:
             await svc.runtime.drivers.runc.pause(record.container_id)
 
             def ready(current: KernelRecord) -> KernelRecord:
-                current.extra["pool"]["ready"] = True
+                current.extra["pool"].update(ready=True, pid=pid)
                 return current
 
             await svc.runtime.store.aupdate(kid, ready)

@@ -626,15 +626,7 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
         record = await _pristine(svc, record, argv, env)
     channel = svc.channels.get(kid)
     if channel is not None and record.wants_base:
-        # A process from a base is a new kernel: it numbers its cells from 1. From
-        # a pristine base, it moves to its own folder and environment too.
-        channel.server.pending = {"kind": "base", "count": 1}
-        if record.pristine_cwd:  # also for its resets
-            channel.server.arrival = {
-                "cwd": record.cwd_inside,
-                "was_cwd": record.pristine_cwd,
-                "env": env,
-            }
+        expect_new_kernel(channel.server, record, env)
     pid = await svc.runtime.start(kid, argv, env, connection)
     record = svc.runtime.record(kid)  # the start says how it went
     channel = await svc.open_channel(record, listen=True)
@@ -652,6 +644,16 @@ async def _launch(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     if isinstance(pool, str):
         svc.pools.fill_later(pool, argv, env, connection)
     return {**_kernel_info(record), "pid": pid, "warning": warning}
+
+
+def expect_new_kernel(server: ControlServer, record: KernelRecord, env: dict[str, str]) -> None:
+    """Tell kernel ``record``'s next process from a base (a start, or a pool kernel
+    handed over) that it is a new kernel: it numbers its cells from 1. From a
+    pristine base, it moves to its own folder and launch environment ``env`` too
+    (kept for its resets)."""
+    server.pending = {"kind": "base", "count": 1}
+    if record.pristine_cwd:
+        server.arrival = {"cwd": record.cwd_inside, "was_cwd": record.pristine_cwd, "env": env}
 
 
 async def _pristine(
