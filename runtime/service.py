@@ -375,9 +375,16 @@ class KernelService:
     # ---- events ----------------------------------------------------------------------
 
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``listener`` with each event from now on; returns the unsubscribe."""
+        """Call ``listener`` with each event from now on; returns the unsubscribe,
+        which may be called more than once (jupyter_client cleans a kernel up twice
+        when nbclient shuts it down: ``shutdown_kernel``, then ``cleanup_resources``)."""
         self._subscribers.append(listener)
-        return lambda: self._subscribers.remove(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(listener)
+
+        return unsubscribe
 
     def emit(self, event: Event) -> None:
         """Tell every subscriber. An event names its kernel and the kernel's owner."""

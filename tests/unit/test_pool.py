@@ -110,3 +110,17 @@ def test_a_pool_kernel_is_known_by_its_own_id_until_claimed() -> None:
     claimed = record("pool-1", alias="jupyter-1", claimed=True)
     assert not claimed.pooled and claimed.public_id == "jupyter-1"
     assert "jupyter-1" in claimed.describe()
+
+
+def test_an_unsubscribe_may_be_called_twice(store: KernelStore) -> None:
+    """jupyter_client cleans a kernel up twice when nbclient shuts it down: the
+    provisioner's cleanup unsubscribes each time."""
+    from sandbox_kernel.runtime.service import KernelService
+
+    service = KernelService()
+    seen: list[object] = []
+    unsubscribe = service.subscribe(seen.append)
+    unsubscribe()
+    unsubscribe()
+    service.emit({"event": "started"})
+    assert seen == []
