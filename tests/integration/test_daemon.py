@@ -180,6 +180,50 @@ async def test_a_daemon_killed_mid_snapshot_and_mid_restore(daemon: Daemon, user
         assert await server.run(kid, "%container list")
 
 
+async def test_a_daemon_killed_mid_checkpoint_loses_only_that_checkpoint(
+    daemon: Daemon, users
+) -> None:
+    """Autosave's checkpoint cut short by a SIGKILL of the runtime: after a restart
+    the kernel runs on, with autosave on, and undo still reaches the checkpoints
+    saved before; the cut one is never offered and nothing half-written is listed."""
+    alice, _ = users
+    owner = str(alice.uid)
+    async with UserServer(alice) as server:
+        kid = (await server.start(memory="1G", autosave=True))["kernel_id"]
+        runtime = Runtime()
+
+        def kept() -> list[str]:
+            return [c["name"] for c in runtime.record(kid).extra.get("checkpoints") or []]
+
+        await server.run(kid, "x = 'before'")
+        await wait_until(lambda: len(kept()) == 1, 60, "the first checkpoint")
+        await asyncio.to_thread(snapshots.wait_saved, owner, kept()[0])
+        # Every page written, so that the next checkpoint's dump takes a while.
+        await server.run(kid, "b = bytearray(b'x') * 300_000_000; b[-1] = 7; x = 'after'")
+        await _until_busy(kid)  # its checkpoint is under way
+        daemon.kill()
+        await daemon.start()
+        assert await wait_until_value(server, kid, "x, b[-1]") == "after 7"
+        names = set(snapshots.names(owner, every=True))
+        for name in names:
+            snapshots.verify(owner, name)  # whole, or not listed at all
+        assert not snapshots.leftovers()
+        saved = [c["next"] for c in runtime.record(kid).extra.get("checkpoints") or []
+                 if c["name"] in names]  # fmt: skip
+        assert 2 in saved and 3 not in saved, f"the cut one is before cell 3: {saved}"
+        history = await server.run(kid, "%container history")
+        assert "x = 'before'" in history, history
+        # Autosave is still on: the cell above was checkpointed after it.
+        status = await server.run(kid, "%container autosave")
+        assert "Autosave is on" in status, status
+        await wait_until(lambda: len(set(kept()) & set(snapshots.names(owner, every=True))) >= 2,
+                         60, "a checkpoint after the restart")  # fmt: skip
+        undone = await server.run(kid, "%container undo --to 2")
+        assert "before cell 2" in undone, undone
+        assert await wait_until_value(server, kid, "x, 'b' in dir()") == "before False"
+    assert not snapshots.leftovers()
+
+
 async def _until_busy(kid: str) -> None:
     """Wait until a snapshot or restore of ``kid`` holds its lock (is under way)."""
     store = Runtime().store
