@@ -195,6 +195,7 @@ class TimeTravel:
         retain = int(record.extra.get("retain") or RETAIN)
         async with self._lock(kernel_id):
             await self._prune(kernel_id, owner, retain - 1)
+            await self._skip_lost_parent(kernel_id, owner)
             while True:
                 try:
                     meta = await runtime.snapshot(
@@ -224,6 +225,28 @@ class TimeTravel:
             "autosave": True, "name": name, "paused_seconds": meta.get("paused_seconds"),
             "saving": bool(meta.get("saving")),
         }  # fmt: skip
+
+    async def _skip_lost_parent(self, kernel_id: str, owner: str) -> None:
+        """If the checkpoint the kernel descends from was lost (its runtime was
+        killed while saving it), make the newest kept checkpoint its parent: the next
+        one then shares that one's pages, and undo's line of states goes on."""
+        record = self.service.runtime.record(kernel_id)
+        mine = checkpoints_of(record)
+        if not (record.snapshot or "").startswith(f"{CHECKPOINT_PREFIX}{record.kernel_id}-"):
+            return  # a named snapshot, or none: not autosave's to mend
+        saved = set(await asyncio.to_thread(snapshots.names, owner, True))
+        if record.snapshot in saved:
+            return
+        kept = [c["name"] for c in mine if c["name"] in saved]
+        self.service.runtime.append_log(
+            kernel_id, f"checkpoint {record.snapshot} was lost (its save was cut short)"
+        )
+        await self._forget(kernel_id, {record.snapshot})
+
+        def parent(current: KernelRecord) -> None:
+            current.snapshot = kept[-1] if kept else None
+
+        await self.service.runtime.store.aupdate(kernel_id, parent)
 
     def _names(self, kernel_id: str) -> list[str]:
         return [c["name"] for c in checkpoints_of(self.service.runtime.record(kernel_id))]

@@ -10,6 +10,7 @@ import os
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,44 +181,67 @@ async def test_a_daemon_killed_mid_snapshot_and_mid_restore(daemon: Daemon, user
         assert await server.run(kid, "%container list")
 
 
+@pytest.mark.parametrize("during", ["dump", "save"])
 async def test_a_daemon_killed_mid_checkpoint_loses_only_that_checkpoint(
-    daemon: Daemon, users
+    daemon: Daemon, users, during: str
 ) -> None:
-    """Autosave's checkpoint cut short by a SIGKILL of the runtime: after a restart
-    the kernel runs on, with autosave on, and undo still reaches the checkpoints
-    saved before; the cut one is never offered and nothing half-written is listed."""
+    """Autosave's checkpoint cut short by a SIGKILL of the runtime, while the kernel
+    is frozen for the dump or while the dump is saved in the background: after a
+    restart the kernel runs on with autosave on, the next checkpoint descends from
+    the last one saved, and undo still reaches it. The cut one is never offered and
+    nothing half-written is listed."""
     alice, _ = users
     owner = str(alice.uid)
     async with UserServer(alice) as server:
-        kid = (await server.start(memory="1G", autosave=True))["kernel_id"]
+        kid = (await server.start(memory="2G", autosave=True))["kernel_id"]
         runtime = Runtime()
 
-        def kept() -> list[str]:
-            return [c["name"] for c in runtime.record(kid).extra.get("checkpoints") or []]
+        def kept() -> list[dict[str, Any]]:
+            return list(runtime.record(kid).extra.get("checkpoints") or [])
 
         await server.run(kid, "x = 'before'")
         await wait_until(lambda: len(kept()) == 1, 60, "the first checkpoint")
-        await asyncio.to_thread(snapshots.wait_saved, owner, kept()[0])
-        # Every page written, so that the next checkpoint's dump takes a while.
-        await server.run(kid, "b = bytearray(b'x') * 300_000_000; b[-1] = 7; x = 'after'")
-        await _until_busy(kid)  # its checkpoint is under way
+        first = kept()[0]["name"]
+        await asyncio.to_thread(snapshots.wait_saved, owner, first)
+        # Every page written, so that the next checkpoint's dump and save take a while.
+        await server.run(kid, "b = bytearray(b'x') * 600_000_000; b[-1] = 7; x = 'after'")
+        if during == "dump":
+            await _until_busy(kid)
+        else:
+
+            def saving() -> bool:
+                return any(
+                    n.startswith("ckpt-") and n != first
+                    and not (snapshots.snapshot_dir(owner, n) / "meta.json").exists()
+                    for n in snapshots.names(owner, every=True)
+                )  # fmt: skip
+
+            await wait_until(saving, 60, "the checkpoint's background save", interval=0.01)
         daemon.kill()
         await daemon.start()
         assert await wait_until_value(server, kid, "x, b[-1]") == "after 7"
         names = set(snapshots.names(owner, every=True))
         for name in names:
             snapshots.verify(owner, name)  # whole, or not listed at all
+        assert [c["next"] for c in kept() if c["name"] in names][:1] == [2]
+        assert not [c for c in kept() if c["next"] == 3 and c["name"] in names], kept()
+        done = await run_cli("gc")
+        assert done.returncode == 0, done.stderr
         assert not snapshots.leftovers()
-        saved = [c["next"] for c in runtime.record(kid).extra.get("checkpoints") or []
-                 if c["name"] in names]  # fmt: skip
-        assert 2 in saved and 3 not in saved, f"the cut one is before cell 3: {saved}"
         history = await server.run(kid, "%container history")
         assert "x = 'before'" in history, history
-        # Autosave is still on: the cell above was checkpointed after it.
+        # Autosave is still on, and the checkpoints after the restart descend from
+        # the last one saved.
         status = await server.run(kid, "%container autosave")
         assert "Autosave is on" in status, status
-        await wait_until(lambda: len(set(kept()) & set(snapshots.names(owner, every=True))) >= 2,
-                         60, "a checkpoint after the restart")  # fmt: skip
+
+        def after_restart() -> list[str]:
+            saved = set(snapshots.names(owner, every=True))
+            return [c["name"] for c in kept() if c["next"] > 3 and c["name"] in saved]
+
+        await wait_until(after_restart, 60, "a checkpoint after the restart")
+        meta = await asyncio.to_thread(snapshots.load, owner, after_restart()[0])
+        assert meta["parent"] == first, meta
         undone = await server.run(kid, "%container undo --to 2")
         assert "before cell 2" in undone, undone
         assert await wait_until_value(server, kid, "x, 'b' in dir()") == "before False"
