@@ -216,7 +216,9 @@ async def test_a_daemon_killed_mid_checkpoint_loses_only_that_checkpoint(
                     for n in snapshots.names(owner, every=True)
                 )  # fmt: skip
 
-            await wait_until(saving, 60, "the checkpoint's background save", interval=0.01)
+            # Listed on the kernel (the cell's dump is over), and still being saved.
+            await wait_until(lambda: len(kept()) == 2 and saving(), 60,
+                             "the checkpoint's background save", interval=0.01)  # fmt: skip
         daemon.kill()
         await daemon.start()
         assert await wait_until_value(server, kid, "x, b[-1]") == "after 7"
