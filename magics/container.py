@@ -406,7 +406,9 @@ class ContainerMagics(Magics):
         text = table(rows)
         _show(Rich(text, html_table(rows)))
 
-    def _undo(self, line: str) -> None:
+    def _undo(self, line: str, view: View | None = None) -> None:
+        """``%container undo``; like a restore, its bar goes to ``view`` (the panel's
+        timeline), else to the cell's output, and the process it ends in finishes it."""
         args = _parse("undo", line)
         assert self.handoff is not None
         if args.n is not None and args.to is not None:
@@ -414,10 +416,22 @@ class ContainerMagics(Magics):
         parent, idents = self.handoff.cell_origin()
         count = self.handoff.next_number()
         print("Undoing ...", flush=True)
-        self._call(
-            "undo", n=args.n, to=args.to, parent=parent, ident=idents, count=count,
-            peers=self.handoff.frontend_peers(),
-        )  # fmt: skip
+        title = f"Back to before cell {args.to}" if args.to is not None else "Undoing"
+        bar = (
+            progress.Progress(title, view, expected=1.0)
+            if view is not None
+            else progress.displayed(title, expected=1.0)
+        )
+        bar.start()
+        try:
+            self._call(
+                "undo", n=args.n, to=args.to, parent=parent, ident=idents, count=count,
+                progress=bar.handover(), peers=self.handoff.frontend_peers(),
+            )  # fmt: skip
+        except BaseException:
+            bar.finish(ok=False)
+            raise
+        bar.finish()
         # A live restore replaces this process; reaching this line means the runtime
         # restarted the kernel on the checkpoint's files instead.
         print("Undone: the files are back; the kernel restarts.")

@@ -1,9 +1,10 @@
 """``%container`` alone: a panel of the kernel's container, in ipywidgets.
 
 Gauges of memory, CPU and processes against the limits; the snapshots as a tree with
-Restore, Delete and Diff buttons; a Snapshot button with a name; the limits, which
-can be changed up to the kernelspec's ceiling. Every button acts through the
-magic's own commands and control-channel calls.
+Restore, Delete and Diff buttons; a Snapshot button with a name; the automatic
+checkpoints as a timeline, with an Autosave switch and a button that goes back to
+the chosen one; the limits, which can be changed up to the kernelspec's ceiling.
+Every button acts through the magic's own commands and control-channel calls.
 
 The gauges refresh on the ticks of a hidden ``Play`` widget, which runs in the
 browser: a page that does not show the panel sends no ticks, and costs the kernel
@@ -145,6 +146,39 @@ def snapshot_rows(
     return rows
 
 
+@dataclass(frozen=True)
+class Point:
+    """One automatic checkpoint on the panel's timeline: the state before cell
+    ``before``, after cell ``after`` whose first line is ``line``."""
+
+    before: int
+    after: int
+    line: str
+    taken: str
+    added: str
+
+    @property
+    def label(self) -> str:
+        return str(self.before)
+
+    @property
+    def text(self) -> str:
+        return (
+            f"before cell {self.before}: after [{self.after}] {self.line}, "
+            f"{self.taken}, {self.added} added"
+        )
+
+
+def timeline_points(checkpoints: Sequence[Mapping[str, Any]], now: float) -> list[Point]:
+    """The checkpoints of ``%container history``, oldest first, as timeline points
+    with times relative to ``now``."""
+    return [
+        Point(int(c["next"]), int(c["cell"]), str(c["line"]), relative_time(c["time"], now),
+              format_size(c["added_bytes"]) + (" (saving)" if c.get("saving") else ""))
+        for c in checkpoints
+    ]  # fmt: skip
+
+
 def _usage(store: Mapping[str, Any]) -> str:
     return (
         f"Your snapshots: {store['count']} of {store['quota_count']}, "
@@ -185,6 +219,10 @@ class Commands(Protocol):
     def _restore(self, line: str, view: Any = None) -> None: ...
 
     def _diff(self, line: str) -> None: ...
+
+    def _undo(self, line: str, view: Any = None) -> None: ...
+
+    def _autosave(self, line: str) -> None: ...
 
 
 def _io_loop_later(shell: Any) -> Callable[[float, Callable[[], None]], None]:
@@ -253,6 +291,18 @@ class ContainerPanel:
         self.snapshot_button = w.Button(description="Snapshot", icon="camera")
         self.snapshot_button.on_click(lambda _: self.take_snapshot())
         self.rows = w.VBox()
+        self._history: list[str] | None = None  # the checkpoints the timeline shows
+        self._quiet = False  # the Autosave switch is being set from the runtime's state
+        self.autosave_box = w.Checkbox(value=False, description="Autosave", indent=False,
+                                       layout=w.Layout(width="110px"))  # fmt: skip
+        self.autosave_box.observe(self._on_autosave, "value")
+        self.timeline = w.ToggleButtons(options=[], tooltips=[],
+                                        style={"button_width": "40px"})  # fmt: skip
+        self.timeline.observe(self._on_point, "value")
+        self.point_label = w.Label("")
+        self.undo_button = w.Button(description="Go back here", icon="undo", disabled=True)
+        self.undo_button.on_click(lambda _: self.undo())
+        self._points: dict[int, Point] = {}
         self.limit_fields = {
             name: w.Text(description=name, layout=w.Layout(width="180px"))
             for name in ("memory", "cpus", "pids")
@@ -272,6 +322,9 @@ class ContainerPanel:
             w.HTML("<b>Snapshots</b>"),
             w.HBox([self.name_field, self.note_field, self.snapshot_button]),
             self.rows,
+            w.HTML("<b>Checkpoints</b> (before each cell)"),
+            w.HBox([self.autosave_box, self.point_label]),
+            self.timeline, self.undo_button,
             w.HTML("<b>Limits</b>"),
             w.HBox([*self.limit_fields.values(), self.limits_button]),
             w.HBox([self.bar, self.bar_label]),
@@ -329,11 +382,13 @@ class ContainerPanel:
         try:
             status = self.magics._call("status")
             listing = self.magics._call("list")
+            history = self.magics._call("history")
         except (UsageError, Interrupted) as err:
             self.say(str(err), error=True)
             return
         self._show_status(status)
         self._show_snapshots(listing, force=True)
+        self._show_timeline(history)
         self._show_limits(status["limits"])
 
     def _on_tick(self, change: Any) -> None:
@@ -349,6 +404,8 @@ class ContainerPanel:
             status = self.magics._call("status")
             stale = self._metas is None or status["snapshots"] != len(self._metas)
             listing = self.magics._call("list") if stale or self._ticks % 15 == 0 else None
+            moved = status.get("checkpoints") != self._history or self._ticks % 15 == 0
+            history = self.magics._call("history") if moved else None
         except (UsageError, Interrupted) as err:
             self.ticker.playing = False
             self.say(f"{err} (the gauges stopped; run %container again)", error=True)
@@ -356,6 +413,8 @@ class ContainerPanel:
         self._show_status(status)
         if listing is not None:
             self._show_snapshots(listing)
+        if history is not None:
+            self._show_timeline(history)
 
     def _show_status(self, status: dict[str, Any]) -> None:
         self.status = status
@@ -395,6 +454,35 @@ class ContainerPanel:
             for child in box.children:
                 child.close()
             box.close()
+
+    def _show_timeline(self, history: dict[str, Any]) -> None:
+        """Show the checkpoints as a row of cell numbers (the states before those
+        cells), the newest chosen, and the Autosave switch as the runtime has it."""
+        self._quiet = True
+        try:
+            self.autosave_box.value = bool(history.get("autosave"))
+        finally:
+            self._quiet = False
+        points = timeline_points(history["checkpoints"], self._clock())
+        self._history = [c["name"] for c in history["checkpoints"]]
+        self._points = {p.before: p for p in points}
+        chosen = self.timeline.value
+        self.timeline.options = [(p.label, p.before) for p in points]
+        self.timeline.tooltips = [p.text for p in points]
+        if points:
+            self.timeline.value = chosen if chosen in self._points else points[-1].before
+        self._on_point(None)
+
+    def _on_point(self, change: Any) -> None:
+        """A point of the timeline chosen: say what it is, and offer to go back."""
+        point = self._points.get(self.timeline.value) if self.timeline.value is not None else None
+        self.undo_button.disabled = point is None
+        if point is not None:
+            self.point_label.value = point.text
+        elif self.autosave_box.value:
+            self.point_label.value = "No checkpoints yet: one is taken when a cell ends."
+        else:
+            self.point_label.value = "Autosave is off: no checkpoints are taken."
 
     def _row(self, row: Row) -> Any:
         w = self.w
@@ -476,11 +564,39 @@ class ContainerPanel:
         if done:
             self.refresh()
 
+    def undo(self) -> None:
+        """The Go back here button: ``%container undo --to CELL`` for the chosen point."""
+        before = self.timeline.value
+        if before is None:
+            self.say("Choose a checkpoint on the timeline first.")
+            return
+        done, _ = self._act(
+            f"Going back to before cell {before} ...",
+            lambda: self.magics._undo(
+                f"--to {int(before)}",
+                PanelView(self, self._stale(f"the state before cell {before}")),
+            ),
+        )
+        if done:
+            self.refresh()
+
+    def _on_autosave(self, change: Any) -> None:
+        """The Autosave switch: ``%container autosave on|off``."""
+        if self._quiet:
+            return
+        state = "on" if change["new"] else "off"
+        done, _ = self._act(f"Autosave {state} ...", lambda: self.magics._autosave(state))
+        if done:
+            self.say(f"Autosave is {state}.")
+        self.refresh()
+
     def _stale(self, name: str) -> dict[str, dict[str, Any]]:
         """How this panel must look after a restore to a process that does not know it
-        (sent by model id from there): it says so, and its buttons and ticker stop."""
+        (sent by model id from there): it says so, and its buttons and ticker stop.
+        ``name`` is a snapshot's, or what an undo went back to."""
+        what = name if name.startswith("the state") else f"snapshot {name}"
         text = (
-            f"Restored to snapshot {name}. The kernel's process is now the snapshot's, "
+            f"Restored to {what}. The kernel's process is now the one saved then, "
             "which does not know this panel: run <code>%container</code> for a live one."
         )
         return {
@@ -489,6 +605,9 @@ class ContainerPanel:
             self.rows.model_id: {"children": []},
             self.snapshot_button.model_id: {"disabled": True},
             self.limits_button.model_id: {"disabled": True},
+            self.timeline.model_id: {"disabled": True},
+            self.undo_button.model_id: {"disabled": True},
+            self.autosave_box.model_id: {"disabled": True},
         }
 
     def delete(self, name: str, button: Any = None) -> None:
@@ -535,10 +654,13 @@ class ContainerPanel:
         send them this process's state, and refresh. Called by
         :func:`~sandbox_kernel.magics.progress.finish_handed_over`."""
         self._confirm, self._metas, self._cpu, self._ticks = None, None, None, 0
+        self._history = None
         for widget in _descendants(self.box):
             widget.send_state()
         self.bar.layout.visibility = "hidden"
-        if info.get("kind") == "restore":
+        if info.get("undo") is not None:
+            self.say(f"Back to the state before cell {info['undo']}.")
+        elif info.get("kind") == "restore":
             self.say(f"Restored to snapshot {info.get('name')}.")
         else:
             self.say("The kernel was reset.")

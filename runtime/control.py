@@ -539,4 +539,7 @@ class ControlServer:
             "store": listed["store"],
             "current": record.snapshot,
             "last_exit": record.extra.get("last_exit"),
+            # For the panel's timeline: whether its checkpoints changed.
+            "autosave": bool(record.extra.get("autosave")),
+            "checkpoints": [c["name"] for c in record.extra.get("checkpoints") or []],
         }

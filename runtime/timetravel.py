@@ -228,25 +228,29 @@ class TimeTravel:
 
     async def _skip_lost_parent(self, kernel_id: str, owner: str) -> None:
         """If the checkpoint the kernel descends from was lost (its runtime was
-        killed while saving it), make the newest kept checkpoint its parent: the next
-        one then shares that one's pages, and undo's line of states goes on."""
+        killed while saving it), make that one's parent the kernel's: the next
+        checkpoint then shares its pages, and undo's line of states goes on. Then
+        note the parent of the checkpoint about to be taken."""
         record = self.service.runtime.record(kernel_id)
-        mine = checkpoints_of(record)
-        if not (record.snapshot or "").startswith(f"{CHECKPOINT_PREFIX}{record.kernel_id}-"):
-            return  # a named snapshot, or none: not autosave's to mend
-        saved = set(await asyncio.to_thread(snapshots.names, owner, True))
-        if record.snapshot in saved:
-            return
-        kept = [c["name"] for c in mine if c["name"] in saved]
-        self.service.runtime.append_log(
-            kernel_id, f"checkpoint {record.snapshot} was lost (its save was cut short)"
-        )
-        await self._forget(kernel_id, {record.snapshot})
+        lost = record.snapshot
+        if lost and lost.startswith(f"{CHECKPOINT_PREFIX}{record.kernel_id}-"):
+            saved = set(await asyncio.to_thread(snapshots.names, owner, True))
+            if lost not in saved:
+                before = record.extra.get("checkpoint_parent")
+                self.service.runtime.append_log(
+                    kernel_id, f"checkpoint {lost} was lost (its save was cut short)"
+                )
+                await self._forget(kernel_id, {lost})
 
-        def parent(current: KernelRecord) -> None:
-            current.snapshot = kept[-1] if kept else None
+                def parent(current: KernelRecord) -> None:
+                    current.snapshot = before if before in saved else None
 
-        await self.service.runtime.store.aupdate(kernel_id, parent)
+                await self.service.runtime.store.aupdate(kernel_id, parent)
+
+        def note(current: KernelRecord) -> None:
+            current.extra["checkpoint_parent"] = current.snapshot
+
+        await self.service.runtime.store.aupdate(kernel_id, note)
 
     def _names(self, kernel_id: str) -> list[str]:
         return [c["name"] for c in checkpoints_of(self.service.runtime.record(kernel_id))]

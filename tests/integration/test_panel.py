@@ -14,7 +14,9 @@ from typing import Any
 import nbformat
 import pytest
 
-from .conftest import Kernels, execute_notebook, fresh
+from sandbox_kernel.runtime import Runtime
+
+from .conftest import Kernels, execute_notebook, fresh, wait_until
 from .probe import run_cell
 
 pytestmark = pytest.mark.integration
@@ -293,3 +295,37 @@ async def test_without_widgets_the_panel_is_text(
     texts = await execute_notebook(nb, ksm, make_spec(), workdir)
     assert "memory" in texts[0] and name in texts[0] and "%container help" in texts[0]
     assert json.dumps(nb.cells[0]["outputs"]).count(WIDGET_VIEW) == 1
+
+
+async def test_the_timeline_goes_back_to_a_chosen_checkpoint(kernels: Kernels, make_spec) -> None:
+    km, kc = await kernels.start(make_spec(autosave=True))
+    runtime = Runtime()
+
+    def kept() -> int:
+        return len(runtime.record(km.kernel_id).extra.get("checkpoints") or [])
+
+    for i, code in enumerate(("x = 'one'", "x = 'two'; open('two.txt', 'w').close()",
+                              "x = 'three'"), 1):  # fmt: skip
+        (await run_cell(kc, code)).check()
+        await wait_until(lambda i=i: kept() >= i, 60, f"the checkpoint after cell {i}")
+    panel, _ = await open_panel(kc)
+    (timeline,) = panel.find(lambda s: s.get("_model_name") == "ToggleButtonsModel")
+    state = panel.models[timeline]
+    assert state["_options_labels"] == ["2", "3", "4"], state
+    assert state["index"] == 2 and state["tooltips"][0].startswith("before cell 2: after [1]")
+    (autosave,) = panel.find(lambda s: s.get("_model_name") == "CheckboxModel")
+    assert panel.models[autosave]["value"] is True
+    (message,) = panel.find(lambda s: s.get("_model_name") == "HTMLModel" and s["value"] == "")
+    # The page picks "2" (the state before cell 2), then clicks Go back here.
+    await send_comm(kc, timeline, {"method": "update", "state": {"index": 0}, "buffer_paths": []})
+    done = await send_comm(kc, panel.button("Go back here"), click())
+    assert "Undone: back to the state before cell 2" in done.stdout, done.iopub
+    # The panel was made after that checkpoint: it is told it lost its process.
+    said = [
+        m["content"]["data"]["state"]["value"]
+        for m in done.of("comm_msg")
+        if m["content"]["comm_id"] == message and "value" in m["content"]["data"]["state"]
+    ]
+    assert said and "the state before cell 2" in said[-1], said
+    after = await execute(kc, "import os; print(x, os.path.exists('two.txt'))")
+    assert after.stdout.strip() == "one False", after.iopub

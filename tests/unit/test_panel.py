@@ -22,6 +22,7 @@ from sandbox_kernel.magics.panel import (
     gauges,
     panel_view,
     snapshot_rows,
+    timeline_points,
 )
 from sandbox_kernel.magics.progress import (
     WIDGET_VIEW,
@@ -50,6 +51,12 @@ def _status(memory: int = 256 << 20, cpu: float = 10.0, pids: int = 12, **more: 
         "store": {"count": 2, "quota_count": 100, "bytes": 4 << 20, "quota_bytes": 10 * GIB},
         **more,
     }  # fmt: skip
+
+
+def _checkpoint(before: int, at: float, saving: bool = False) -> dict[str, Any]:
+    return {"name": f"ckpt-k-{before - 1}-ab12", "cell": before - 1, "next": before,
+            "line": f"x = {before - 1}", "time": at, "added_bytes": 5 << 20,
+            "saving": saving}  # fmt: skip
 
 
 def _listing(*metas: dict[str, Any]) -> dict[str, Any]:
@@ -257,11 +264,17 @@ class FakeMagics:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.commands: list[tuple[str, str, Any]] = []
         self.limits = {"memory": GIB, "cpus": 1.0, "pids": 256}
+        self.autosave = True
+        self.checkpoints = [_checkpoint(2, NOW - 120), _checkpoint(3, NOW - 60),
+                            _checkpoint(5, NOW - 5, saving=True)]  # fmt: skip
 
     def _call(self, op: str, **args: Any) -> Any:
         self.calls.append((op, args))
         if op == "status":
-            return {**_status(), "snapshots": len(self.metas), "limits": dict(self.limits)}
+            return {**_status(), "snapshots": len(self.metas), "limits": dict(self.limits),
+                    "checkpoints": [c["name"] for c in self.checkpoints]}  # fmt: skip
+        if op == "history":
+            return {"checkpoints": list(self.checkpoints), "autosave": self.autosave}
         if op == "list":
             return _listing(*self.metas)
         if op == "delete":
@@ -286,6 +299,15 @@ class FakeMagics:
 
     def _diff(self, line: str) -> None:
         self.commands.append(("diff", line, None))
+
+    def _undo(self, line: str, view: Any = None) -> None:
+        self.commands.append(("undo", line, view))
+        if line == "--to 2":
+            raise UsageError("%container undo: to before cell 2 has no checkpoint")
+
+    def _autosave(self, line: str) -> None:
+        self.commands.append(("autosave", line, None))
+        self.autosave = line == "on"
 
 
 @pytest.fixture
@@ -398,3 +420,71 @@ def test_a_restored_process_brings_its_panel_back(panel: ContainerPanel) -> None
     assert len(panel.rows.children) == 2
     finish_handed_over(None, {"kind": "reset", "parent": {}})
     assert "The kernel was reset" in panel.message.value
+
+
+def test_timeline_points_name_the_cell_before_and_after() -> None:
+    first, last = timeline_points([_checkpoint(2, NOW - 120), _checkpoint(5, NOW, True)], NOW)
+    assert (first.label, first.before, first.after) == ("2", 2, 1)
+    assert first.text == "before cell 2: after [1] x = 1, 2 min ago, 5M added"
+    assert last.text.endswith("5M (saving) added")
+    assert timeline_points([], NOW) == []
+
+
+def test_the_timeline_shows_checkpoints_and_goes_back_to_the_chosen_one(
+    panel: ContainerPanel,
+) -> None:
+    magics: Any = panel.magics
+    assert panel.timeline.options == (("2", 2), ("3", 3), ("5", 5))
+    assert panel.timeline.value == 5 and "before cell 5" in panel.point_label.value
+    assert panel.timeline.tooltips[0].startswith("before cell 2: after [1] x = 1")
+    assert panel.autosave_box.value and not panel.undo_button.disabled
+    panel.timeline.value = 3
+    assert "before cell 3: after [2] x = 2" in panel.point_label.value
+    panel.undo_button.click()
+    kind, line, view = magics.commands[-1]
+    assert (kind, line) == ("undo", "--to 3") and isinstance(view, PanelView)
+    stale = view.handover()["stale"]
+    assert "the state before cell 3" in stale[panel.message.model_id]["value"]
+    assert stale[panel.undo_button.model_id] == {"disabled": True}
+    # A refusal shows in the panel, in red; the choice stays.
+    panel.timeline.value = 2
+    panel.undo_button.click()
+    assert "has no checkpoint" in panel.message.value and "color" in panel.message.value
+    assert panel.timeline.value == 2
+
+
+def test_the_autosave_switch_acts_through_the_magic(panel: ContainerPanel) -> None:
+    magics: Any = panel.magics
+    panel.autosave_box.value = False
+    assert magics.commands[-1][:2] == ("autosave", "off") and not magics.autosave
+    assert "Autosave is off" in panel.message.value
+    magics.checkpoints = []
+    panel.refresh()  # set from the runtime's state: no command is sent
+    assert magics.commands[-1][:2] == ("autosave", "off")
+    assert panel.timeline.options == () and panel.undo_button.disabled
+    assert "Autosave is off" in panel.point_label.value
+    panel.autosave_box.value = True
+    assert magics.commands[-1][:2] == ("autosave", "on")
+    assert "No checkpoints yet" in panel.point_label.value
+
+
+def test_a_tick_reads_the_history_only_when_the_checkpoints_changed(
+    panel: ContainerPanel,
+) -> None:
+    magics: Any = panel.magics
+    before = len(magics.calls)
+    panel._last_tick = 0.0
+    panel.ticker.value = 1
+    assert "history" not in [op for op, _ in magics.calls[before:]]
+    magics.checkpoints.append(_checkpoint(7, NOW))
+    panel._last_tick = 0.0
+    panel.ticker.value = 0
+    assert "history" in [op for op, _ in magics.calls[before:]]
+    assert panel.timeline.options[-1] == ("7", 7)
+
+
+def test_an_undone_process_says_where_it_went_back_to(panel: ContainerPanel) -> None:
+    panel._later = lambda delay, fn: None
+    finish_handed_over(None, {"kind": "restore", "name": "ckpt-k-2-ab12", "undo": 3,
+                              "parent": {}})  # fmt: skip
+    assert "Back to the state before cell 3" in panel.message.value
