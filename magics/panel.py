@@ -424,10 +424,13 @@ class ContainerPanel:
             bar.value = gauge.fraction or 0.0
             bar.bar_style = gauge.bar_style
             self.gauge_labels[gauge.name].value = gauge.text
-        origin = (
-            f"latest snapshot {status['current']}" if status.get("current")
-            else "no snapshot taken or restored yet"
-        )  # fmt: skip
+        current = status.get("current")
+        if current and current in (status.get("checkpoints") or ()):
+            origin = "latest: an automatic checkpoint (see the timeline)"
+        elif current:
+            origin = f"latest snapshot {current}"
+        else:
+            origin = "no snapshot taken or restored yet"
         self.heading.value = f"<b>Container</b> &middot; {escape(origin)}"
 
     def _show_snapshots(self, listing: dict[str, Any], force: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""The ``%container`` panel (ipywidgets): it renders, and its Restore button restores."""
+"""The ``%container`` panel (ipywidgets): it renders, its Restore button restores, and
+its timeline of checkpoints goes back to the chosen one."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
+from sandbox_kernel.runtime import Runtime
+from sandbox_kernel.runtime.timetravel import checkpoints_of
+
 from ..integration.conftest import fresh
-from .page import Notebook, Page
+from .page import Notebook, Page, wait
 
 pytestmark = pytest.mark.integration
 
@@ -58,3 +62,34 @@ def test_the_panel_restores_a_snapshot_in_notebook7(
     spec, snap = make_spec(), fresh(names)
     notebook = page.open_in_notebook7(page.lab.write_notebook("nb7", spec, _cells(snap)), spec)
     _restore_from_the_panel(page, notebook, snap, "notebook7-panel")
+
+
+def test_the_timeline_goes_back_to_a_chosen_checkpoint(
+    page: Page, make_spec: Callable[..., str]
+) -> None:
+    spec = make_spec(autosave=True)
+    cells = ["x = 'one'", "x = 'two'", "%container", "print('x is', x)"]
+    notebook = page.open(page.lab.write_notebook("timeline", spec, cells), spec)
+    for index in (0, 1):
+        notebook.run(index)
+
+        def checkpointed(_: object, cell: int = index + 1) -> bool:
+            return any(
+                any(c["cell"] == cell for c in checkpoints_of(r)) for r in Runtime().records()
+            )
+
+        wait(page.driver, 60, f"the checkpoint after cell {index + 1}", checkpointed)
+    notebook.run(2)
+    # The timeline: one button per checkpoint, named by the cell it is the state before.
+    point = notebook.find(
+        2, ".//div[contains(@class, 'widget-toggle-buttons')]//button[normalize-space() = '2']",
+        what="the timeline's point before cell 2",
+    )  # fmt: skip
+    assert "Checkpoints" in notebook.output(2)
+    point.click()
+    notebook.wait_output(2, "before cell 2: after [1] x = 'one'")
+    page.shot("timeline")
+    notebook.find(2, ".//button[normalize-space() = 'Go back here']").click()
+    notebook.wait_output(2, "Undone: back to the state before cell 2", timeout=60)
+    assert notebook.run(3) == "x is one"
+    assert page.dialog_title() == ""

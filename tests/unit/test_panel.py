@@ -438,6 +438,9 @@ def test_the_timeline_shows_checkpoints_and_goes_back_to_the_chosen_one(
     assert panel.timeline.value == 5 and "before cell 5" in panel.point_label.value
     assert panel.timeline.tooltips[0].startswith("before cell 2: after [1] x = 1")
     assert panel.autosave_box.value and not panel.undo_button.disabled
+    panel._show_status({**_status(), "current": "ckpt-k-4-ab12",
+                        "checkpoints": ["ckpt-k-4-ab12"]})  # fmt: skip
+    assert "automatic checkpoint" in panel.heading.value and "ckpt" not in panel.heading.value
     panel.timeline.value = 3
     assert "before cell 3: after [2] x = 2" in panel.point_label.value
     panel.undo_button.click()
