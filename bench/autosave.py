@@ -2,11 +2,15 @@
 
 Two sandboxed kernelspecs that differ only in ``autosave`` (on, off) run a
 data-analysis notebook of 30 cells written for this benchmark (numpy and pandas,
-cells of 10 ms to about 5 s, a few hundred MB of state at the end):
+cells of 10 ms to about 5 s, a few hundred MB of state at the end), and the tour
+(``notebooks/tour.ipynb``):
 
 - **Run All**: every cell's request sent at once, as JupyterLab's Run All does;
   the time from the first request to the last reply. Autosave on / off, target
   <= 1.05.
+- **The tour**, run by nbclient as ``jupyter nbconvert --execute`` does (each
+  cell sent once the one before has replied): the cells' time, autosave on / off,
+  the median of ``--rounds`` alternated runs, and the checkpoints taken.
 - **Interactive use**: the cells one by one with 2 s pauses; each cell's time from
   its request to its reply, autosave on against off: the added latency at p50 and
   p95, and the kernel's frozen time per checkpoint. Target: the p95 added at most
@@ -44,8 +48,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nbformat
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
 
 from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.runtime import Limits, Runtime, bases, saving, snapshots
@@ -93,6 +99,7 @@ NOTEBOOK = [
     "time.sleep(3)",
     "summary = {'rows': len(df), 'mean': float(df['d'].mean())}; summary",
 ]
+TOUR = Path(__file__).resolve().parents[1] / "notebooks" / "tour.ipynb"
 BIG = "state = np.random.default_rng(3).integers(0, 256, 300 << 20, dtype=np.uint8)"
 
 
@@ -155,6 +162,28 @@ async def run_all(ksm: KernelSpecManager, name: str, cwd: Path) -> float:
             if reply["content"]["status"] != "ok":
                 raise RuntimeError(f"a cell failed: {reply['content']}")
         return time.perf_counter() - start
+
+
+async def tour(ksm: KernelSpecManager, name: str, cwd: Path) -> tuple[float, int]:
+    """The tour's cells run by nbclient: their time (the start not counted) and the
+    checkpoints kept at the end."""
+    nb = nbformat.read(TOUR, as_version=4)
+    km = AsyncIOLoopKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    client = NotebookClient(nb, km=km, timeout=300, resources={"metadata": {"path": str(cwd)}})
+    try:
+        async with client.async_setup_kernel():
+            start = time.perf_counter()
+            for index, code in enumerate(nb.cells):
+                await client.async_execute_cell(code, index)
+            took = time.perf_counter() - start
+            await settled()
+            kept = len(checkpoints_of(Runtime().record(km.kernel_id)))
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+    return took, kept
 
 
 async def interactive(ksm: KernelSpecManager, name: str, cwd: Path, pause: float) -> dict[str, Any]:
@@ -272,17 +301,40 @@ async def undo_vs_restore(ksm: KernelSpecManager, cwd: Path, rounds: int) -> dic
                 await k.checkpointed_after(reply["content"]["execution_count"])
                 await settled()
                 start = time.perf_counter()
-                await cell(k.kc, "%container undo")
-                await cell(k.kc, "1")
+                _, done = await cell(k.kc, "%container undo")
+                after = await printed(k.kc, "print('x' in dir())")
                 undo.append(time.perf_counter() - start)
+                _check(done, after, "undo")
                 await settled()
                 start = time.perf_counter()
-                await cell(k.kc, "%container restore bench-autosave-equal")
-                await cell(k.kc, "1")
+                _, done = await cell(k.kc, "%container restore bench-autosave-equal")
+                after = await printed(k.kc, "print('x' in dir())")
                 restore.append(time.perf_counter() - start)
+                _check(done, after, "restore")
         finally:
             await cell(k.kc, "%container delete bench-autosave-equal")
         return {"undo": undo, "restore": restore}
+
+
+async def printed(kc: Any, code: str) -> dict[str, Any]:
+    """Run ``code``; its reply, with what it printed under ``"stdout"``."""
+    texts: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            texts.append(msg["content"]["text"])
+
+    reply: dict[str, Any] = await kc.execute_interactive(code, timeout=300, output_hook=hook)
+    return {**reply, "stdout": "".join(texts)}
+
+
+def _check(done: dict[str, Any], after: dict[str, Any], what: str) -> None:
+    """The undo or restore went through, and the next cell saw the state before ``x``."""
+    for reply in (done, after):
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"the {what} failed: {reply['content']}")
+    if after["stdout"].strip() != "False":
+        raise RuntimeError(f"after the {what}, x is still there: {after['stdout']!r}")
 
 
 async def out_of_memory(ksm: KernelSpecManager, cwd: Path) -> float:
@@ -296,54 +348,33 @@ async def out_of_memory(ksm: KernelSpecManager, cwd: Path) -> float:
         return took
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def print_undo(found: dict[str, list[float]]) -> None:
+    undo, restore = statistics.median(found["undo"]), statistics.median(found["restore"])
+    ratio = undo / restore
+    print(f"\n{'300 MB kernel':<34}{'undo':>12}{'restore':>10}{'ratio':>8}")
+    print(f"{'cell until the next reply, s':<34}{undo:>12.3f}{restore:>10.3f}{ratio:>8.2f}  "
+          f"<= {UNDO_TARGET}: {'PASS' if ratio <= UNDO_TARGET else 'FAIL'}")  # fmt: skip
+    print("each round, s: " + ", ".join(
+        f"undo {u:.3f} restore {r:.3f}" for u, r in zip(found["undo"], found["restore"], strict=True)
+    ))  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pause", type=float, default=2.0, help="between cells (default 2 s)")
-    parser.add_argument("--rounds", type=int, default=3, help="undo/restore rounds (default 3)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
-    args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-autosave-", dir="/tmp"))
-    tmp.chmod(0o755)
-    cwd = tmp / "cwd"
-    cwd.mkdir(mode=0o755)
-    try:
-        ksm = make_kernelspecs(tmp)
-
-        async def everything() -> dict[str, Any]:
-            found: dict[str, Any] = {}
-            print("Run All, autosave off then on ...", file=sys.stderr)
-            found["run_all"] = {n: await run_all(ksm, n, cwd) for n in (OFF, ON)}
-            print(f"cells one by one, {args.pause} s apart ...", file=sys.stderr)
-            found["interactive"] = {n: await interactive(ksm, n, cwd, args.pause)
-                                    for n in (OFF, ON)}  # fmt: skip
-            print("undo against restore, 300 MB ...", file=sys.stderr)
-            found["undo"] = await undo_vs_restore(ksm, cwd, args.rounds)
-            print("out of memory ...", file=sys.stderr)
-            found["oom"] = await out_of_memory(ksm, cwd)
-            return found
-
-        found = asyncio.run(everything())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def print_all(found: dict[str, Any], pause: float) -> None:
     ra = found["run_all"]
     ra_ratio = ra[ON] / ra[OFF]
     on, off = found["interactive"][ON], found["interactive"][OFF]
     added = [a - b for a, b in zip(on["times"], off["times"], strict=True)]
     frozen = statistics.median(on["paused"]) if on["paused"] else 0.0
-    undo, restore = (
-        statistics.median(found["undo"]["undo"]),
-        statistics.median(found["undo"]["restore"]),
-    )
     print(f"\n{'':<34}{'autosave on':>12}{'off':>10}{'ratio':>8}  target")
     print(f"{'Run All, 30 cells, s':<34}{ra[ON]:>12.2f}{ra[OFF]:>10.2f}{ra_ratio:>8.3f}  "
           f"<= {RUN_ALL_TARGET}: {'PASS' if ra_ratio <= RUN_ALL_TARGET else 'FAIL'}")  # fmt: skip
+    t_on, t_off = (statistics.median(found["tour"][n]) for n in (ON, OFF))
+    t_ratio = t_on / t_off
+    print(f"{'the tour (nbclient), s':<34}{t_on:>12.2f}{t_off:>10.2f}{t_ratio:>8.3f}  "
+          f"<= {RUN_ALL_TARGET}: {'PASS' if t_ratio <= RUN_ALL_TARGET else 'FAIL'}"
+          f"  ({found['tour']['kept']} checkpoints kept)")  # fmt: skip
     p50, p95 = pct(added, 0.5), pct(added, 0.95)
-    print(f"\ninteractive, {len(added)} cells {args.pause:g} s apart: latency added by autosave")
+    print(f"\ninteractive, {len(added)} cells {pause:g} s apart: latency added by autosave")
     print(f"{'p50 s':<34}{p50:>12.3f}")
     print(f"{'p95 s':<34}{p95:>12.3f}  <= one checkpoint's frozen time ({frozen:.3f} s): "
           f"{'PASS' if p95 <= frozen else 'FAIL'}")  # fmt: skip
@@ -358,11 +389,59 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} checkpoints with their parent kept; the most added beyond the "
           f"changed bytes: {worst / 1e6:.1f} MB <= 15 MB: {verdict}")  # fmt: skip
     print(f"frozen per checkpoint, s: median {frozen:.3f}, max {max(on['paused'], default=0):.3f}")
-    ratio = undo / restore
-    print(f"\n{'300 MB kernel':<34}{'undo':>12}{'restore':>10}{'ratio':>8}")
-    print(f"{'cell until the next reply, s':<34}{undo:>12.3f}{restore:>10.3f}{ratio:>8.2f}  "
-          f"<= {UNDO_TARGET}: {'PASS' if ratio <= UNDO_TARGET else 'FAIL'}")  # fmt: skip
+    print_undo(found["undo"])
     print(f"\nout of memory: request to the MemoryError reply {found['oom']:.2f} s")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pause", type=float, default=2.0, help="between cells (default 2 s)")
+    parser.add_argument("--rounds", type=int, default=3, help="undo/restore rounds (default 3)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument("--only", choices=("undo",), help="measure this part alone")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-autosave-", dir="/tmp"))
+    tmp.chmod(0o755)
+    cwd = tmp / "cwd"
+    cwd.mkdir(mode=0o755)
+    try:
+        ksm = make_kernelspecs(tmp)
+
+        async def everything() -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            if args.only == "undo":
+                found["undo"] = await undo_vs_restore(ksm, cwd, args.rounds)
+                return found
+            print("Run All, autosave off then on ...", file=sys.stderr)
+            found["run_all"] = {n: await run_all(ksm, n, cwd) for n in (OFF, ON)}
+            print("the tour, autosave off and on ...", file=sys.stderr)
+            found["tour"] = {OFF: [], ON: [], "kept": 0}
+            for _ in range(args.rounds):
+                for n in (OFF, ON):
+                    took, kept = await tour(ksm, n, cwd)
+                    found["tour"][n].append(took)
+                    found["tour"]["kept"] = max(found["tour"]["kept"], kept)
+            print(f"cells one by one, {args.pause} s apart ...", file=sys.stderr)
+            found["interactive"] = {n: await interactive(ksm, n, cwd, args.pause)
+                                    for n in (OFF, ON)}  # fmt: skip
+            print("undo against restore, 300 MB ...", file=sys.stderr)
+            found["undo"] = await undo_vs_restore(ksm, cwd, args.rounds)
+            print("out of memory ...", file=sys.stderr)
+            found["oom"] = await out_of_memory(ksm, cwd)
+            return found
+
+        found = asyncio.run(everything())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.only == "undo":
+        print_undo(found["undo"])
+    else:
+        print_all(found, args.pause)
     if args.json:
         args.json.write_text(json.dumps(found, indent=2) + "\n")
     return 0

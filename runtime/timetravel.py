@@ -447,7 +447,9 @@ class TimeTravel:
 
 
 def _lineage(owner: str, name: str | None) -> set[str]:
-    """Snapshot ``name`` and its parents, as far as they are kept."""
+    """Snapshot ``name`` and its parents, as far as they are kept. A snapshot that is
+    a copy (``%container snapshot NAME`` naming a checkpoint) brings in the one it
+    was copied from: the same state."""
     found: set[str] = set()
     while name and name not in found:
         found.add(name)
@@ -455,6 +457,9 @@ def _lineage(owner: str, name: str | None) -> set[str]:
             meta = snapshots.load(owner, name, wait=False)
         except SandboxError:
             break
+        copied = meta.get("copied_from")
+        if isinstance(copied, str):
+            found.add(copied)
         parent = meta.get("parent")
         name = parent if isinstance(parent, str) else None
     return found

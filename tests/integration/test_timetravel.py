@@ -201,6 +201,12 @@ async def test_a_snapshot_right_after_a_checkpoint_names_it_without_a_new_dump(
     assert "the checkpoint taken after the last cell" in taken, taken
     meta = snapshots.load(OWNER, name)
     assert meta["copied_from"] == latest and meta["mode"] == "live"
+    # Undo sees through the name: before the next cell is the state it names (the
+    # snapshot cell itself took no checkpoint).
+    await cell_then_checkpoint(kc, km, "a = 10")
+    undone = (await run_cell(kc, "%container undo")).check()
+    assert "Undone: back to the state before cell" in undone, undone
+    assert (await run_cell(kc, "print(a)")).check().strip() == "1"
     # A cell that also runs code dumps anew.
     other = fresh(names)
     taken = (await run_cell(kc, f"a = 2\n%container snapshot {other}")).check()
