@@ -354,9 +354,8 @@ def print_undo(found: dict[str, list[float]]) -> None:
     print(f"\n{'300 MB kernel':<34}{'undo':>12}{'restore':>10}{'ratio':>8}")
     print(f"{'cell until the next reply, s':<34}{undo:>12.3f}{restore:>10.3f}{ratio:>8.2f}  "
           f"<= {UNDO_TARGET}: {'PASS' if ratio <= UNDO_TARGET else 'FAIL'}")  # fmt: skip
-    print("each round, s: " + ", ".join(
-        f"undo {u:.3f} restore {r:.3f}" for u, r in zip(found["undo"], found["restore"], strict=True)
-    ))  # fmt: skip
+    rounds = zip(found["undo"], found["restore"], strict=True)
+    print("each round, s: " + ", ".join(f"undo {u:.3f} restore {r:.3f}" for u, r in rounds))
 
 
 def print_all(found: dict[str, Any], pause: float) -> None:
