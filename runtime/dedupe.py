@@ -252,6 +252,12 @@ def share_with_parent(images: Path, parent: Path) -> int:
     return shared
 
 
+def clone_range(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> bool:
+    """Share ``length`` bytes at ``src`` of one file as bytes at ``dst`` of another
+    (a reflink); False where the filesystem cannot (the caller copies instead)."""
+    return _clone(src_fd, src, dst_fd, dst, length)
+
+
 def _clone(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> bool:
     """Make ``length`` bytes at ``dst`` of the destination the source's blocks at
     ``src`` (reflink); whether it could."""

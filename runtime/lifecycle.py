@@ -28,6 +28,7 @@ from .cgroups import Usage
 from .drivers import Drivers
 from .limits import Limits
 from .network import Addresses, check_mode
+from .portable import misfit_host
 from .pyenv import merge_prefixes, package_dirs, python_prefixes
 from .record import KernelRecord, Start
 from .rootfs import Rootfs, check_cwd
@@ -226,7 +227,7 @@ def misfit(
             return "its snapshot is older than base snapshots; take it again"
         if meta[key] != value:
             return f"its {key.replace('_', ' ')} is {meta[key]!r}, not {value!r}"
-    return ""
+    return misfit_host(meta.get("host"))
 
 
 def follow_class(

@@ -21,6 +21,7 @@ from .boot import Boot, lazy_restore_size
 from .drivers import Drivers
 from .fsutil import write_json
 from .lifecycle import KERNEL_PORTS, follow_class
+from .portable import misfit_host
 from .record import KernelRecord
 from .rootfs import Rootfs, check_disk, check_folders, inherited_bytes
 from .store import KernelStore
@@ -111,6 +112,9 @@ class Restorer:
         # Only a snapshot this kernel may see (same owner, image and folder).
         snapshots.load_visible(record, name)
         meta = await asyncio.to_thread(snapshots.verify, owner, name)
+        why = misfit_host(meta.get("host"))
+        if why:
+            raise ConfigError("snapshot", name, f"cannot be restored on this machine: {why}")
         inherited = await asyncio.to_thread(inherited_bytes, meta, folder)
         check_disk(record, inherited, f"snapshot {name!r}")
         check_folders(record)  # before the kernel is stopped (checked again at the mount)

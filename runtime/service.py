@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import pwd
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,8 +34,8 @@ from typing import Any
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, KernelNotFound, QuotaError, SandboxError
 
-from . import bases, exits, snapshots
-from .callers import Caller
+from . import bases, exits, portable, snapshots
+from .callers import Caller, as_caller
 from .control import ControlServer, write_credentials
 from .fsutil import write_json
 from .lifecycle import KernelConfig
@@ -935,6 +938,110 @@ async def _delete_snapshot(svc: KernelService, caller: Caller, args: dict[str, A
             raise ConfigError("snapshot", name, _NOT_KEPT)
     await asyncio.to_thread(snapshots.delete, owner, name)
     return owner
+
+
+def _export_path(path: object, what: str) -> str:
+    """A file path a caller named for an export or import: absolute, plain text."""
+    if not isinstance(path, str) or not path.startswith("/") or "\x00" in path:
+        raise ConfigError(what, path, "must be an absolute path (the CLI makes it one)")
+    return path
+
+
+def _in_thread(progress: Progress | None) -> Callable[[str], None]:
+    """``progress`` as a worker thread may call it."""
+    if progress is None:
+        return lambda _: None
+    loop = asyncio.get_running_loop()
+
+    def say(text: str) -> None:
+        loop.call_soon_threadsafe(progress, text)
+
+    return say
+
+
+@_op("export_snapshot")
+async def _export_snapshot(
+    svc: KernelService, caller: Caller, args: dict[str, Any], progress: Progress | None
+) -> Any:
+    """Write snapshot ``name`` (the caller's; an admin may name ``owner``) to the new
+    file ``path``, made by the caller, readable by them alone; against its parent
+    ``since`` if given (see ``portable.py``)."""
+    name = snapshots.check_name(args["name"])
+    owner = svc.snapshot_owner(caller, args.get("owner"))
+    since = args.get("since") or None
+    if since is not None:
+        since = snapshots.check_name(str(since))
+    path = _export_path(args["path"], "export file")
+    say = _in_thread(progress)
+
+    def run() -> dict[str, Any]:
+        with as_caller(caller):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)  # fmt: skip
+            except FileExistsError:
+                raise ConfigError(
+                    "export file", path, "exists; choose another name or remove it"
+                ) from None
+            except OSError as err:
+                raise ConfigError(
+                    "export file", path, f"cannot be made by you ({err.strerror})"
+                ) from None
+        try:
+            with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+                done = portable.export(owner, name, out, since, say)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            with as_caller(caller), contextlib.suppress(OSError):
+                os.unlink(path)  # nothing half-written is left
+            raise
+        return {"name": name, "owner": owner, "bytes": done.bytes,
+                "parent_bytes": done.parent_bytes, "since": since}  # fmt: skip
+
+    return await asyncio.to_thread(run)
+
+
+@_op("import_snapshot")
+async def _import_snapshot(
+    svc: KernelService, caller: Caller, args: dict[str, Any], progress: Progress | None
+) -> Any:
+    """Read the exported snapshot in file ``path`` (opened as the caller) into the
+    store of the caller (an admin may name ``owner``), as ``name`` (default its
+    own); kernels in host folder ``cwd`` see it."""
+    owner = svc.snapshot_owner(caller, args.get("owner"))
+    path = _export_path(args["path"], "import file")
+    name = args.get("name") or None
+    cwd = args.get("cwd") or None
+    if cwd is not None:
+        cwd = _export_path(cwd, "--cwd")
+    uid = int(owner)
+    gid = caller.gid if uid == caller.uid else _primary_gid(uid)
+    say = _in_thread(progress)
+
+    def run() -> dict[str, Any]:
+        with as_caller(caller):
+            try:
+                # Not blocking on a FIFO put there: only a regular file is read.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as err:
+                raise ConfigError(
+                    "import file", path, f"cannot be read by you ({err.strerror})"
+                ) from None
+        with os.fdopen(fd, "rb", buffering=1 << 20) as source:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError("import file", path, "is not a regular file")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return portable.import_(uid, gid, source, name, cwd, say)
+
+    return await asyncio.to_thread(run)
+
+
+def _primary_gid(uid: int) -> int:
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
 
 
 @_op("bases")

@@ -28,6 +28,7 @@ from . import bases, dedupe, hostpath, layers, paths, saving, snapshots
 from .boot import Boot, fresh_work
 from .drivers import Drivers
 from .fsutil import give
+from .portable import host_facts
 from .record import KernelRecord, Start
 from .rootfs import Rootfs, checked_cwd, tree_bytes, tree_sizes
 from .store import KernelStore
@@ -407,6 +408,8 @@ class Snapshotter:
             "memory_bytes": memory,
             "paused_seconds": round(dump.paused, 4),
             "seconds": 0.0,
+            # What CRIU needs of a machine that restores it (see portable.py).
+            "host": host_facts(),
         }
 
     # ---- the kernel's view of the store ---------------------------------------------

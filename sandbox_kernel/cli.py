@@ -28,6 +28,7 @@ from .errors import ConfigError, ImageNotFound, KernelNotFound, QuotaError, Sand
 from .runtime import Limits, volume
 from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
+from .runtime.portable import misfit_host
 from .runtime.quotas import DEFAULT_CONFIG, DEFAULT_SOCKET
 
 #: Where ``daemon --detach`` writes the daemon's log unless told otherwise.
@@ -95,11 +96,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", help="new CPU quota in cores, e.g. 2")
     p.add_argument("--pids", help="new limit on processes and threads")
 
-    p = sub.add_parser("snapshot", help="snapshot a kernel's files and live memory")
+    p = sub.add_parser(
+        "snapshot",
+        help="snapshot a kernel's files and live memory (also: snapshot export NAME FILE, "
+        "snapshot import FILE)",
+    )
     p.add_argument("kernel_id")
     p.add_argument("name", help="snapshot name, e.g. before-training")
     p.add_argument("-m", "--message", default="", help="a note kept with the snapshot")
     p.add_argument("--files-only", action="store_true", help="keep the files, not the memory")
+
+    p = sub.add_parser(
+        "snapshot-export", help="write one of your snapshots to a file (snapshot export NAME FILE)"
+    )
+    p.add_argument("name")
+    p.add_argument("file", help="a new file; nobody but you may read it")
+    p.add_argument("--since", metavar="PARENT",
+                   help="only what changed since PARENT (the importer must have it)")  # fmt: skip
+    p.add_argument("--owner", metavar="UID", help="whose snapshot (an admin's choice)")
+
+    p = sub.add_parser(
+        "snapshot-import", help="read a snapshot from an exported file (snapshot import FILE)"
+    )
+    p.add_argument("file")
+    p.add_argument("--name", help="keep it under this name (default: its own)")
+    p.add_argument("--cwd", metavar="FOLDER",
+                   help="kernels in this host folder see it (default: the folder it was "
+                   "taken in)")  # fmt: skip
+    p.add_argument("--owner", metavar="UID", help="whose store (an admin's choice)")
 
     p = sub.add_parser("restore", help="bring a kernel back to a snapshot, in place")
     p.add_argument("kernel_id")
@@ -163,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sandbox-kernel``. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "snapshot" and argv[1] in ("export", "import"):
+        argv = [f"snapshot-{argv[1]}", *argv[2:]]  # `snapshot export NAME FILE`
     try:
         args = _parser().parse_args(argv)
         return int(_HANDLERS[args.command](args))
@@ -459,6 +486,39 @@ def _bases(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def _snapshot_export(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.file)
+    done = Ops()(
+        "export_snapshot", _progress, name=args.name, path=path, since=args.since,
+        owner=args.owner,
+    )  # fmt: skip
+    against = f" against {done['since']}" if done.get("since") else ""
+    print(f"Exported snapshot {done['name']}{against} to {path}: {format_size(done['bytes'])}"
+          + (f" ({format_size(done['parent_bytes'])} of memory left to the parent)"
+             if done.get("parent_bytes") else ""))  # fmt: skip
+    return 0
+
+
+def _snapshot_import(args: argparse.Namespace) -> int:
+    meta = Ops()(
+        "import_snapshot", _progress, path=os.path.abspath(args.file), name=args.name,
+        cwd=os.path.abspath(args.cwd) if args.cwd else None, owner=args.owner,
+    )  # fmt: skip
+    print(
+        f"Imported snapshot {meta['name']} for user {meta['owner']}: mode {meta['mode']}, "
+        f"memory {format_size(meta['memory_bytes'])}, files {format_size(meta['file_bytes'])}"
+        f"; kernels in {meta['cwd']} see it"
+    )
+    why = misfit_host(meta.get("host"))
+    if why:
+        print(f"  it cannot be restored on this machine: {why}", file=sys.stderr)
+    return 0
+
+
 def _snapshots(args: argparse.Namespace) -> int:
     ops = Ops()
     if args.delete:
@@ -554,6 +614,8 @@ _HANDLERS: dict[str, Any] = {
     "snapshot": _snapshot,
     "restore": _restore,
     "snapshots": _snapshots,
+    "snapshot-export": _snapshot_export,
+    "snapshot-import": _snapshot_import,
     "reset": _reset,
     "class": _class,
     "bases": _bases,
