@@ -157,7 +157,12 @@ class Reader:
         self.budget = budget  # payload bytes left before the quota would be passed
         self.left = 0
         self.count = 0
-        head = self._exactly(len(MAGIC))
+        head = b""
+        while len(head) < len(MAGIC):
+            got = source.read(len(MAGIC) - len(head))
+            if not got:
+                break
+            head += got
         if head != MAGIC:
             raise ImportRefused(
                 "the file is not an exported snapshot (made by `sandbox-kernel snapshot export`)"
@@ -512,7 +517,11 @@ class LayerWriter:
                 for key, value in (header.get("xattrs") or {}).items():
                     if not isinstance(key, str) or not KEPT_XATTRS.match(key):
                         continue  # not kept (file capabilities, say)
-                    os.setxattr(target, key, bytes.fromhex(str(value)))
+                    try:
+                        data = bytes.fromhex(str(value))
+                    except ValueError:
+                        raise ImportRefused(f"the xattrs of {name!r} are not hex") from None
+                    os.setxattr(target, key, data)
                 os.fchown(target, uid, gid)
                 os.fchmod(target, mode)
                 if isinstance(mtime, int):
@@ -520,8 +529,6 @@ class LayerWriter:
             finally:
                 os.close(target)
             return written
-        except ValueError:
-            raise ImportRefused(f"the xattrs of {name!r} are not hex") from None
         finally:
             os.close(fd)
 
