@@ -60,7 +60,7 @@ from sandbox_kernel.errors import ConfigError, SandboxError
 from . import snapshots
 from .criu_images import Owners, rewrite_image
 from .dedupe import PAGE, read_pagemap
-from .fsutil import read_json
+from .fsutil import give, read_json
 
 MAGIC = b"sandbox-kernel snapshot 1\n"
 #: A header is a small JSON object; a longer one is refused unread.
@@ -72,7 +72,9 @@ PARTS = ("root", "cwd")
 KEPT_XATTRS = re.compile(r"^(trusted\.overlay\.(opaque|redirect|origin)|user\.[^\x00]{1,200})$")
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
-_META_TEXT = ("message", "image", "mode", "reason", "executable", "cwd_inside", "kernel_id")
+_META_TEXT = (
+    "message", "image", "mode", "reason", "executable", "cwd", "cwd_inside", "kernel_id",
+)  # fmt: skip
 _META_NUMBERS = ("created", "file_bytes", "layer_bytes", "paused_seconds", "seconds")
 
 
@@ -637,6 +639,11 @@ def import_(
         if meta["mode"] == "live":
             for image in sorted(draft.criu_dir.iterdir()):
                 rewrite_image(image, owners)
+                image.chmod(0o644)
+        # As a snapshot's own: a restore reads them from inside the kernel's user
+        # namespace (see Snapshotting._readable); the snapshot's folder stays 0700.
+        give(draft.criu_dir, owner_uid, owner_gid)
+        draft.criu_dir.chmod(0o711)
         snapshot_subvolume(layer, draft.files, readonly=True)
         delete_subvolume(layer)
         from .rootfs import tree_sizes
@@ -644,7 +651,7 @@ def import_(
         file_bytes, layer_bytes = tree_sizes(draft.files)
         final = {
             **meta, "created": time.time(), "uid": owner_uid, "gid": owner_gid,
-            "cwd": cwd or meta["cwd_inside"], "parent": parent,
+            "cwd": cwd or meta["cwd"] or meta["cwd_inside"], "parent": parent,
             "file_bytes": file_bytes, "layer_bytes": layer_bytes,
             "host": head.get("host") if isinstance(head.get("host"), dict) else None,
             "imported": {"name": stream_meta.get("name"), "time": time.time()},

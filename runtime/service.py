@@ -917,11 +917,20 @@ async def _delete_snapshot(svc: KernelService, caller: Caller, args: dict[str, A
     else the caller's own (an admin's: the one user who has one of that name). No
     live kernel is needed. Returns the owner."""
     name = snapshots.check_name(args["name"])
+    owner = await _owner_of(svc, caller, name, args)
+    await asyncio.to_thread(snapshots.delete, owner, name)
+    return owner
+
+
+async def _owner_of(svc: KernelService, caller: Caller, name: str, args: dict[str, Any]) -> str:
+    """Whose snapshot ``name`` the caller means: ``owner`` (a uid), else the owner of
+    ``kernel_id``, else the caller's own (an admin's: the one user who has one of
+    that name)."""
     if args.get("owner") not in (None, ""):
-        owner = svc.snapshot_owner(caller, args["owner"])
-    elif args.get("kernel_id"):
-        owner = str(svc.kernel(caller, args["kernel_id"]).uid)
-    elif svc.config.is_admin(caller):
+        return svc.snapshot_owner(caller, args["owner"])
+    if args.get("kernel_id"):
+        return str(svc.kernel(caller, args["kernel_id"]).uid)
+    if svc.config.is_admin(caller):
         having = [o for o in snapshots.owners() if name in snapshots.names(o)]
         if not having:
             raise ConfigError("snapshot", name, _NOT_KEPT)
@@ -930,13 +939,11 @@ async def _delete_snapshot(svc: KernelService, caller: Caller, args: dict[str, A
                 "snapshot", name,
                 f"is kept by users {', '.join(having)}; say whose with --owner UID",
             )  # fmt: skip
-        owner = having[0]
-    else:
-        owner = str(caller.uid)
-        kept = owner in await asyncio.to_thread(snapshots.owners)
-        if not kept or name not in await asyncio.to_thread(snapshots.names, owner):
-            raise ConfigError("snapshot", name, _NOT_KEPT)
-    await asyncio.to_thread(snapshots.delete, owner, name)
+        return having[0]
+    owner = str(caller.uid)
+    kept = owner in await asyncio.to_thread(snapshots.owners)
+    if not kept or name not in await asyncio.to_thread(snapshots.names, owner):
+        raise ConfigError("snapshot", name, _NOT_KEPT)
     return owner
 
 
@@ -967,7 +974,7 @@ async def _export_snapshot(
     file ``path``, made by the caller, readable by them alone; against its parent
     ``since`` if given (see ``portable.py``)."""
     name = snapshots.check_name(args["name"])
-    owner = svc.snapshot_owner(caller, args.get("owner"))
+    owner = await _owner_of(svc, caller, name, args)
     since = args.get("since") or None
     if since is not None:
         since = snapshots.check_name(str(since))
