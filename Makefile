@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND := noninteractive
 # Venvs of Debian's own Python, which every user can run (see unit-unprivileged, hub).
 UNPRIV_VENV := build/unit-venv
 
-.PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench hub hub-setup e2e-setup clean
+.PHONY: setup system venv criu kernelspec demo test unit unit-unprivileged integration lint lab bench hub hub-setup e2e-setup cluster-setup cluster cluster-down clean
 
 setup: system venv criu kernelspec
 
@@ -51,7 +51,20 @@ lint: venv
 # The daemon's tests run users' servers with the unprivileged venv's Python, and a
 # real JupyterHub from the hub's venv; the browser tests (tests/e2e) run JupyterLab
 # from the hub's venv too, in Chromium.
-test: setup lint $(UNPRIV_VENV)/.installed hub-setup e2e-setup
+# A real Slurm cluster of three nodes on this machine (runtime/cluster.py).
+cluster-setup:
+	@if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then \
+		echo "Installing Slurm and munge"; \
+		apt-get update -q && apt-get install -y -q slurm-wlm munge; \
+	fi
+
+cluster: setup cluster-setup
+	$(PY) -m sandbox_kernel.runtime.cluster up
+
+cluster-down: venv
+	$(PY) -m sandbox_kernel.runtime.cluster down
+
+test: setup lint $(UNPRIV_VENV)/.installed hub-setup e2e-setup cluster-setup
 	$(PY) -m pytest tests
 	$(MAKE) unit-unprivileged
 

@@ -42,6 +42,29 @@ def run_checks() -> Iterator[Check]:
     yield _namespaces(root)
     yield _nftables()
     yield _criu(root)
+    cluster = _cluster()
+    if cluster is not None:
+        yield cluster
+
+
+def _cluster() -> Check | None:
+    """Where a Slurm configuration is in place: whether every node it names answers
+    and takes jobs. Nothing where there is none (a machine without a cluster)."""
+    conf = Path("/etc/slurm/slurm.conf")
+    if not conf.exists():
+        return None
+    if shutil.which("sinfo") is None:
+        return Check("slurm cluster", False, f"{conf} is there but sinfo is not",
+                     "apt-get install -y slurm-client")  # fmt: skip
+    done = _run(["sinfo", "-h", "-N", "-o", "%N %t"])
+    if done.returncode != 0:
+        return Check("slurm cluster", False, f"slurmctld does not answer: {done.stderr.strip()}",
+                     "make cluster (the test cluster), or start slurmctld")  # fmt: skip
+    states = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    bad = {n: s for n, s in states.items() if s.strip() not in ("idle", "mix", "alloc")}
+    detail = ", ".join(f"{n} {s.strip()}" for n, s in sorted(states.items())) or "no nodes"
+    fix = "start slurmd on the nodes shown down (make cluster, for the test cluster)"
+    return Check("slurm cluster", bool(states) and not bad, detail, fix)
 
 
 def _root(root: bool) -> Check:

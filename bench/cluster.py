@@ -1,0 +1,156 @@
+"""Moving kernels between machines: what a portable snapshot costs.
+
+- **Portable snapshots.** A sandboxed kernel holds ``--size`` of random bytes
+  (default 300M); it is snapshotted (the parent), 1% of the state is rewritten
+  and it is snapshotted again (the child). Then, timed, in this process as the
+  CLI does it: ``snapshot export`` of the parent whole (the peer), of the child
+  whole, and of the child ``--since`` the parent; and ``snapshot import`` of each
+  of the child's files into a new name (the child ``--since`` onto the parent this
+  store has). Bytes are the files' sizes; the import's bytes are what it added to
+  the volume (data and metadata after a commit).
+
+The cluster's start, migration and node-loss figures come with the Slurm backend
+(not built yet). Needs root::
+
+    .venv/bin/python bench/cluster.py [--size 300M] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+
+sys.path.insert(0, str(Path(__file__).parent))
+from snapshot import MIB, SPEC, BenchError, _clean_kernel, make_kernelspec, run_cell, wait_saved
+
+from sandbox_kernel.errors import SandboxError
+from sandbox_kernel.runtime import Runtime, portable, snapshots, volume
+from sandbox_kernel.runtime.limits import parse_size
+
+_BUILD = (
+    "import numpy as np\n"
+    "state = np.random.default_rng(0).integers(0, 256, size={size}, dtype=np.uint8)"
+)
+_CHANGE = (
+    "_n = state.shape[0] // 100\n"
+    "state[:_n] = np.random.default_rng(1).integers(0, 256, size=_n, dtype=np.uint8)"
+)
+
+
+def _export(owner: str, name: str, path: Path, since: str | None = None) -> float:
+    start = time.perf_counter()
+    with open(path, "xb") as out:
+        portable.export(owner, name, out, since)
+    return time.perf_counter() - start
+
+
+def _import(owner: str, path: Path, name: str) -> tuple[float, int]:
+    before = volume.bytes_used()
+    start = time.perf_counter()
+    with open(path, "rb") as source:
+        portable.import_(int(owner), int(owner), source, name)
+    took = time.perf_counter() - start
+    return took, volume.bytes_used() - before
+
+
+async def measure(size: int, rounds: int, tmp: Path) -> dict[str, Any]:
+    ksm = make_kernelspec(tmp, f"{max(2 * size, 1 << 30)}")
+    cwd = tmp / "cwd"
+    cwd.mkdir(mode=0o755)
+    cwd.chmod(0o755)
+    runtime = Runtime()
+    km = AsyncKernelManager(kernel_name=SPEC, kernel_spec_manager=ksm)
+    kc: Any = None
+    owner: str | None = None
+    made: list[str] = []
+    found: dict[str, list[float]] = {}
+    try:
+        await km.start_kernel(cwd=str(cwd))
+        owner = str(runtime.record(km.kernel_id).uid)
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        await run_cell(kc, _BUILD.format(size=size))
+        tag = uuid.uuid4().hex[:8]
+        parent, child = f"bench-port-{tag}-parent", f"bench-port-{tag}-child"
+        for name, change in ((parent, None), (child, _CHANGE)):
+            if change:
+                await run_cell(kc, change)
+            made.append(name)
+            await run_cell(kc, f"%container snapshot {name}")
+            await wait_saved(owner, name)
+        files = {key: tmp / f"{key}.sks" for key in ("parent", "child", "since")}
+        for k in range(rounds):
+            for path in files.values():
+                path.unlink(missing_ok=True)
+            for key, name, since in (("parent", parent, None), ("child", child, None),
+                                     ("since", child, parent)):  # fmt: skip
+                took = await asyncio.to_thread(_export, owner, name, files[key], since)
+                found.setdefault(f"export {key} s", []).append(took)
+                found.setdefault(f"export {key} bytes", []).append(files[key].stat().st_size)
+            for key in ("child", "since"):
+                name = f"bench-port-{tag}-in-{key}-{k}"
+                made.append(name)
+                took, added = await asyncio.to_thread(_import, owner, files[key], name)
+                found.setdefault(f"import {key} s", []).append(took)
+                found.setdefault(f"import {key} bytes", []).append(added)
+                await asyncio.to_thread(snapshots.delete, owner, name)
+            print(f"  round {k + 1}/{rounds} done", file=sys.stderr)
+        return found
+    finally:
+        await _clean_kernel(runtime, km, kc, km.kernel_id if km.has_kernel else None, owner, made)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="300M", help="the kernel's state (default: 300M)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    args = parser.parse_args(argv)
+    try:
+        size = parse_size(args.size, "size")
+    except SandboxError as err:
+        parser.error(str(err))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir="/tmp"))
+    tmp.chmod(0o755)
+    try:
+        print(f"portable snapshots of a {args.size} kernel, 1% changed:", file=sys.stderr)
+        found = asyncio.run(measure(size, args.rounds, tmp))
+    except (BenchError, SandboxError) as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {key: statistics.median(values) for key, values in found.items()}
+    peer_s, peer_b = med["export parent s"], med["export parent bytes"]
+    print(f"\nportable snapshots, {args.size} state, 1% changed (medians of {args.rounds})")
+    print(f"{'':<44}{'MiB':>10}{'s':>9}{'/ parent whole (MiB, s)':>26}")
+    rows = (
+        ("export the parent whole (the peer)", "export parent"),
+        ("export the child whole", "export child"),
+        ("export the child --since the parent", "export since"),
+        ("import the child whole: volume bytes added", "import child"),
+        ("import the child --since: volume bytes added", "import since"),
+    )
+    for label, key in rows:
+        b, s = med[f"{key} bytes"], med[f"{key} s"]
+        print(f"{label:<44}{b / MIB:>10.1f}{s:>9.3f}{b / peer_b:>14.3f}{s / peer_s:>12.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(found, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
