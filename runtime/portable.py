@@ -68,8 +68,11 @@ MAX_HEADER = 1 << 20
 #: The layer's two overlay uppers; their work folders are made empty on import.
 PARTS = ("root", "cwd")
 #: The xattrs a layer's entries keep: overlayfs's own (an opaque folder, a
-#: redirect) and users'. Others (``security.capability``: file capabilities) go.
-KEPT_XATTRS = re.compile(r"^(trusted\.overlay\.(opaque|redirect|origin)|user\.[^\x00]{1,200})$")
+#: redirect, an origin, an upper's uuid) and users'. Others
+#: (``security.capability``: file capabilities) go.
+KEPT_XATTRS = re.compile(
+    r"^(trusted\.overlay\.(opaque|redirect|origin|impure|uuid)|user\.[^\x00]{1,200})$"
+)
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
 _META_TEXT = (
@@ -256,7 +259,8 @@ def export(
         snapshots.verify(owner, since)
         parent_dir = snapshots.snapshot_dir(owner, since)
         parent_manifest = read_json(parent_dir / "manifest.json")
-    written = _record(out, {
+    out.write(MAGIC)
+    written = len(MAGIC) + _record(out, {
         "kind": "snapshot", "meta": meta, "host": meta.get("host") or host_facts(),
         "manifest": {rel: {"sha256": e["sha256"], "size": e["size"]}
                      for rel, e in manifest.items()},
@@ -391,6 +395,13 @@ def _entries(files: Path, parent: Path | None) -> Iterator[tuple[dict[str, Any],
         top = files / part
         if not top.is_dir():
             continue
+        header, _ = _describe_entry(top, part)
+        if (
+            parent is None
+            or not (parent / part).is_dir()
+            or not _same(header, _describe_entry(parent / part, part)[0])
+        ):
+            yield header, b""  # the upper's own folder: its owner, mode and xattrs
         seen: set[str] = set()
         for root, dirs, names in os.walk(top):
             dirs.sort()
@@ -424,8 +435,8 @@ def _entries(files: Path, parent: Path | None) -> Iterator[tuple[dict[str, Any],
 
 
 def check_rel(rel: Any) -> list[str]:
-    """The parts of a layer path from a stream, checked: relative, below ``root/``
-    or ``cwd/``, no ``.``, ``..`` or empty part, no NUL, at most 4096 bytes.
+    """The parts of a layer path from a stream, checked: relative, ``root`` or
+    ``cwd`` or below them, no ``.``, ``..`` or empty part, no NUL, at most 4096 bytes.
 
     Raises:
         ImportRefused: it is not such a path.
@@ -433,7 +444,7 @@ def check_rel(rel: Any) -> list[str]:
     if not isinstance(rel, str) or not rel or len(rel.encode()) > 4096 or "\x00" in rel:
         raise ImportRefused(f"a file path {str(rel)[:80]!r} is not a path")
     parts = rel.split("/")
-    if parts[0] not in PARTS or len(parts) < 2 or any(p in ("", ".", "..") for p in parts):
+    if parts[0] not in PARTS or any(p in ("", ".", "..") for p in parts):
         raise ImportRefused(
             f"the file path {rel[:200]!r} is not below root/ or cwd/ of the kernel's layer"
         )
@@ -487,6 +498,13 @@ class LayerWriter:
         name = parts[-1]
         written = 0
         try:
+            if len(parts) == 1:
+                # An upper's own folder: it stays; it takes the entry's owner and mode.
+                if kind != "dir":
+                    raise ImportRefused(f"{name}/ of the layer must be a folder")
+                target = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                self._finish(target, header, mode, mtime)
+                return 0
             if kind == "delete" or self._exists(fd, name):
                 self._remove(fd, name)
             if kind == "delete":
@@ -515,24 +533,34 @@ class LayerWriter:
                 return 0
             else:
                 raise ImportRefused(f"an entry of kind {str(kind)[:40]!r} is not a layer's")
-            try:
-                for key, value in (header.get("xattrs") or {}).items():
-                    if not isinstance(key, str) or not KEPT_XATTRS.match(key):
-                        continue  # not kept (file capabilities, say)
-                    try:
-                        data = bytes.fromhex(str(value))
-                    except ValueError:
-                        raise ImportRefused(f"the xattrs of {name!r} are not hex") from None
-                    os.setxattr(target, key, data)
-                os.fchown(target, uid, gid)
-                os.fchmod(target, mode)
-                if isinstance(mtime, int):
-                    os.utime(target, ns=(mtime, mtime))
-            finally:
-                os.close(target)
+            self._finish(target, header, mode, mtime)
             return written
         finally:
             os.close(fd)
+
+    def _finish(self, target: int, header: dict[str, Any], mode: int, mtime: Any) -> None:
+        """Give the open entry ``target`` its xattrs, owner, mode and time; close it."""
+        uid, gid = self._owner(header)
+        try:
+            xattrs = header.get("xattrs") or {}
+            if not isinstance(xattrs, dict):
+                raise ImportRefused(f"the xattrs of {header.get('path')!r} are not a map")
+            for key, value in xattrs.items():
+                if not isinstance(key, str) or not KEPT_XATTRS.match(key):
+                    continue  # not kept (file capabilities, say)
+                try:
+                    data = bytes.fromhex(str(value))
+                except ValueError:
+                    raise ImportRefused(
+                        f"the xattrs of {header.get('path')!r} are not hex"
+                    ) from None
+                os.setxattr(target, key, data)
+            os.fchown(target, uid, gid)
+            os.fchmod(target, mode)
+            if isinstance(mtime, int):
+                os.utime(target, ns=(mtime, mtime))
+        finally:
+            os.close(target)
 
     @staticmethod
     def _exists(fd: int, name: str) -> bool:

@@ -61,6 +61,22 @@ def write_records(path: Path, found: list[tuple[dict[str, Any], bytes]]) -> None
     path.write_bytes(out.getvalue())
 
 
+def tree(top: Path) -> dict[str, tuple[Any, ...]]:
+    """Each entry below ``top`` (the work folders aside): what a copy must keep."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for path in sorted(top.rglob("*")):
+        rel = path.relative_to(top).as_posix()
+        if rel.split("/")[0].endswith(".work"):
+            continue
+        st = path.lstat()
+        xattrs = sorted(os.listxattr(path, follow_symlinks=False)) if not path.is_symlink() else []
+        size = st.st_size if not stat.S_ISDIR(st.st_mode) else 0
+        mtime = st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else 0
+        found[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                      size, mtime, tuple(xattrs))  # fmt: skip
+    return found
+
+
 async def export(name: str, path: Path, *extra: str) -> str:
     done = await run_cli("snapshot", "export", name, str(path), "--owner", OWNER, *extra)
     assert done.returncode == 0, done.stderr
@@ -90,6 +106,8 @@ async def test_an_exported_snapshot_imports_and_restores_memory_and_files(
     assert exported.stat().st_mtime_ns == st.st_mtime_ns
     # As on another machine: the snapshot is gone here, then comes back from the file.
     before = snapshots.load(OWNER, name)
+    kept = fresh(names)
+    snapshots.copy(OWNER, name, kept)
     snapshots.delete(OWNER, name)
     done = await import_(exported)
     assert done.returncode == 0, done.stderr
@@ -97,6 +115,10 @@ async def test_an_exported_snapshot_imports_and_restores_memory_and_files(
     meta = snapshots.verify(OWNER, name)
     assert meta["layers"] == before["layers"] and meta["cwd"] == before["cwd"]
     assert meta["memory_bytes"] == before["memory_bytes"]
+    # The layer is as it was: every entry's kind, mode, owner, size, time and xattrs.
+    assert tree(snapshots.snapshot_dir(OWNER, name) / "files") == tree(
+        snapshots.snapshot_dir(OWNER, kept) / "files"
+    )
     (await run_cell(kc, "next(gen); next(gen); import os; os.remove('/tmp/scratch.txt')")).check()
     done = await run_cli("restore", km.kernel_id, name)
     assert done.returncode == 0, done.stderr
