@@ -172,6 +172,7 @@ class RestoreHandoff:
         if info.get("kind") != "restore":
             self._arrive(info, in_cell=True)
             return
+        self._reopen_history()
         self._redirect_cell(info)
         # Memory goes back, the numbering does not: this cell ends as the restore
         # cell's number, and the next one follows it.
@@ -231,6 +232,7 @@ class RestoreHandoff:
                 target=self._reply_when_back, args=(info, text, number, numbered), daemon=True
             ).start()
         if kind == "restore":
+            self._reopen_history()
             self._continue_numbering(count)
         else:
             self._move_in(info)
@@ -306,6 +308,28 @@ class RestoreHandoff:
                 user_ns["__session__"] = session
             else:
                 user_ns.pop("__session__", None)
+
+    def _reopen_history(self) -> None:
+        """Connect to IPython's history database again, after a restore.
+
+        A snapshot imported from a file (``snapshot import``) has its files at new
+        inode numbers. sqlite remembers the inode it opened, takes the database for
+        moved, and refuses to write ("attempt to write a readonly database"); the
+        history saving thread would stop with that error on the next cell."""
+        history = getattr(self.shell, "history_manager", None)
+        if history is None or not getattr(history, "enabled", False):
+            return
+        try:
+            import sqlite3
+
+            history.init_db()
+            thread = getattr(history, "save_thread", None)
+            if thread is not None and getattr(thread, "db", None) is not None:
+                options = dict(getattr(history, "connection_options", None) or {})
+                thread.db = sqlite3.connect(str(history.hist_file), **options)
+        except Exception as err:  # the history is IPython's; the kernel goes on
+            print(f"%container: could not reopen the history database ({err})",
+                  file=sys.__stderr__)  # fmt: skip
 
     def _new_session(self, count: int) -> None:
         """Start a new IPython history session; the next cell is number ``count``."""
