@@ -372,6 +372,8 @@ class RestoreHandoff:
             info = self._wait_to_be_claimed()
         if info:
             self._arrive(info, in_cell=False)
+        else:
+            self._reopen_history()  # a restore by the CLI: no cell asked
 
     def _wait_to_be_claimed(self) -> dict[str, Any] | None:
         """In a kernel of a warm pool (restored from its pristine base before anyone
