@@ -18,7 +18,7 @@ import pytest
 
 from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.runtime import Runtime, snapshots
-from sandbox_kernel.runtime.criu_images import Owners, rewrite_image
+from sandbox_kernel.runtime.criu_images import Owners, core, map_entries
 from sandbox_kernel.runtime.record import Start
 
 from .conftest import run_cli, wait_until
@@ -117,46 +117,57 @@ async def test_a_snapshot_exported_by_one_user_is_imported_by_another_as_theirs(
         await server.run(kid, "x = 41\nopen('notes.txt', 'w').write('alice')")
         await server.run(kid, "%container snapshot mine")
         await asyncio.to_thread(snapshots.wait_saved, str(alice.uid), "mine")
-    before = {n: snapshots.load(str(alice.uid), n) for n in snapshots.names(str(alice.uid))}
-    # Bob can neither export hers nor name her as the owner.
-    done = await bob.cli("snapshot", "export", "mine", str(shared / "stolen.sks"))
-    assert done.returncode == 2 and "is not kept" in done.stderr, done.stderr
-    done = await bob.cli("snapshot", "export", "mine", str(shared / "stolen.sks"),
-                         "--owner", str(alice.uid))  # fmt: skip
-    assert done.returncode == 2 and "another user" in done.stderr
-    assert not (shared / "stolen.sks").exists()
-    done = await alice.cli("snapshot", "export", "mine", str(exported))
-    assert done.returncode == 0, done.stderr
-    st = exported.stat()
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (alice.uid, 0o600)
-    done = await bob.cli("snapshot", "import", str(exported))
-    assert done.returncode == 2 and "cannot be read by you (Permission denied)" in done.stderr
-    exported.chmod(0o644)  # alice hands it over
-    done = await bob.cli("snapshot", "import", str(exported), "--name", "from-alice",
-                         "--cwd", str(bob.home))  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    meta = snapshots.verify(str(bob.uid), "from-alice")
-    assert (meta["owner"], meta["uid"], meta["gid"]) == (str(bob.uid), bob.uid, bob.gid)
-    assert meta["cwd"] == str(bob.home)
-    files = snapshots.snapshot_dir(str(bob.uid), "from-alice") / "files"
-    owners = {p.lstat().st_uid for p in files.rglob("*")}
-    assert alice.uid not in owners and bob.uid in owners, owners
-    # The process's credentials in the images are his: none of hers is left.
-    for core in (files.parent / "criu").glob("core-*.img"):
-        theirs, mine = tmp_path / "theirs.img", tmp_path / "mine.img"
-        shutil.copyfile(core, theirs)
-        shutil.copyfile(core, mine)
-        assert not rewrite_image(theirs, Owners((alice.uid, 0), (alice.gid, 0))), core
-        assert rewrite_image(mine, Owners((bob.uid, 0), (bob.gid, 0))), core
-    # Her store is as it was.
-    after = {n: snapshots.load(str(alice.uid), n) for n in snapshots.names(str(alice.uid))}
-    assert after == before
-    listed = await bob.cli("snapshots")
-    assert "from-alice" in listed.stdout
-    done = await bob.cli("snapshots", "--delete", "from-alice")
-    assert done.returncode == 0, done.stderr
-    done = await alice.cli("snapshots", "--delete", "mine")
-    assert done.returncode == 0, done.stderr
+    try:
+        before = {n: snapshots.load(str(alice.uid), n) for n in snapshots.names(str(alice.uid))}
+        # Bob can neither export hers nor name her as the owner.
+        done = await bob.cli("snapshot", "export", "mine", str(shared / "stolen.sks"))
+        assert done.returncode == 2 and "is not kept" in done.stderr, done.stderr
+        done = await bob.cli("snapshot", "export", "mine", str(shared / "stolen.sks"),
+                             "--owner", str(alice.uid))  # fmt: skip
+        assert done.returncode == 2 and "another user" in done.stderr
+        assert not (shared / "stolen.sks").exists()
+        done = await alice.cli("snapshot", "export", "mine", str(exported))
+        assert done.returncode == 0, done.stderr
+        st = exported.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (alice.uid, 0o600)
+        done = await bob.cli("snapshot", "import", str(exported))
+        assert done.returncode == 2 and "cannot be read by you (Permission denied)" in done.stderr
+        exported.chmod(0o644)  # alice hands it over
+        done = await bob.cli("snapshot", "import", str(exported), "--name", "from-alice",
+                             "--cwd", str(bob.home))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        meta = snapshots.verify(str(bob.uid), "from-alice")
+        assert (meta["owner"], meta["uid"], meta["gid"]) == (str(bob.uid), bob.uid, bob.gid)
+        assert meta["cwd"] == str(bob.home)
+        files = snapshots.snapshot_dir(str(bob.uid), "from-alice") / "files"
+        owners = {p.lstat().st_uid for p in files.rglob("*")}
+        assert alice.uid not in owners and bob.uid in owners, owners
+
+        # The processes' credentials in the images are his (the kernel's; tini's are
+        # root's): none of hers is left.
+        def holding(image: Path, user: User) -> int:
+            """How many entries of core image ``image`` name ``user``'s ids."""
+            swap = Owners((user.uid, 0), (user.gid, 0))
+            copy = tmp_path / "core-copy.img"
+            shutil.copyfile(image, copy)
+            return map_entries(copy, lambda entry: (entry, int(core(entry, swap) != entry)))
+
+        cores = list((files.parent / "criu").glob("core-*.img"))
+        assert cores and sum(holding(c, bob) for c in cores) > 0
+        assert sum(holding(c, alice) for c in cores) == 0
+        # Her store is as it was.
+        after = {n: snapshots.load(str(alice.uid), n) for n in snapshots.names(str(alice.uid))}
+        assert after == before
+        listed = await bob.cli("snapshots")
+        assert "from-alice" in listed.stdout
+        done = await bob.cli("snapshots", "--delete", "from-alice")
+        assert done.returncode == 0, done.stderr
+        done = await alice.cli("snapshots", "--delete", "mine")
+        assert done.returncode == 0, done.stderr
+    finally:
+        for user, name in ((alice, "mine"), (bob, "from-alice")):
+            if name in snapshots.names(str(user.uid)):
+                snapshots.delete(str(user.uid), name)
 
 
 def _config(user: User, **changes: object) -> dict[str, object]:
