@@ -128,6 +128,12 @@ def read_pagemap(path: Path) -> tuple[int, list[Run]]:
     return pages_id, runs
 
 
+def same_address_ranges(new: list[Run], old: list[Run]) -> Iterator[tuple[int, int, int]]:
+    """(new offset, old offset, bytes) for every range both pages images hold at the
+    same virtual address, in the order of ``new``'s runs; ``old`` sorted by address."""
+    return _pairs(new, old)
+
+
 def _pairs(new: list[Run], old: list[Run]) -> Iterator[tuple[int, int, int]]:
     """(new offset, old offset, bytes) for every range both hold at the same address."""
     starts = [run.vaddr for run in old]

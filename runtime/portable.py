@@ -59,7 +59,7 @@ from sandbox_kernel.errors import ConfigError, SandboxError
 
 from . import snapshots
 from .criu_images import Owners, rewrite_image
-from .dedupe import PAGE, read_pagemap
+from .dedupe import PAGE, read_pagemap, same_address_ranges
 from .fsutil import give, read_json
 
 MAGIC = b"sandbox-kernel snapshot 1\n"
@@ -75,6 +75,8 @@ KEPT_XATTRS = re.compile(
 )
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
+#: Pages compared at once before one by one: most of a child's are its parent's.
+_COMPARE = 256 * PAGE
 _META_TEXT = (
     "message", "image", "mode", "reason", "executable", "cwd", "cwd_inside", "kernel_id",
 )  # fmt: skip
@@ -309,40 +311,60 @@ def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple
         _, runs = read_pagemap(_pagemap_of(images, rel))
         old_id, old_runs = read_pagemap(parent / _pagemap_of(images, rel).name)
         old = (parent / f"pages-{old_id}.img").read_bytes()
-        old_rel = f"pages-{old_id}.img"
     except (OSError, ValueError):
         return _record(out, {"kind": "image", "path": rel}, data), 0
-    at = {r.vaddr + i * PAGE: r.offset + i * PAGE for r in old_runs for i in range(r.pages)}
-    segments: list[list[Any]] = []
-    payload = bytearray()
-    shared = 0
+    runs.sort(key=lambda r: r.offset)
     position = 0
-    for run in sorted(runs, key=lambda r: r.offset):
+    for run in runs:
         if run.offset != position:  # a gap the pagemap does not explain: send it whole
             return _record(out, {"kind": "image", "path": rel}, data), 0
         position += run.pages * PAGE
-        for i in range(run.pages):
-            here = run.offset + i * PAGE
-            page = data[here : here + PAGE]
-            there = at.get(run.vaddr + i * PAGE)
-            if there is not None and old[there : there + PAGE] == page:
-                last = segments[-1] if segments else None
-                if last and last[0] == "parent" and last[1] + last[2] == there:
-                    last[2] += PAGE
-                else:
-                    segments.append(["parent", there, PAGE])
-                shared += PAGE
-            else:
-                if segments and segments[-1][0] == "data":
-                    segments[-1][1] += PAGE
-                else:
-                    segments.append(["data", PAGE])
-                payload += page
-    covered = sum(s[1] if s[0] == "data" else s[2] for s in segments)
-    if covered != len(data):  # pages the pagemap does not name: send it whole
+    if position != len(data):
         return _record(out, {"kind": "image", "path": rel}, data), 0
-    header = {"kind": "pages", "path": rel, "parent_path": old_rel, "segments": segments}
-    return _record(out, header, bytes(payload)), shared
+    old_runs.sort(key=lambda r: r.vaddr)
+    segments: list[list[Any]] = []
+    payload: list[bytes] = []
+    shared = 0
+
+    def sent(start: int, length: int) -> None:
+        if segments and segments[-1][0] == "data":
+            segments[-1][1] += length
+        else:
+            segments.append(["data", length])
+        payload.append(data[start : start + length])
+
+    def kept(at: int, length: int) -> None:
+        last = segments[-1] if segments else None
+        if last and last[0] == "parent" and last[1] + last[2] == at:
+            last[2] += length
+        else:
+            segments.append(["parent", at, length])
+
+    done = 0
+    for dst, src, length in same_address_ranges(runs, old_runs):
+        if dst > done:
+            sent(done, dst - done)  # pages the parent did not have at those addresses
+        k = 0
+        while k < length:
+            step = min(_COMPARE, length - k)
+            if data[dst + k : dst + k + step] == old[src + k : src + k + step]:
+                kept(src + k, step)
+                shared += step
+            else:
+                for p in range(0, step, PAGE):
+                    a, b = dst + k + p, src + k + p
+                    if data[a : a + PAGE] == old[b : b + PAGE]:
+                        kept(b, PAGE)
+                        shared += PAGE
+                    else:
+                        sent(a, PAGE)
+            k += step
+        done = dst + length
+    if done < len(data):
+        sent(done, len(data) - done)
+    header = {"kind": "pages", "path": rel, "parent_path": f"pages-{old_id}.img",
+              "segments": segments}  # fmt: skip
+    return _record(out, header, b"".join(payload)), shared
 
 
 def _pagemap_of(images: Path, pages_rel: str) -> Path:
@@ -657,7 +679,7 @@ def import_(
             create_subvolume(layer)
             for part in PARTS:
                 (layer / part).mkdir()
-        shared = _read_records(reader, draft.criu_dir, layer, owner_uid, owner_gid, parent,
+        shared, digests = _read_records(reader, draft.criu_dir, layer, owner_uid, owner_gid, parent,
                                owner, announced, say)  # fmt: skip
         for part in PARTS:
             work = layer / f"{part}.work"
@@ -666,7 +688,10 @@ def import_(
             work.mkdir()
         if meta["mode"] == "live":
             for image in sorted(draft.criu_dir.iterdir()):
-                rewrite_image(image, owners)
+                if rewrite_image(image, owners):  # a small one: hashed again
+                    with open(image, "rb") as handle:
+                        digests[image.name] = hashlib.file_digest(handle, "sha256").hexdigest()
+                        os.fsync(handle.fileno())
                 image.chmod(0o644)
         # As a snapshot's own: a restore reads them from inside the kernel's user
         # namespace (see Snapshotting._readable); the snapshot's folder stays 0700.
@@ -689,7 +714,8 @@ def import_(
             final["shared_bytes"] = shared
             final["shared_with"] = {"kind": "snapshot", "name": parent,
                                     "created": pmeta["created"]}  # fmt: skip
-        committed = draft.commit(final)
+        # Hashed as they were written (and fsynced): not read again.
+        committed = draft.commit(final, {rel: {"sha256": d} for rel, d in digests.items()})
     except BaseException:
         with contextlib.suppress(Exception):
             delete_subvolume(draft.path / "files.rw")
@@ -740,12 +766,13 @@ def _read_records(
     owner: str,
     announced: dict[str, dict[str, Any]],
     say: Callable[[str], None],
-) -> int:
+) -> tuple[int, dict[str, str]]:
     """Write the stream's images and entries; the bytes of memory taken from the
-    parent. Checks every image against ``announced``."""
+    parent, and each image's sha256. Checks every image against ``announced``."""
     from .dedupe import clone_range
 
     seen: set[str] = set()
+    digests: dict[str, str] = {}
     shared = 0
     top = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     writer = LayerWriter(top, uid, gid)
@@ -784,13 +811,14 @@ def _read_records(
                 os.close(fd)
             if digest.hexdigest() != announced[rel]["sha256"]:
                 raise ImportRefused(f"the image {rel!r} does not match its checksum")
+            digests[rel] = digest.hexdigest()
             say(f"read {rel}")
     finally:
         os.close(top)
     missing = sorted(set(announced) - seen)
     if missing:
         raise ImportRefused(f"the images {', '.join(missing[:5])} are missing")
-    return shared
+    return shared, digests
 
 
 def _write_pages(
