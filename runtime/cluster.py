@@ -7,6 +7,14 @@ controller, ``slurmctld``, runs on the host at the bridge's address; ``munged``
 authenticates them. The configuration is written to ``/etc/slurm`` (where the
 Slurm commands look), marked as this module's, and removed by :func:`down`.
 
+Every node also runs the sandbox-kernel daemon, as a real node would, with the
+node's own local state: in the node's mount namespace, ``/var/lib/sandbox-kernel``
+(its kernels, layers and snapshot volume), ``/run/runc`` and
+``/run/sandbox-kernel`` (the daemon's socket) are bound from
+``/var/lib/sandbox-kernel-cluster/nodeN/``, and its kernels' cgroups are made
+under ``sandbox-kernel-nodeN``. slurmd is started in the same namespaces, so a
+job on the node finds that node's daemon at the usual socket.
+
 For tests and benchmarks, and as a worked example of a site's setup (README,
 "Clusters"). The facts it rests on (what works here, the pitfalls) are in the
 shared SLURM notes: ``nsenter --net`` rather than ``ip netns exec``, which hides
@@ -43,6 +51,14 @@ STATE = Path("/run/sandbox-kernel-cluster")
 SPOOL = Path("/var/spool/slurm")
 LOGS = Path("/var/log/slurm")
 PIDS = Path("/run/slurm")
+#: Each node's local state (see the module's docstring).
+NODES_ROOT = Path("/var/lib/sandbox-kernel-cluster")
+#: The host paths a node sees its own folders at: (inside, folder of NODES_ROOT/nodeN).
+NODE_LOCAL = (
+    (Path("/var/lib/sandbox-kernel"), "state"),
+    (Path("/run/runc"), "runc"),
+    (Path("/run/sandbox-kernel"), "run"),
+)
 MUNGE_RUN = Path("/run/munge")
 #: What a node offers Slurm: more CPUs than the machine has (config_overrides), so
 #: that a few kernels fit on each.
@@ -70,6 +86,26 @@ class Node:
     @property
     def veth(self) -> str:
         return f"slv{self.index}"
+
+    @property
+    def root(self) -> Path:
+        """Where this node's local folders are on the host."""
+        return NODES_ROOT / self.name
+
+    @property
+    def socket(self) -> Path:
+        """Its daemon's socket, as the host sees it (``/run/sandbox-kernel/daemon.sock``
+        on the node)."""
+        return self.root / "run" / "daemon.sock"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"sandbox-kernel-{self.name}"
+
+    @property
+    def subnet(self) -> str:
+        """Its kernels' addresses: apart from every other node's."""
+        return f"10.{210 + self.index}.0.0/16"
 
 
 def nodes() -> list[Node]:
@@ -200,11 +236,41 @@ def _network() -> None:
 
 
 def node_command(node: Node, *argv: str) -> list[str]:
-    """``argv`` run as on ``node``: in its network namespace, with its hostname and
-    its hosts file."""
-    script = f'hostname {node.name} && mount --bind {STATE / "hosts"} /etc/hosts && exec "$@"'
+    """``argv`` run as on ``node``: in its network namespace, with its hostname, its
+    hosts file and its local folders (in a new mount namespace)."""
+    binds = " && ".join(f"mount --bind {node.root / sub} {inside}" for inside, sub in NODE_LOCAL)
+    script = (
+        f'hostname {node.name} && mount --bind {STATE / "hosts"} /etc/hosts && {binds} && exec "$@"'
+    )
     return ["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--uts", "--mount",
             "sh", "-c", script, "sh", *argv]  # fmt: skip
+
+
+def node_env(node: Node) -> dict[str, str]:
+    """The environment of the node's daemon (and of the runtime in its jobs)."""
+    return {
+        **os.environ, "SANDBOX_KERNEL_CGROUP_PARENT": node.cgroup_parent,
+        "SANDBOX_KERNEL_SUBNET": node.subnet,
+    }  # fmt: skip
+
+
+def _start_node(node: Node) -> None:
+    """The node's daemon, then its slurmd, in one set of namespaces."""
+    for inside, sub in NODE_LOCAL:
+        inside.mkdir(parents=True, exist_ok=True)  # the mount points, on the host
+        (node.root / sub).mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"sandbox-kernel-{node.name}.log"
+    daemon = (
+        f"{sys.executable} -m sandbox_kernel.cli daemon --detach --log {log} >/dev/null && "
+        f"exec /usr/sbin/slurmd -N {node.name}"
+    )
+    done = subprocess.run(node_command(node, "sh", "-c", daemon), capture_output=True,
+                          text=True, timeout=120, env=node_env(node), check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise ClusterError(
+            f"{node.name} did not start: {(done.stderr or done.stdout).strip()[-800:]}; "
+            f"see {log} and {LOGS}/slurmd-{node.name}.log"
+        )
 
 
 def up(say: object = print) -> None:
@@ -232,9 +298,8 @@ def up(say: object = print) -> None:
     for node in nodes():
         (SPOOL / f"d-{node.name}").mkdir(parents=True, exist_ok=True)
         if not _alive(PIDS / f"slurmd-{node.name}.pid"):
-            emit(f"slurmd on {node.name} ({node.address}) ...")
-            subprocess.run(node_command(node, "/usr/sbin/slurmd", "-N", node.name), check=True,
-                           capture_output=True, timeout=30)  # fmt: skip
+            emit(f"{node.name} ({node.address}): the sandbox-kernel daemon and slurmd ...")
+            _start_node(node)
     wait_idle()
     emit(f"cluster up: {', '.join(n.name for n in nodes())} in partition {PARTITION}")
 
@@ -302,6 +367,7 @@ def down(say: object = print) -> None:
                 _run("scancel", *jobs, check=False, timeout=15)
     for node in nodes():
         _stop(PIDS / f"slurmd-{node.name}.pid")
+        _stop_daemon(node)
     _stop(PIDS / "slurmctld.pid")
     if (STATE / "munged.ours").exists():
         _stop(MUNGE_RUN / "munged.pid")
@@ -315,12 +381,34 @@ def down(say: object = print) -> None:
     _remove_cgroups()
     shutil.rmtree(SPOOL, ignore_errors=True)
     shutil.rmtree(STATE, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        NODES_ROOT.rmdir()
     emit("cluster down")
+
+
+def _stop_daemon(node: Node) -> None:
+    """Stop the node's daemon; remove its kernels' containers that are left, its
+    snapshot volume's loop device and its local folders."""
+    _stop(node.root / "run" / "daemon.pid", timeout=60)
+    runc_root = node.root / "runc"
+    if runc_root.is_dir():
+        listed = _run("runc", "--root", str(runc_root), "list", "-q", check=False).split()
+        for container in listed:
+            _run("runc", "--root", str(runc_root), "delete", "--force", container, check=False)
+    image = node.root / "state" / "volume.img"
+    if image.exists():
+        for line in _run("losetup", "-j", str(image), check=False).splitlines():
+            device = line.split(":", 1)[0]
+            _run("umount", "-l", device, check=False)
+            _run("losetup", "-d", device, check=False)
+    shutil.rmtree(node.root, ignore_errors=True)
 
 
 def _remove_cgroups() -> None:
     """Remove the (empty) cgroups slurmd made, deepest first."""
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        for node in nodes():
+            _rmdirs(hierarchy / node.cgroup_parent)
         top = hierarchy / "slurm"
         if not top.is_dir():
             for found in hierarchy.glob("slurm_node*"):
@@ -346,6 +434,11 @@ def leftovers() -> list[str]:
         if _alive(pid_file):
             found.append(f"daemon {pid_file.stem}")
     found += [f"file {CONF_DIR / n}" for n in ("slurm.conf", "cgroup.conf") if _ours(CONF_DIR / n)]
+    found += [f"node folder {n.root}" for n in nodes() if n.root.exists()]
+    for node in nodes():
+        found += [f"cgroup {h.name}/{node.cgroup_parent}"
+                  for h in Path("/sys/fs/cgroup").iterdir()
+                  if (h / node.cgroup_parent).is_dir()]  # fmt: skip
     return found
 
 

@@ -1,14 +1,16 @@
 """The test cluster of ``make cluster``: three real Slurm nodes, each in its own
-network namespace, that run jobs where Slurm says; ``make cluster-down`` leaves
-nothing behind."""
+network namespace with its own sandbox-kernel daemon and local state, that run
+jobs where Slurm says; ``make cluster-down`` leaves nothing behind."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
+from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.doctor import run_checks
 from sandbox_kernel.runtime import cluster
 
@@ -54,3 +56,21 @@ def test_a_job_gets_the_memory_it_asked_for_as_a_ceiling(up: None) -> None:
 def test_doctor_checks_the_cluster(up: None) -> None:
     found = {c.name: c for c in run_checks()}["slurm cluster"]
     assert found.ok and "node1 idle" in found.detail, found
+
+
+def test_each_node_has_its_own_daemon_and_a_job_finds_it(up: None) -> None:
+    served = set()
+    for node in cluster.nodes():
+        me = DaemonClient(str(node.socket)).call_sync("whoami")
+        assert me["uid"] == 0 and me["admin"] is True
+        served.add(me["served_by"])
+        assert DaemonClient(str(node.socket)).call_sync("kernels") == []
+    assert len(served) == cluster.NODES  # three daemons, not one
+    # A job on node2 reaches node2's daemon at the usual socket.
+    script = (
+        "from sandbox_kernel.daemon_client import DaemonClient; "
+        "print(DaemonClient().call_sync('whoami')['served_by'])"
+    )
+    out = run("srun", "-w", "node2", sys.executable, "-c", script)
+    node2 = DaemonClient(str(cluster.Node(2).socket)).call_sync("whoami")["served_by"]
+    assert int(out) == node2
