@@ -301,21 +301,10 @@ class ContainerMagics(Magics):
         # The bar's pace: a restore takes about what the snapshot took.
         expected = float(metas[args.name].get("seconds") or 1.0)
         title = f"Restoring {args.name}"
-        bar = (
-            progress.Progress(title, view, expected=expected)
-            if view is not None
-            else progress.displayed(title, expected=expected)
-        )
-        bar.start()
-        try:
-            self._call(
-                "restore", name=args.name, parent=parent, ident=idents, count=count,
-                progress=bar.handover(), peers=self.handoff.frontend_peers(),
-            )  # fmt: skip
-        except BaseException:
-            bar.finish(ok=False)
-            raise
-        bar.finish()
+        self._handed_over(
+            "restore", title, expected, view, name=args.name, parent=parent, ident=idents,
+            count=count,
+        )  # fmt: skip
         # A live restore replaces this process; reaching this line means the runtime
         # restarted the kernel on the snapshot's files instead.
         print(f"Restored the files of {args.name}; the kernel restarts.")
@@ -417,26 +406,34 @@ class ContainerMagics(Magics):
         count = self.handoff.next_number()
         print("Undoing ...", flush=True)
         title = f"Back to before cell {args.to}" if args.to is not None else "Undoing"
-        bar = (
-            progress.Progress(title, view, expected=1.0)
-            if view is not None
-            else progress.displayed(title, expected=1.0)
-        )
-        bar.start()
-        try:
-            self._call(
-                "undo", n=args.n, to=args.to, parent=parent, ident=idents, count=count,
-                progress=bar.handover(), peers=self.handoff.frontend_peers(),
-            )  # fmt: skip
-        except BaseException:
-            bar.finish(ok=False)
-            raise
-        bar.finish()
+        self._handed_over(
+            "undo", title, 1.0, view, n=args.n, to=args.to, parent=parent, ident=idents,
+            count=count,
+        )  # fmt: skip
         # A live restore replaces this process; reaching this line means the runtime
         # restarted the kernel on the checkpoint's files instead.
         print("Undone: the files are back; the kernel restarts.")
 
     # ---- plumbing ----------------------------------------------------------------
+
+    def _handed_over(
+        self, op: str, title: str, expected: float, view: View | None, **args: Any
+    ) -> None:
+        """``op`` (a restore or an undo), with a progress bar in ``view`` (else in the
+        cell's output) that the process the operation ends in finishes."""
+        assert self.handoff is not None
+        bar = (
+            progress.Progress(title, view, expected=expected)
+            if view is not None
+            else progress.displayed(title, expected=expected)
+        )
+        bar.start()
+        try:
+            self._call(op, progress=bar.handover(), peers=self.handoff.frontend_peers(), **args)
+        except BaseException:
+            bar.finish(ok=False)
+            raise
+        bar.finish()
 
     def _call(self, op: str, **args: Any) -> Any:
         """Send ``op`` through the channel; the result.

@@ -161,15 +161,21 @@ async def test_a_child_exported_against_its_parent_sends_only_what_changed(
     assert done.returncode != 0
 
 
-async def test_a_tampered_stream_is_refused_and_leaves_nothing(
-    kernels: Kernels, make_spec, names: list[str], tmp_path: Path
-) -> None:
+async def small_export(kernels: Kernels, make_spec, names: list[str], tmp_path: Path) -> Any:
+    """A kernel with ``x = 'taken'``, its snapshot, exported: (km, kc, the file)."""
     km, kc = await kernels.start(make_spec())
     (await run_cell(kc, "x = 'taken'")).check()
     name = fresh(names)
     assert (await run_cli("snapshot", km.kernel_id, name)).returncode == 0
     exported = tmp_path / "snap.sks"
     await export(name, exported)
+    return km, kc, exported
+
+
+async def test_a_tampered_stream_is_refused_and_leaves_nothing(
+    kernels: Kernels, make_spec, names: list[str], tmp_path: Path
+) -> None:
+    _, _, exported = await small_export(kernels, make_spec, names, tmp_path)
     found = records(exported)
     cases: dict[str, tuple[list[tuple[dict[str, Any], bytes]], str]] = {}
     image = next(i for i, (h, p) in enumerate(found) if h["kind"] == "image" and len(p) > 100)
@@ -207,12 +213,7 @@ async def test_a_tampered_stream_is_refused_and_leaves_nothing(
 async def test_a_snapshot_from_another_cpu_is_refused_at_restore_with_why(
     kernels: Kernels, make_spec, names: list[str], tmp_path: Path
 ) -> None:
-    km, kc = await kernels.start(make_spec())
-    (await run_cell(kc, "x = 'taken'")).check()
-    name = fresh(names)
-    assert (await run_cli("snapshot", km.kernel_id, name)).returncode == 0
-    exported = tmp_path / "snap.sks"
-    await export(name, exported)
+    km, kc, exported = await small_export(kernels, make_spec, names, tmp_path)
     found = records(exported)
     head, payload = found[0]
     host = {**head["host"], "cpu_flags": [*head["host"]["cpu_flags"], "amx_fp8"]}
