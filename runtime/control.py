@@ -32,6 +32,7 @@ from sandbox_kernel import protocol
 from sandbox_kernel.errors import ConfigError, SandboxError
 from sandbox_kernel.protocol import CLASS_ACTIONS, MAX_LINE, MAX_NONCE, MAX_SKEW, sign
 
+from . import snapshots
 from .cgroups import Usage
 from .fsutil import write_json
 from .limits import Limits
@@ -419,6 +420,7 @@ class ControlServer:
         return await handler(args, progress)
 
     async def _op_snapshot(self, args: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+        snapshots.check_user_name(args["name"])
         if args.get("count") is not None:
             named = await self.runtime.name_latest(
                 self.kernel_id, args["name"], args.get("message") or "", args["count"]

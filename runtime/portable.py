@@ -665,7 +665,7 @@ def import_(
         for k, v in announced.items()
     ):
         raise ImportRefused("its list of images is damaged")
-    target = snapshots.check_name(name or str(stream_meta.get("name", "")))
+    target = snapshots.check_user_name(name or str(stream_meta.get("name", "")))
     snapshots.check_quota(owner, target)
     parent = _parent_of(owner, head.get("parent"))
     owners = Owners((int(stream_meta["uid"]), owner_uid), (int(stream_meta["gid"]), owner_gid))

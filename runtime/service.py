@@ -859,6 +859,7 @@ async def _snapshot(
     svc: KernelService, caller: Caller, args: dict[str, Any], progress: Progress | None
 ) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
+    snapshots.check_user_name(args["name"])
     return await svc.snapshot(
         record.kernel_id, args["name"], str(args.get("message") or ""),
         live=bool(args.get("live", True)), progress=progress,

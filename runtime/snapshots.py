@@ -132,6 +132,23 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_user_name(name: str) -> str:
+    """:func:`check_name`, for a name a user gives: not one of the runtime's own
+    (automatic checkpoints, pristine bases), which are hidden and removed by it.
+
+    Raises:
+        ConfigError: invalid, or starting with a reserved prefix.
+    """
+    check_name(name)
+    for prefix in (CHECKPOINT_PREFIX, PRISTINE_PREFIX):
+        if name.startswith(prefix):
+            raise ConfigError(
+                "snapshot name", name,
+                f"starts with {prefix!r}, which the runtime keeps for its own; choose another",
+            )  # fmt: skip
+    return name
+
+
 def store_dir() -> Path:
     """The root of the store, on the mounted volume."""
     return ensure_volume() / "snapshots"

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sandbox_kernel.errors import ConfigError
 from sandbox_kernel.runtime.portable import (
     KEPT_XATTRS,
     MAGIC,
@@ -22,6 +23,7 @@ from sandbox_kernel.runtime.portable import (
     host_facts,
     misfit_host,
 )
+from sandbox_kernel.runtime.snapshots import check_user_name
 
 HERE = {"arch": "x86_64", "kernel": "6.18.2-cloud", "cpu_flags": ["fpu", "sse2", "avx2"]}
 
@@ -168,3 +170,10 @@ def test_only_overlay_and_user_xattrs_are_kept() -> None:
         assert KEPT_XATTRS.match(key)
     for key in ("security.capability", "security.selinux", "trusted.other", "system.posix_acl"):
         assert not KEPT_XATTRS.match(key)
+
+
+@pytest.mark.parametrize("name", ["ckpt-abc-3-0f0f", "pristine-base-1234"])
+def test_a_user_cannot_take_a_name_the_runtime_keeps(name: str) -> None:
+    with pytest.raises(ConfigError, match="keeps for its own; choose another"):
+        check_user_name(name)
+    assert check_user_name("checkpoint-3") == "checkpoint-3"
