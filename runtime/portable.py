@@ -341,19 +341,20 @@ def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple
             segments.append(["parent", at, length])
 
     done = 0
+    parent_view = memoryview(old)  # compared in place: bytes.startswith copies nothing
     for dst, src, length in same_address_ranges(runs, old_runs):
         if dst > done:
             sent(done, dst - done)  # pages the parent did not have at those addresses
         k = 0
         while k < length:
             step = min(_COMPARE, length - k)
-            if data[dst + k : dst + k + step] == old[src + k : src + k + step]:
+            if data.startswith(parent_view[src + k : src + k + step], dst + k):
                 kept(src + k, step)
                 shared += step
             else:
                 for p in range(0, step, PAGE):
                     a, b = dst + k + p, src + k + p
-                    if data[a : a + PAGE] == old[b : b + PAGE]:
+                    if data.startswith(parent_view[b : b + PAGE], a):
                         kept(b, PAGE)
                         shared += PAGE
                     else:
