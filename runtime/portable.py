@@ -272,6 +272,7 @@ def export(
         },
     })  # fmt: skip
     records, from_parent = 1, 0
+    total = sum(e["size"] for e in manifest.values())
     for rel in sorted(manifest):
         path = folder / "criu" / rel
         if parent_dir is not None and rel.startswith("pages-"):
@@ -280,7 +281,8 @@ def export(
         else:
             written += _record(out, {"kind": "image", "path": rel}, path.read_bytes())
         records += 1
-        say(f"memory: {rel}, {format_size(written)} written")
+        if manifest[rel]["size"] >= _CHUNK:  # the big ones: the memory itself
+            say(f"memory: {rel} of {format_size(total)} done, {format_size(written)} written")
     for header, payload in _entries(folder / "files", parent_dir and parent_dir / "files"):
         written += _record(out, header, payload)
         records += 1
@@ -813,7 +815,9 @@ def _read_records(
             if digest.hexdigest() != announced[rel]["sha256"]:
                 raise ImportRefused(f"the image {rel!r} does not match its checksum")
             digests[rel] = digest.hexdigest()
-            say(f"read {rel}")
+            size = announced[rel].get("size")
+            if isinstance(size, int) and size >= _CHUNK:  # the big ones: the memory itself
+                say(f"memory: {rel} read, {format_size(size)}")
     finally:
         os.close(top)
     missing = sorted(set(announced) - seen)
