@@ -119,6 +119,13 @@ async def test_an_exported_snapshot_imports_and_restores_memory_and_files(
     assert tree(snapshots.snapshot_dir(OWNER, name) / "files") == tree(
         snapshots.snapshot_dir(OWNER, kept) / "files"
     )
+    # An import that would pass the snapshot quota is refused before it is read.
+    used = snapshots.usage(OWNER)["bytes"]
+    tight = {"SANDBOX_KERNEL_SNAPSHOT_QUOTA": str(used + (8 << 20))}
+    done = await run_cli("snapshot", "import", str(exported), "--owner", OWNER, "--name",
+                         fresh(names), env=tight)  # fmt: skip
+    assert done.returncode == 2 and "larger than your snapshot quota" in done.stderr, done
+    assert not snapshots.leftovers()
     (await run_cell(kc, "next(gen); next(gen); import os; os.remove('/tmp/scratch.txt')")).check()
     done = await run_cli("restore", km.kernel_id, name)
     assert done.returncode == 0, done.stderr
