@@ -155,6 +155,23 @@ def _record(out: IO[bytes], header: dict[str, Any], payload: bytes = b"") -> int
     return 4 + len(head) + len(payload)
 
 
+def _record_file(out: IO[bytes], header: dict[str, Any], path: Path) -> int:
+    """Write one record whose payload is the file ``path``, copied a chunk at a time
+    (a memory image can be gigabytes); its length in bytes."""
+    with open(path, "rb") as source:
+        size = os.fstat(source.fileno()).st_size
+        head = json.dumps({**header, "size": size}, separators=(",", ":")).encode()
+        out.write(struct.pack(">I", len(head)) + head)
+        left = size
+        while left:
+            data = source.read(min(left, _CHUNK))
+            if not data:
+                raise SandboxError(f"{path} got shorter while it was exported")
+            out.write(data)
+            left -= len(data)
+    return 4 + len(head) + size
+
+
 class Reader:
     """The records of a stream, checked as they are read: ``next()`` gives a header;
     then its payload must be read (``payload``/``chunks``) before the next one."""
@@ -279,12 +296,12 @@ def export(
             n, shared = _pages_record(out, folder / "criu", rel, parent_dir / "criu")
             written, from_parent = written + n, from_parent + shared
         else:
-            written += _record(out, {"kind": "image", "path": rel}, path.read_bytes())
+            written += _record_file(out, {"kind": "image", "path": rel}, path)
         records += 1
         if manifest[rel]["size"] >= _CHUNK:  # the big ones: the memory itself
             say(f"memory: {rel} of {format_size(total)} done, {format_size(written)} written")
-    for header, payload in _entries(folder / "files", parent_dir and parent_dir / "files"):
-        written += _record(out, header, payload)
+    for header, source in _entries(folder / "files", parent_dir and parent_dir / "files"):
+        written += _record(out, header) if source is None else _record_file(out, header, source)
         records += 1
     say(f"files: {format_size(written)} written")
     written += _record(out, {"kind": "end", "records": records})
@@ -307,33 +324,33 @@ def _ancestors(owner: str, name: str) -> set[str]:
 
 def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple[int, int]:
     """Write the pages image ``rel`` as segments against the parent's pages image of
-    the same process: (bytes written, bytes left to the parent)."""
-    data = (images / rel).read_bytes()
+    the same process: (bytes written, bytes left to the parent). Both images are
+    read a chunk at a time: the memory this takes does not grow with the kernel's."""
+    whole = images / rel
     try:
         _, runs = read_pagemap(_pagemap_of(images, rel))
         old_id, old_runs = read_pagemap(parent / _pagemap_of(images, rel).name)
-        old = (parent / f"pages-{old_id}.img").read_bytes()
+        old_path = parent / f"pages-{old_id}.img"
     except (OSError, ValueError):
-        return _record(out, {"kind": "image", "path": rel}, data), 0
+        return _record_file(out, {"kind": "image", "path": rel}, whole), 0
     runs.sort(key=lambda r: r.offset)
     position = 0
     for run in runs:
         if run.offset != position:  # a gap the pagemap does not explain: send it whole
-            return _record(out, {"kind": "image", "path": rel}, data), 0
+            return _record_file(out, {"kind": "image", "path": rel}, whole), 0
         position += run.pages * PAGE
-    if position != len(data):
-        return _record(out, {"kind": "image", "path": rel}, data), 0
+    if position != whole.stat().st_size:
+        return _record_file(out, {"kind": "image", "path": rel}, whole), 0
     old_runs.sort(key=lambda r: r.vaddr)
-    segments: list[list[Any]] = []
-    payload: list[bytes] = []
+    segments: list[list[Any]] = []  # ["data", offset here, length] until written
     shared = 0
 
     def sent(start: int, length: int) -> None:
-        if segments and segments[-1][0] == "data":
-            segments[-1][1] += length
+        last = segments[-1] if segments else None
+        if last and last[0] == "data" and last[1] + last[2] == start:
+            last[2] += length
         else:
-            segments.append(["data", length])
-        payload.append(data[start : start + length])
+            segments.append(["data", start, length])
 
     def kept(at: int, length: int) -> None:
         last = segments[-1] if segments else None
@@ -342,32 +359,51 @@ def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple
         else:
             segments.append(["parent", at, length])
 
-    done = 0
-    parent_view = memoryview(old)  # compared in place: bytes.startswith copies nothing
-    for dst, src, length in same_address_ranges(runs, old_runs):
-        if dst > done:
-            sent(done, dst - done)  # pages the parent did not have at those addresses
-        k = 0
-        while k < length:
-            step = min(_COMPARE, length - k)
-            if data.startswith(parent_view[src + k : src + k + step], dst + k):
-                kept(src + k, step)
-                shared += step
-            else:
-                for p in range(0, step, PAGE):
-                    a, b = dst + k + p, src + k + p
-                    if data.startswith(parent_view[b : b + PAGE], a):
-                        kept(b, PAGE)
-                        shared += PAGE
-                    else:
-                        sent(a, PAGE)
-            k += step
-        done = dst + length
-    if done < len(data):
-        sent(done, len(data) - done)
-    header = {"kind": "pages", "path": rel, "parent_path": f"pages-{old_id}.img",
-              "segments": segments}  # fmt: skip
-    return _record(out, header, b"".join(payload)), shared
+    new_fd = os.open(whole, os.O_RDONLY)
+    old_fd = os.open(old_path, os.O_RDONLY)
+    try:
+        done = 0
+        for dst, src, length in same_address_ranges(runs, old_runs):
+            if dst > done:
+                sent(done, dst - done)  # pages the parent did not have at those addresses
+            k = 0
+            while k < length:
+                step = min(_COMPARE, length - k)
+                mine = os.pread(new_fd, step, dst + k)
+                theirs = memoryview(os.pread(old_fd, step, src + k))
+                if mine.startswith(theirs):  # compared in place, without a copy
+                    kept(src + k, step)
+                    shared += step
+                else:
+                    for p in range(0, step, PAGE):
+                        if mine.startswith(theirs[p : p + PAGE], p):
+                            kept(src + k + p, PAGE)
+                            shared += PAGE
+                        else:
+                            sent(dst + k + p, PAGE)
+                k += step
+            done = dst + length
+        if done < position:
+            sent(done, position - done)
+        wire = [["data", s[2]] if s[0] == "data" else s for s in segments]
+        header = {"kind": "pages", "path": rel, "parent_path": old_path.name, "segments": wire}
+        if len(json.dumps(header)) > MAX_HEADER // 2:  # too scattered to describe: whole
+            return _record_file(out, {"kind": "image", "path": rel}, whole), 0
+        size = sum(s[2] for s in segments if s[0] == "data")
+        head = json.dumps({**header, "size": size}, separators=(",", ":")).encode()
+        out.write(struct.pack(">I", len(head)) + head)
+        for segment in segments:
+            if segment[0] != "data":
+                continue
+            at, left = segment[1], segment[2]
+            while left:
+                data = os.pread(new_fd, min(left, _CHUNK), at)
+                out.write(data)
+                at, left = at + len(data), left - len(data)
+        return 4 + len(head) + size, shared
+    finally:
+        os.close(new_fd)
+        os.close(old_fd)
 
 
 def _pagemap_of(images: Path, pages_rel: str) -> Path:
@@ -380,13 +416,13 @@ def _pagemap_of(images: Path, pages_rel: str) -> Path:
     raise ValueError(f"no pagemap names {pages_rel}")
 
 
-def _describe_entry(path: Path, rel: str) -> tuple[dict[str, Any], bytes]:
+def _describe_entry(path: Path, rel: str) -> tuple[dict[str, Any], Path | None]:
     st = os.lstat(path)
     header: dict[str, Any] = {
         "kind": "entry", "path": rel, "mode": stat.S_IMODE(st.st_mode),
         "uid": st.st_uid, "gid": st.st_gid, "mtime_ns": st.st_mtime_ns,
     }  # fmt: skip
-    payload = b""
+    payload: Path | None = None
     if stat.S_ISDIR(st.st_mode):
         header["type"] = "dir"
     elif stat.S_ISLNK(st.st_mode):
@@ -395,7 +431,8 @@ def _describe_entry(path: Path, rel: str) -> tuple[dict[str, Any], bytes]:
         header["type"] = "whiteout"
     elif stat.S_ISREG(st.st_mode):
         header["type"] = "file"
-        payload = path.read_bytes()
+        header["bytes"] = st.st_size
+        payload = path  # copied a chunk at a time when written
     else:
         header["type"] = "skip"  # a socket or fifo left in the layer: not kept
     xattrs = {}
@@ -409,11 +446,11 @@ def _describe_entry(path: Path, rel: str) -> tuple[dict[str, Any], bytes]:
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("type", "mode", "uid", "gid", "mtime_ns", "xattrs", "target")
+    keys = ("type", "mode", "uid", "gid", "mtime_ns", "xattrs", "target", "bytes")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def _entries(files: Path, parent: Path | None) -> Iterator[tuple[dict[str, Any], bytes]]:
+def _entries(files: Path, parent: Path | None) -> Iterator[tuple[dict[str, Any], Path | None]]:
     """The layer's entries, folders before what they hold; against ``parent``, only
     what changed, and ``delete`` for what is gone."""
     for part in PARTS:
@@ -426,7 +463,7 @@ def _entries(files: Path, parent: Path | None) -> Iterator[tuple[dict[str, Any],
             or not (parent / part).is_dir()
             or not _same(header, _describe_entry(parent / part, part)[0])
         ):
-            yield header, b""  # the upper's own folder: its owner, mode and xattrs
+            yield header, None  # the upper's own folder: its owner, mode and xattrs
         seen: set[str] = set()
         for root, dirs, names in os.walk(top):
             dirs.sort()
@@ -441,9 +478,7 @@ def _entries(files: Path, parent: Path | None) -> Iterator[tuple[dict[str, Any],
                     other = parent / rel
                     if os.path.lexists(other):
                         before, _ = _describe_entry(other, rel)
-                        if _same(header, before) and (
-                            header["type"] != "file" or os.lstat(other).st_size == len(payload)
-                        ):
+                        if _same(header, before):  # size and time included
                             continue
                 yield header, payload
         if parent is not None and (parent / part).is_dir():
@@ -452,7 +487,7 @@ def _entries(files: Path, parent: Path | None) -> Iterator[tuple[dict[str, Any],
                         if (Path(root) / n).relative_to(parent).as_posix() not in seen]  # fmt: skip
                 for name in sorted(gone):
                     rel = (Path(root) / name).relative_to(parent).as_posix()
-                    yield {"kind": "entry", "type": "delete", "path": rel}, b""
+                    yield {"kind": "entry", "type": "delete", "path": rel}, None
                 dirs[:] = [d for d in dirs if d not in gone]
 
 
@@ -847,8 +882,7 @@ def _write_pages(
     src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     shared = 0
     data_left = header["size"]
-    stream = reader.chunks()
-    pending = b""
+    stream = _Exact(reader.chunks())
     try:
         size = os.fstat(src).st_size
         at = 0
@@ -861,9 +895,12 @@ def _write_pages(
                         or length <= 0 or offset + length > size
                         or offset % PAGE or length % PAGE):  # fmt: skip
                     raise ImportRefused("a child's pages segment points outside its parent")
-                if not clone_range(src, offset, fd, at, length):
-                    os.pwrite(fd, os.pread(src, length, offset), at)
-                digest.update(os.pread(src, length, offset))
+                cloned = clone_range(src, offset, fd, at, length)
+                for k in range(0, length, _CHUNK):  # hashed (and copied) a chunk at a time
+                    data = os.pread(src, min(_CHUNK, length - k), offset + k)
+                    if not cloned:
+                        os.pwrite(fd, data, at + k)
+                    digest.update(data)
                 shared += length
                 at += length
             elif segment[0] == "data" and len(segment) == 2 and isinstance(segment[1], int):
@@ -871,16 +908,35 @@ def _write_pages(
                 if length <= 0 or length > data_left:
                     raise ImportRefused("a child's pages segment is longer than its data")
                 data_left -= length
-                while len(pending) < length:
-                    pending += next(stream)
-                piece, pending = pending[:length], pending[length:]
-                os.pwrite(fd, piece, at)
-                digest.update(piece)
-                at += length
+                for piece in stream.take(length):
+                    os.pwrite(fd, piece, at)
+                    digest.update(piece)
+                    at += len(piece)
             else:
                 raise ImportRefused("a child's pages segment is damaged")
-        if data_left or pending or any(True for _ in stream):
+        if data_left or not stream.empty():
             raise ImportRefused("a child's pages have data no segment uses")
     finally:
         os.close(src)
     return shared
+
+
+class _Exact:
+    """Pieces of a stream of chunks, exactly as many bytes as asked for at a time."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks = chunks
+        self.pending = b""
+
+    def take(self, length: int) -> Iterator[bytes]:
+        while length:
+            if not self.pending:
+                self.pending = next(self.chunks, b"")
+                if not self.pending:
+                    raise ImportRefused("a child's pages end before their segments")
+            piece, self.pending = self.pending[:length], self.pending[length:]
+            length -= len(piece)
+            yield piece
+
+    def empty(self) -> bool:
+        return not self.pending and next(self.chunks, b"") == b""
