@@ -163,6 +163,11 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the kernel's owner, else the one user who has it)",
     )  # fmt: skip
 
+    p = sub.add_parser(
+        "node-run", help="(run by a kernel's Slurm job) start the kernel on this node, hold the job"
+    )
+    p.add_argument("spec", help="the job's spec file, written by the provisioner")
+
     p = sub.add_parser("bases", help="list base snapshots (install --base), or delete one")
     p.add_argument("--delete", metavar="ID", help="delete this base; its kernelspecs start cold")
 
@@ -519,6 +524,12 @@ def _snapshot_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_run(args: argparse.Namespace) -> int:
+    from .runtime.noderun import main as node_run
+
+    return node_run(args.spec)
+
+
 def _snapshots(args: argparse.Namespace) -> int:
     ops = Ops()
     if args.delete:
@@ -616,6 +627,7 @@ _HANDLERS: dict[str, Any] = {
     "snapshots": _snapshots,
     "snapshot-export": _snapshot_export,
     "snapshot-import": _snapshot_import,
+    "node-run": _node_run,
     "reset": _reset,
     "class": _class,
     "bases": _bases,

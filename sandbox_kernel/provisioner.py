@@ -39,6 +39,7 @@ from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
 from .runtime.pool import POOL_MAX, check_pool
 from .runtime.pristine import PER_LAUNCH_ENV
+from .slurm import SlurmJob, sbatch_args
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
 MAGICS = "sandbox_kernel.magics"
@@ -78,6 +79,19 @@ class SandboxProvisioner(KernelProvisionerBase):
         "through the daemon. `off`: always in this (root) server.",
     ).tag(config=True)  # fmt: skip
 
+    backend = Enum(
+        ["local", "slurm"], default_value="local",
+        help="`local`: kernels run on this machine. `slurm`: each kernel is a Slurm job "
+        "(partition, account and time below) run by the sandbox-kernel daemon of its node; "
+        "its ports are forwarded from this machine, so the connection file never changes.",
+    ).tag(config=True)  # fmt: skip
+    partition = Unicode("", help="Slurm partition of the kernels' jobs (empty: the default).").tag(
+        config=True
+    )
+    account = Unicode("", help="Slurm account the kernels' jobs are charged to.").tag(config=True)
+    time_limit = Unicode(
+        "", help="Slurm time limit of a kernel's job, e.g. 8:00:00 (empty: the partition's)."
+    ).tag(config=True)
     base = Unicode(
         "", help="Id of a base snapshot (`sandbox-kernel install --base SNAPSHOT` sets it): "
         "new kernels start by restoring its files and memory. Empty: a cold start."
@@ -162,13 +176,14 @@ class SandboxProvisioner(KernelProvisionerBase):
         # Per instance, never the base class's shared dict.
         self.connection_info: KernelConnectionInfo = {}
         self._backend: Backend | None = None
-        self.process: KernelProcess | None = None
+        self.process: Any = None  # a KernelProcess, or a SlurmJob for the slurm backend
+        self._spec: dict[str, Any] = {}
         self._unsubscribe: Callable[[], None] = _nothing
         self._cwd: str = str(Path.cwd())
         self._launched = False
 
     @property
-    def backend(self) -> Backend:
+    def runner(self) -> Backend:
         """Where this kernel runs, chosen at its first use by the ``daemon`` trait.
 
         Raises:
@@ -179,12 +194,20 @@ class SandboxProvisioner(KernelProvisionerBase):
         return self._backend
 
     @property
-    def kernel(self) -> KernelProcess:
-        """The kernel's process as followed here (made at the first use)."""
+    def kernel(self) -> Any:
+        """The kernel's process as followed here (made at the first use): a
+        :class:`KernelProcess`, or for the slurm backend its :class:`SlurmJob`."""
         if self.process is None:
-            self.process = KernelProcess(self.backend, self.kernel_id, self.log)
-            self._unsubscribe = self.backend.on_new_process(self.kernel_id, self.process.adopt)
+            if self.backend_is_slurm:
+                self.process = SlurmJob(self.kernel_id, self.log)
+                return self.process
+            self.process = KernelProcess(self.runner, self.kernel_id, self.log)
+            self._unsubscribe = self.runner.on_new_process(self.kernel_id, self.process.adopt)
         return self.process
+
+    @property
+    def backend_is_slurm(self) -> bool:
+        return self.backend == "slurm"
 
     # ---- traits ------------------------------------------------------------------
 
@@ -261,7 +284,9 @@ class SandboxProvisioner(KernelProvisionerBase):
             "retain": self.autosave_keep,
             "pool": {"size": self.pool, "spec": self._spec_digest(kwargs.get("env", os.environ))},
         }
-        record = await self.backend.call("prepare", kernel_id=self.kernel_id, config=config)
+        if self.backend_is_slurm:
+            return await self._pre_launch_job(config, kwargs)
+        record = await self.runner.call("prepare", kernel_id=self.kernel_id, config=config)
         try:
             extra_arguments = kwargs.pop("extra_arguments", [])
             if km is None:
@@ -280,6 +305,29 @@ class SandboxProvisioner(KernelProvisionerBase):
             if not self._launched:
                 await self._undo_first_launch()  # a prepared kernel that never launches
             raise
+
+    async def _pre_launch_job(
+        self, config: dict[str, Any], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``pre_launch`` of a kernel that will be a Slurm job: its connection file
+        names ports on this machine (kept across restarts), which its job's
+        forwarders will reach; the container is prepared on the node by the job."""
+        km = self.parent
+        if km is None:
+            raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        if km.ip != "127.0.0.1" or not km.shell_port:
+            km.transport, km.ip = "tcp", "127.0.0.1"
+            for name in KERNEL_PORTS:
+                setattr(km, name, 0)  # jupyter_client picks free ones
+        env = kwargs.get("env", {})
+        km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
+        self.connection_info = km.get_connection_info()
+        self._spec = {"kernel_id": self.kernel_id, "config": config}
+        self.kernel.launching()
+        cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
+        launched: dict[str, Any] = await super().pre_launch(cmd=cmd, **kwargs)
+        return launched
 
     def _spec_digest(self, env: dict[str, str]) -> str:
         """What, besides the container's configuration, a pool kernel must share with
@@ -309,8 +357,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         spec_env = set(self.kernel_spec.env) if self.kernel_spec else set()
         env = allowed_env(kwargs.get("env", {}), self.env_allowlist, spec_env)
         first = not self._launched
+        if self.backend_is_slurm:
+            return await self._launch_job(argv, env, first)
         try:
-            started = await self.backend.call(
+            started = await self.runner.call(
                 "launch", kernel_id=self.kernel_id, argv=argv, env=env,
                 connection=_plain(dict(self.connection_info)),
             )  # fmt: skip
@@ -325,7 +375,28 @@ class SandboxProvisioner(KernelProvisionerBase):
         _reconnect_quickly(km)
         if started["warning"]:
             self.log.warning("Kernel %s started cold: %s", self.kernel_id, started["warning"])
-        self.log.info("Started sandboxed %s (%s)", started["describe"], self.backend.name)
+        self.log.info("Started sandboxed %s (%s)", started["describe"], self.runner.name)
+        return self.connection_info
+
+    async def _launch_job(
+        self, argv: list[str], env: dict[str, str], first: bool
+    ) -> KernelConnectionInfo:
+        """Submit the kernel's job and forward its ports (see ``slurm.py``)."""
+        spec = {**self._spec, "argv": argv, "env": env,
+                "connection": _plain(dict(self.connection_info))}  # fmt: skip
+        ports = {name: int(self.connection_info[name]) for name in KERNEL_PORTS}  # type: ignore[literal-required]
+        resources = sbatch_args(self.limits.to_dict(), self.partition, self.account,
+                                self.time_limit)  # fmt: skip
+        try:
+            node = await self.kernel.start(spec, ports, resources)
+        except BaseException:
+            await self.kernel.cancel()
+            await self.kernel.forget()
+            raise
+        self._launched = True
+        _reconnect_quickly(self.parent)
+        self.log.info("Started sandboxed kernel %s as Slurm job %s on %s",
+                      self.kernel_id, self.kernel.job_id, node)  # fmt: skip
         return self.connection_info
 
     async def _undo_first_launch(self) -> None:
@@ -334,7 +405,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         many kernels in one server, where a step past the start failed and the
         container ran on until ``gc``."""
         self.kernel.forget()
-        await self.backend.call("remove", kernel_id=self.kernel_id)
+        await self.runner.call("remove", kernel_id=self.kernel_id)
 
     def _track(self, pid: int | None) -> None:
         """Follow ``pid`` as the kernel's process (see :meth:`KernelProcess.track`).
@@ -353,13 +424,17 @@ class SandboxProvisioner(KernelProvisionerBase):
         reported gone. While it runs, a freeze left by a crashed snapshot is thawed
         and its log kept under its cap.
         """
+        if self.backend_is_slurm:
+            job_status: int | None = await self.kernel.poll()
+            return job_status
         if self.kernel.running:
             try:
-                await self.backend.call("tend", kernel_id=self.kernel_id)
+                await self.runner.call("tend", kernel_id=self.kernel_id)
             except DaemonError as err:  # tending can wait: the kernel runs
                 self.log.debug("Kernel %s: %s", self.kernel_id, err)
             return None
-        return await self.kernel.poll()
+        status: int | None = await self.kernel.poll()
+        return status
 
     async def wait(self) -> int | None:
         """Wait for the kernel to exit, without polling; return its status.
@@ -367,7 +442,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         Called by ``KernelManager.finish_shutdown`` and ``kill_kernel`` under their
         own timeouts. Afterwards ``has_process`` is False.
         """
-        return await self.kernel.wait()
+        status: int | None = await self.kernel.wait()
+        return status
 
     async def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the kernel, the container's PID 1.
@@ -397,12 +473,18 @@ class SandboxProvisioner(KernelProvisionerBase):
         On a restart the writable layer and the network stay, so the new kernel
         keeps its files and address. Otherwise nothing of the kernel is left.
         """
+        if self.backend_is_slurm:
+            # The job's end removes the kernel on its node; a restart submits anew.
+            await self.kernel.cancel()
+            await self.kernel.forget()
+            self.process = None
+            return
         self.kernel.forget()
         if restart:
-            await self.backend.call("stop", kernel_id=self.kernel_id)
+            await self.runner.call("stop", kernel_id=self.kernel_id)
             return
         self._unsubscribe()
-        await self.backend.call("remove", kernel_id=self.kernel_id)
+        await self.runner.call("remove", kernel_id=self.kernel_id)
 
     # ---- persistence -------------------------------------------------------------
 
@@ -412,7 +494,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         info["connection_info"] = {
             k: v.decode() if isinstance(v, bytes) else v for k, v in info["connection_info"].items()
         }
-        info.update({"pid": self.pid, "cwd": self._cwd, "daemon": self.backend.name == "daemon"})
+        if self.backend_is_slurm:
+            info.update({"job": self.kernel.job_id, "node": self.kernel.node, "cwd": self._cwd})
+            return info
+        info.update({"pid": self.pid, "cwd": self._cwd, "daemon": self.runner.name == "daemon"})
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
@@ -426,7 +511,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         self._unsubscribe()
         self.process = None
         self._cwd = provisioner_info.get("cwd") or self._cwd
-        pid = await self.backend.call("adopt", kernel_id=self.kernel_id)
+        pid = await self.runner.call("adopt", kernel_id=self.kernel_id)
         self._track(pid)
         self._launched = True
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,16 +14,6 @@ from sandbox_kernel.doctor import run_checks
 from sandbox_kernel.runtime import cluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def up() -> Iterator[None]:
-    cluster.up(say=lambda _: None)
-    try:
-        yield
-    finally:
-        cluster.down(say=lambda _: None)
-    assert cluster.leftovers() == []
 
 
 def run(*argv: str) -> str:

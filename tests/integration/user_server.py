@@ -58,7 +58,7 @@ class Server:
         kc.start_channels()
         await kc.wait_for_ready(timeout=60)
         self.clients[km.kernel_id] = kc
-        return {"kernel_id": km.kernel_id, "backend": km.provisioner.backend.name,
+        return {"kernel_id": km.kernel_id, "backend": km.provisioner.runner.name,
                 "pid": km.provisioner.pid}  # fmt: skip
 
     async def run(self, kernel_id: str, code: str) -> dict[str, Any]:

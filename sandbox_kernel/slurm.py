@@ -1,0 +1,274 @@
+"""Kernels as Slurm jobs: the Jupyter server's side.
+
+A kernel start submits a job (``sbatch``) that asks for the kernel's CPUs and
+memory. On the node Slurm picks, the job runs ``sandbox-kernel node-run SPEC``
+(``runtime/noderun.py``), which asks that node's daemon, as the submitting user,
+to start the kernel's container, forwards the node's ports to it, and writes where
+they are. Here, the provisioner forwards the ports of the connection file (on
+this machine) to the node's. The job lives as long as the kernel: ``scancel``
+stops the kernel, and a kernel shutdown cancels the job. See docs/design.md,
+"Clusters".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SandboxError
+from .runtime.fsutil import write_json
+
+#: Seconds a start waits for its job to run the kernel.
+START_TIMEOUT = 180.0
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+#: Job states in which the kernel may still come or run.
+ALIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "RESIZING", "SUSPENDED"}
+
+
+class SlurmError(SandboxError):
+    """A job could not be submitted or did not start the kernel; the message says why."""
+
+
+def jobs_dir() -> Path:
+    """Where a server keeps its kernels' job files: a folder the nodes see too (the
+    user's home at a site). ``$SANDBOX_KERNEL_SLURM_DIR`` moves it."""
+    found = os.environ.get("SANDBOX_KERNEL_SLURM_DIR")
+    folder = Path(found) if found else Path.home() / ".local/share/sandbox-kernel/slurm"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def sbatch_args(limits: dict[str, Any], partition: str, account: str, time_limit: str) -> list[str]:
+    """The resources of a kernel's job: its CPUs (whole ones) and memory."""
+    args = []
+    cpus = limits.get("cpus")
+    if cpus:
+        args.append(f"--cpus-per-task={max(1, math.ceil(float(cpus)))}")
+    memory = limits.get("memory")
+    if memory:
+        args.append(f"--mem={max(1, int(memory) >> 20)}M")
+    for flag, value in (("--partition", partition), ("--account", account),
+                        ("--time", time_limit)):  # fmt: skip
+        if value:
+            args.append(f"{flag}={value}")
+    return args
+
+
+async def _run(*argv: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 124, "", f"{argv[0]} did not answer in {timeout:.0f} s"
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+class Forwarder:
+    """Listens on ``host``'s ports and forwards each connection to the kernel's node;
+    :meth:`retarget` points new connections elsewhere and closes the old ones (the
+    frontend's ZeroMQ sockets reconnect by themselves)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.target: tuple[str, dict[str, int]] | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.links: set[asyncio.StreamWriter] = set()
+
+    async def listen(self, ports: dict[str, int]) -> None:
+        for name, port in ports.items():
+            server = await asyncio.start_server(
+                functools.partial(self._link, name), self.host, port
+            )
+            self.servers.append(server)
+
+    def retarget(self, address: str, ports: dict[str, int]) -> None:
+        self.target = (address, dict(ports))
+        for writer in list(self.links):
+            writer.close()
+
+    async def _link(
+        self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self.target is None:
+            writer.close()
+            return
+        address, ports = self.target
+        try:
+            far_reader, far_writer = await asyncio.open_connection(address, ports[name])
+        except OSError:
+            writer.close()
+            return
+        self.links.update((writer, far_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, far_writer), pump(far_reader, writer))
+        self.links.difference_update((writer, far_writer))
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for writer in list(self.links):
+            writer.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self.servers.clear()
+
+
+class SlurmJob:
+    """One kernel's job, as the provisioner follows it: in place of a local
+    :class:`~sandbox_kernel.kernel_process.KernelProcess`, the same methods.
+
+    Attributes:
+        job_id: Slurm's id of the job, None before the submission.
+        node: the node the kernel runs on, once it runs.
+    """
+
+    def __init__(self, kernel_id: str, log: Any) -> None:
+        self.kernel_id = kernel_id
+        self.log = log
+        self.job_id: int | None = None
+        self.node: str | None = None
+        self.shutdown_requested = False
+        self.forwarder = Forwarder("127.0.0.1")
+        self._status: int | None = None
+        self._signalled: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The job id (what jupyter_client asks of a process: whether there is one)."""
+        return self.job_id if self._status is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.job_id is not None and self._status is None
+
+    def launching(self) -> None:
+        self._status = self._signalled = None
+        self.shutdown_requested = False
+
+    def files(self) -> tuple[Path, Path, Path]:
+        folder = jobs_dir()
+        return (folder / f"{self.kernel_id}.json", folder / f"{self.kernel_id}.ready",
+                folder / f"{self.kernel_id}.log")  # fmt: skip
+
+    async def start(
+        self, spec: dict[str, Any], local_ports: dict[str, int], sbatch: list[str]
+    ) -> str:
+        """Submit the kernel's job and wait until its kernel runs; forward
+        ``local_ports`` to it. The node it runs on."""
+        spec_file, ready, log_file = self.files()
+        ready.unlink(missing_ok=True)
+        write_json(spec_file, spec)  # 0600: it holds the kernel's key
+        if shutil.which("sbatch") is None:
+            raise SlurmError("sbatch not found: this machine is no Slurm submit host")
+        # exec: the job's process is node-run itself, which a scancel's SIGTERM
+        # reaches and lets finish (a shell in between would die and take it along).
+        command = f"exec {sys.executable} -m sandbox_kernel.cli node-run {spec_file}"
+        code, out, err = await _run(
+            "sbatch", "--parsable", f"--job-name=sk-{self.kernel_id[:8]}",
+            f"--output={log_file}", *sbatch, f"--wrap={command}",
+        )  # fmt: skip
+        if code != 0:
+            raise SlurmError(f"sbatch refused the kernel's job: {(err or out).strip()}")
+        self.job_id = int(out.strip().split(";")[0])
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready.exists():
+            state = await self.state()
+            if state not in ALIVE_STATES:
+                tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
+                raise SlurmError(
+                    f"job {self.job_id} ended ({state or 'gone'}) before its kernel ran:\n{tail}"
+                )
+            if time.monotonic() > deadline:
+                await self.cancel()
+                raise SlurmError(
+                    f"job {self.job_id} did not run its kernel within {START_TIMEOUT:.0f} s "
+                    f"(it is {state}); see squeue -j {self.job_id}"
+                )
+            await asyncio.sleep(0.1)  # polling the shared folder: Slurm pushes nothing
+        where = json.loads(ready.read_text())
+        self.node = str(where["node"])
+        await self.forwarder.listen(local_ports)
+        self.forwarder.retarget(where["address"], {k: int(v) for k, v in where["ports"].items()})
+        return self.node
+
+    async def state(self) -> str:
+        """The job's state as squeue has it, "" once it is gone."""
+        if self.job_id is None:
+            return ""
+        code, out, _ = await _run("squeue", "-h", "-j", str(self.job_id), "-o", "%T")
+        return out.strip() if code == 0 else ""
+
+    async def poll(self) -> int | None:
+        if self._status is not None:
+            return self._status
+        if self.job_id is None:
+            return 1
+        if await self.state() in ALIVE_STATES:
+            return None
+        self._status = 0 if self.shutdown_requested else -(self._signalled or 1)
+        await self.forwarder.close()
+        return self._status
+
+    async def wait(self) -> int:
+        while True:
+            status = await self.poll()
+            if status is not None:
+                return status
+            await asyncio.sleep(0.2)  # Slurm reports a job's end to no one: asked
+
+    async def send_signal(self, signum: int) -> None:
+        """Interrupt the kernel (node-run passes SIGINT on); end it for any other."""
+        if self.job_id is None:
+            return
+        if signum == signal.SIGINT:
+            await _run("scancel", "--batch", f"--signal={signal.SIGINT.name}", str(self.job_id))
+            return
+        self._signalled = signum
+        await self.cancel()
+
+    async def cancel(self) -> None:
+        """End the job (node-run removes the kernel) and wait until it is gone."""
+        if self.job_id is None:
+            return
+        await _run("scancel", str(self.job_id))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if await self.state() not in ALIVE_STATES:
+                return
+            await asyncio.sleep(0.2)  # Slurm reports a job's end to no one: asked
+
+    async def forget(self) -> None:
+        await self.forwarder.close()
+        for path in self.files()[:2]:
+            path.unlink(missing_ok=True)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in ("local", "slurm"):
+        raise ConfigError("backend", backend, "is not known; use local or slurm")
+    return backend
