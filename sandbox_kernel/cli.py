@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not checkpoint kernels when they go idle after a cell (by "
                    "default they are: `%%container undo` goes back, and a cell out of "
                    "memory ends with an error)")  # fmt: skip
+    p.add_argument("--backend", default="local", choices=("local", "slurm"),
+                   help="local (default): kernels run on this machine; slurm: each kernel "
+                   "is a Slurm job on a node running the sandbox-kernel daemon")  # fmt: skip
+    p.add_argument("--partition", default="", help="with --backend slurm: the jobs' partition")
+    p.add_argument("--account", default="", help="with --backend slurm: the jobs' account")
+    p.add_argument("--time", default="", dest="time_limit",
+                   help="with --backend slurm: each job's time limit, e.g. 8:00:00")  # fmt: skip
     where = p.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for this user only")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
@@ -255,6 +262,19 @@ def _install(args: argparse.Namespace) -> int:
                 "keeps kernels restored from the pristine base; drop --no-pristine and --base",
             )  # fmt: skip
         config["pool"] = args.pool
+    slurm = {"partition": args.partition, "account": args.account, "time_limit": args.time_limit}
+    if args.backend == "slurm":
+        if args.pool or args.base:
+            raise ConfigError(
+                "--backend", "slurm",
+                "runs each kernel as a job on a node: --pool and --base are not for it yet",
+            )  # fmt: skip
+        config.update({"backend": "slurm", **{k: v for k, v in slurm.items() if v}})
+    elif any(slurm.values()):
+        raise ConfigError(
+            "--partition/--account/--time", next(v for v in slurm.values() if v),
+            "are for --backend slurm; add it or drop them",
+        )  # fmt: skip
     prefix = sys.prefix if args.sys_prefix else None
     path = install(args.name, args.display_name, config, user=args.user, prefix=prefix)
     print(f"Installed kernelspec {args.name} in {path}")
