@@ -343,11 +343,18 @@ class Ops:
 
 
 def _ps(args: argparse.Namespace) -> int:
+    from .slurm import kernel_jobs
+
+    jobs = kernel_jobs()
+    if jobs:
+        rows = [["KERNEL ID", "USER", "STATUS", "NODE", "JOB"]]
+        rows += [[j["kernel_id"], j["user"], j["state"], j["node"], j["job"]] for j in jobs]
+        print("Kernels running as Slurm jobs:\n" + table(rows) + "\n")
     ops = Ops()
     start = time.monotonic()
     first = {k["kernel_id"]: k["usage"] for k in ops("kernels")}
     if not first:
-        print("no kernel containers")
+        print("no kernel containers" + (" on this machine" if jobs else ""))
         return 0
     time.sleep(max(0.0, 0.25 - (time.monotonic() - start)))
     elapsed = time.monotonic() - start

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,28 @@ START_TIMEOUT = 180.0
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 #: Job states in which the kernel may still come or run.
 ALIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "RESIZING", "SUSPENDED"}
+
+
+#: Each kernel's job carries its kernel id in its comment, after this mark.
+COMMENT = "sandbox-kernel "
+
+
+def kernel_jobs() -> list[dict[str, str]]:
+    """The kernels' jobs Slurm knows (of every user for root, else the caller's):
+    ``{"kernel_id", "job", "node", "state", "user"}`` each. Blocks."""
+    if shutil.which("squeue") is None:
+        return []
+    done = subprocess.run(
+        ["squeue", "-h", "-o", "%i|%N|%T|%u|%k"], capture_output=True, text=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    found = []
+    for line in done.stdout.splitlines():
+        job, node, state, user, comment = (line.split("|", 4) + [""] * 5)[:5]
+        if comment.startswith(COMMENT):
+            found.append({"kernel_id": comment[len(COMMENT):], "job": job, "node": node or "-",
+                          "state": state.lower(), "user": user})  # fmt: skip
+    return found
 
 
 class SlurmError(SandboxError):
@@ -190,6 +213,7 @@ class SlurmJob:
         command = f"exec {sys.executable} -m sandbox_kernel.cli node-run {spec_file}"
         code, out, err = await _run(
             "sbatch", "--parsable", f"--job-name=sk-{self.kernel_id[:8]}",
+            f"--comment={COMMENT}{self.kernel_id}",
             f"--output={log_file}", *sbatch, f"--wrap={command}",
         )  # fmt: skip
         if code != 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,12 @@ async def test_a_kernel_runs_as_a_job_on_its_node_and_ends_with_it(
         assert squeue(job.job_id) == f"RUNNING {job.node}"
         assert node_kernels()[job.node] == [km.kernel_id]
         assert km.connection_file and km.ip == "127.0.0.1"  # forwarded from here
+        ps = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "sandbox_kernel.cli", "ps"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        row = next(line for line in ps.stdout.splitlines() if km.kernel_id in line)
+        assert row.split()[2:] == ["running", job.node, str(job.job_id)], ps.stdout
         assert (await run_cell(kc, "print(6 * 7)")).check().strip() == "42"
         status = (await run_cell(kc, "%container status")).check()
         assert "512M" in status, status
