@@ -462,7 +462,12 @@ class RestoreHandoff:
         while True:
             try:
                 frames = monitor.recv_multipart()
-            except Exception:  # the context was closed: the kernel is ending
+            except Exception:  # the context is being closed: the kernel is ending
+                # Closed here, or the context's close waits for it forever: the
+                # kernel's process outlived its shutdown reply until jupyter_client
+                # sent SIGTERM (2.5 s later).
+                with contextlib.suppress(Exception):
+                    monitor.close(linger=0)
                 return
             if len(frames) < 2 or frames[1].startswith(b"tcp://127."):
                 continue
