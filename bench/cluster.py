@@ -1,4 +1,12 @@
-"""Moving kernels between machines: what a portable snapshot costs.
+"""Kernels on a cluster: their start through Slurm, and what a portable snapshot costs.
+
+- **Kernel start.** On the test cluster (``make cluster``; brought up here if it
+  is not), kernels of one kernelspec start ``--rounds`` times through Slurm
+  (``backend = slurm``) and as many times locally, alternately: the time from
+  ``start_kernel`` until the kernel answers ``kernel_info``. Beside them, Slurm's
+  own overhead: a trivial job's time from ``sbatch`` until squeue says RUNNING.
+  Target: Slurm start <= 1.5 x local + Slurm's own time. A first start of each
+  kind (which makes the pristine base on its node) is not timed.
 
 - **Portable snapshots.** A sandboxed kernel holds ``--size`` of random bytes
   (default 300M); it is snapshotted (the parent), 1% of the state is rewritten
@@ -9,10 +17,11 @@
   store has). Bytes are the files' sizes; the import's bytes are what it added to
   the volume (data and metadata after a commit).
 
-The cluster's start, migration and node-loss figures come with the Slurm backend
-(not built yet). Needs root::
+Migration and node-loss figures come with migration (not built yet). Needs
+root::
 
-    .venv/bin/python bench/cluster.py [--size 300M] [--rounds 3] [--json out.json]
+    .venv/bin/python bench/cluster.py [--part all|start|portable] [--size 300M]
+        [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ from typing import Any
 from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).parent))
+from jupyter_client.kernelspec import KernelSpecManager
 from snapshot import MIB, SPEC, BenchError, _clean_kernel, make_kernelspec, run_cell, wait_saved
 
 from sandbox_kernel.errors import SandboxError
-from sandbox_kernel.runtime import Runtime, portable, snapshots, volume
+from sandbox_kernel.kernelspec import install, provisioner_config
+from sandbox_kernel.runtime import Limits, Runtime, cluster, portable, snapshots, volume
 from sandbox_kernel.runtime.limits import parse_size
 
 _BUILD = (
@@ -111,11 +122,92 @@ async def measure(size: int, rounds: int, tmp: Path) -> dict[str, Any]:
         await _clean_kernel(runtime, km, kc, km.kernel_id if km.has_kernel else None, owner, made)
 
 
+START_TARGET = 1.5
+
+
+async def start_once(ksm: KernelSpecManager, name: str, cwd: Path) -> float:
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    begin = time.perf_counter()
+    await km.start_kernel(cwd=str(cwd))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=180)
+        return time.perf_counter() - begin
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+
+
+async def sbatch_to_running() -> float:
+    """A trivial job's time from sbatch until squeue says RUNNING."""
+    begin = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        "sbatch", "--parsable", "--output=/dev/null", "--wrap=sleep 30",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    job = out.decode().strip().split(";")[0]
+    try:
+        while True:
+            state = await asyncio.create_subprocess_exec(
+                "squeue", "-h", "-j", job, "-o", "%T", stdout=asyncio.subprocess.PIPE
+            )
+            said, _ = await state.communicate()
+            if said.decode().strip() == "RUNNING":
+                return time.perf_counter() - begin
+            if time.perf_counter() - begin > 120:
+                raise BenchError(f"job {job} did not run within 120 s")
+            await asyncio.sleep(0.02)  # squeue is all Slurm offers to ask
+    finally:
+        await (await asyncio.create_subprocess_exec("scancel", job)).wait()
+
+
+async def measure_start(rounds: int, tmp: Path) -> dict[str, list[float]]:
+    limits = Limits.parse(memory="1G", cpus="1", pids="512", disk="2G")
+    config = provisioner_config("host", limits, "none")
+    install("bench-local", "local", config, prefix=str(tmp))
+    install("bench-slurm", "slurm", {**config, "backend": "slurm"}, prefix=str(tmp))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp / "share" / "jupyter" / "kernels")])
+    cwd = tmp / "start-cwd"
+    cwd.mkdir(mode=0o755)
+    cwd.chmod(0o755)
+    found: dict[str, list[float]] = {"local": [], "slurm": [], "sbatch": []}
+    for name in ("bench-local", "bench-slurm"):  # their pristine bases, untimed
+        await start_once(ksm, name, cwd)
+    for _ in range(rounds):
+        # Slurm's own time on the idle cluster, each job cancelled and gone before
+        # the next (measured so, a job right after another's end waited up to 2.7 s).
+        found["sbatch"].append(await sbatch_to_running())
+        await asyncio.sleep(1.0)  # untimed: the cancelled job leaves the node
+    for k in range(rounds):
+        found["local"].append(await start_once(ksm, "bench-local", cwd))
+        found["slurm"].append(await start_once(ksm, "bench-slurm", cwd))
+        print(f"  start round {k + 1}/{rounds}: local {found['local'][-1]:.2f} s, "
+              f"slurm {found['slurm'][-1]:.2f} s", file=sys.stderr)  # fmt: skip
+    return found
+
+
+def print_start(found: dict[str, list[float]]) -> None:
+    med = {key: statistics.median(v) for key, v in found.items()}
+    allowed = START_TARGET * med["local"] + med["sbatch"]
+    print(f"\nkernel start until kernel_info (medians of {len(found['local'])})")
+    print(f"{'local kernel (the peer), s':<44}{med['local']:>9.3f}")
+    print(
+        f"{'Slurm kernel, s':<44}{med['slurm']:>9.3f}   / local {med['slurm'] / med['local']:.2f}"
+    )
+    print(f"{'Slurm alone: sbatch until RUNNING, s':<44}{med['sbatch']:>9.3f}")
+    verdict = "PASS" if med["slurm"] <= allowed else "FAIL"
+    print(f"target: Slurm kernel <= {START_TARGET} x local + Slurm alone = {allowed:.3f} s: "
+          f"{verdict}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="300M", help="the kernel's state (default: 300M)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument("--part", choices=("all", "start", "portable"), default="all")
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.size, "size")
@@ -123,9 +215,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir="/tmp"))
     tmp.chmod(0o755)
+    started: dict[str, list[float]] = {}
+    found: dict[str, list[float]] = {}
+    brought_up = False
     try:
-        print(f"portable snapshots of a {args.size} kernel, 1% changed:", file=sys.stderr)
-        found = asyncio.run(measure(size, args.rounds, tmp))
+        if args.part in ("all", "start"):
+            if cluster.states() != {n.name: "idle" for n in cluster.nodes()}:
+                print("bringing the test cluster up ...", file=sys.stderr)
+                cluster.up(say=lambda line: print(f"  {line}", file=sys.stderr))
+                brought_up = True
+            print("kernel starts, local and through Slurm:", file=sys.stderr)
+            started = asyncio.run(measure_start(args.rounds, tmp))
+        if args.part in ("all", "portable"):
+            print(f"portable snapshots of a {args.size} kernel, 1% changed:", file=sys.stderr)
+            found = asyncio.run(measure(size, args.rounds, tmp))
     except (BenchError, SandboxError) as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
@@ -133,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+        if brought_up:
+            cluster.down(say=lambda line: print(f"  {line}", file=sys.stderr))
+    if started:
+        print_start(started)
+    if not found:
+        if args.json:
+            args.json.write_text(json.dumps(started, indent=2) + "\n")
+        return 0
     med = {key: statistics.median(values) for key, values in found.items()}
     peer_s, peer_b = med["export parent s"], med["export parent bytes"]
     print(f"\nportable snapshots, {args.size} state, 1% changed (medians of {args.rounds})")
@@ -148,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         b, s = med[f"{key} bytes"], med[f"{key} s"]
         print(f"{label:<44}{b / MIB:>10.1f}{s:>9.3f}{b / peer_b:>14.3f}{s / peer_s:>12.3f}")
     if args.json:
-        args.json.write_text(json.dumps(found, indent=2) + "\n")
+        args.json.write_text(json.dumps({**found, **started}, indent=2) + "\n")
     return 0
 
 
