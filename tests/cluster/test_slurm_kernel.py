@@ -18,7 +18,7 @@ from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.kernelspec import install, provisioner_config
 from sandbox_kernel.runtime import Limits, cluster
 
-from ..integration.conftest import wait_until
+from ..integration.conftest import reachable_by_all, wait_until
 from ..integration.probe import run_cell
 
 pytestmark = pytest.mark.integration
@@ -35,10 +35,7 @@ def slurm_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share/jupyter/kernels")])
     work = tmp_path / "work"
     work.mkdir()
-    for part in [work, *work.parents]:
-        if part == Path("/"):
-            break
-        part.chmod(part.stat().st_mode | 0o005)
+    reachable_by_all(work)
     return ksm, work
 
 

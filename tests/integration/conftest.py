@@ -99,11 +99,17 @@ def workdir(tmp_path: Path) -> Path:
     """A notebook folder for the kernel, readable by the kernel's unprivileged user."""
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    for part in [tmp_path, *tmp_path.parents]:
+    reachable_by_all(folder)
+    return folder
+
+
+def reachable_by_all(folder: Path) -> None:
+    """Let every user read and enter ``folder`` and the folders above it (a kernel
+    runs as another user than the test)."""
+    for part in [folder, *folder.parents]:
         if part == Path("/"):
             break
         part.chmod(part.stat().st_mode | 0o005)
-    return folder
 
 
 @pytest.fixture(autouse=True)

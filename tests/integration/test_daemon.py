@@ -21,7 +21,7 @@ from sandbox_kernel.runtime import Runtime, snapshots
 from sandbox_kernel.runtime.criu_images import Owners, core, map_entries
 from sandbox_kernel.runtime.record import Start
 
-from .conftest import run_cli, wait_until
+from .conftest import reachable_by_all, run_cli, wait_until
 from .daemon import USER_PYTHON, Daemon, User, UserServer
 
 NOT_FOUND = "no sandboxed kernel with id"
@@ -107,10 +107,7 @@ async def test_a_snapshot_exported_by_one_user_is_imported_by_another_as_theirs(
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o1777)
     shared.chmod(0o1777)
-    for part in [tmp_path, *tmp_path.parents]:
-        if part == Path("/"):
-            break
-        part.chmod(part.stat().st_mode | 0o005)
+    reachable_by_all(shared)
     exported = shared / "mine.sks"
     async with UserServer(alice) as server:
         kid = (await server.start())["kernel_id"]
