@@ -45,7 +45,9 @@ def read_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy ``src`` to ``dst`` until it ends; then close ``dst``. One direction of a
+    forwarded connection (here, and in the provisioner's forwarder)."""
     try:
         while data := await src.read(1 << 16):
             dst.write(data)
@@ -65,7 +67,7 @@ async def forward(address: str, port: int) -> asyncio.Server:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(_pipe(reader, far_writer), _pipe(far_reader, writer))
+        await asyncio.gather(pipe(reader, far_writer), pipe(far_reader, writer))
 
     return await asyncio.start_server(link, "0.0.0.0", 0)
 

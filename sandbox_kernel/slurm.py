@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import ConfigError, SandboxError
 from .runtime.fsutil import write_json
+from .runtime.noderun import pipe
 
 #: Seconds a start waits for its job to run the kernel.
 START_TIMEOUT = 180.0
@@ -136,18 +137,7 @@ class Forwarder:
             writer.close()
             return
         self.links.update((writer, far_writer))
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(1 << 16):
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pump(reader, far_writer), pump(far_reader, writer))
+        await asyncio.gather(pipe(reader, far_writer), pipe(far_reader, writer))
         self.links.difference_update((writer, far_writer))
 
     async def close(self) -> None:
