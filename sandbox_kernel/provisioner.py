@@ -358,7 +358,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         env = allowed_env(kwargs.get("env", {}), self.env_allowlist, spec_env)
         first = not self._launched
         if self.backend_is_slurm:
-            return await self._launch_job(argv, env, first)
+            return await self._launch_job(argv, env)
         try:
             started = await self.runner.call(
                 "launch", kernel_id=self.kernel_id, argv=argv, env=env,
@@ -378,9 +378,7 @@ class SandboxProvisioner(KernelProvisionerBase):
         self.log.info("Started sandboxed %s (%s)", started["describe"], self.runner.name)
         return self.connection_info
 
-    async def _launch_job(
-        self, argv: list[str], env: dict[str, str], first: bool
-    ) -> KernelConnectionInfo:
+    async def _launch_job(self, argv: list[str], env: dict[str, str]) -> KernelConnectionInfo:
         """Submit the kernel's job and forward its ports (see ``slurm.py``)."""
         spec = {**self._spec, "argv": argv, "env": env,
                 "connection": _plain(dict(self.connection_info))}  # fmt: skip
