@@ -146,13 +146,19 @@ def misfit_host(facts: Any, here: dict[str, Any] | None = None) -> str:
 # ---- the stream --------------------------------------------------------------------------
 
 
+def _head(out: IO[bytes], header: dict[str, Any], size: int) -> int:
+    """Write a record's header, announcing ``size`` bytes of payload; its length."""
+    head = json.dumps({**header, "size": size}, separators=(",", ":")).encode()
+    out.write(struct.pack(">I", len(head)) + head)
+    return 4 + len(head)
+
+
 def _record(out: IO[bytes], header: dict[str, Any], payload: bytes = b"") -> int:
     """Write one record; its length in bytes."""
-    head = json.dumps({**header, "size": len(payload)}, separators=(",", ":")).encode()
-    out.write(struct.pack(">I", len(head)) + head)
+    written = _head(out, header, len(payload))
     if payload:
         out.write(payload)
-    return 4 + len(head) + len(payload)
+    return written + len(payload)
 
 
 def _record_file(out: IO[bytes], header: dict[str, Any], path: Path) -> int:
@@ -160,8 +166,7 @@ def _record_file(out: IO[bytes], header: dict[str, Any], path: Path) -> int:
     (a memory image can be gigabytes); its length in bytes."""
     with open(path, "rb") as source:
         size = os.fstat(source.fileno()).st_size
-        head = json.dumps({**header, "size": size}, separators=(",", ":")).encode()
-        out.write(struct.pack(">I", len(head)) + head)
+        written = _head(out, header, size)
         left = size
         while left:
             data = source.read(min(left, _CHUNK))
@@ -169,7 +174,7 @@ def _record_file(out: IO[bytes], header: dict[str, Any], path: Path) -> int:
                 raise SandboxError(f"{path} got shorter while it was exported")
             out.write(data)
             left -= len(data)
-    return 4 + len(head) + size
+    return written + size
 
 
 class Reader:
@@ -390,8 +395,7 @@ def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple
         if len(json.dumps(header)) > MAX_HEADER // 2:  # too scattered to describe: whole
             return _record_file(out, {"kind": "image", "path": rel}, whole), 0
         size = sum(s[2] for s in segments if s[0] == "data")
-        head = json.dumps({**header, "size": size}, separators=(",", ":")).encode()
-        out.write(struct.pack(">I", len(head)) + head)
+        written = _head(out, header, size)
         for segment in segments:
             if segment[0] != "data":
                 continue
@@ -400,7 +404,7 @@ def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple
                 data = os.pread(new_fd, min(left, _CHUNK), at)
                 out.write(data)
                 at, left = at + len(data), left - len(data)
-        return 4 + len(head) + size, shared
+        return written + size, shared
     finally:
         os.close(new_fd)
         os.close(old_fd)
