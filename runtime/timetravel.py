@@ -233,21 +233,20 @@ class TimeTravel:
         note the parent of the checkpoint about to be taken."""
         record = self.service.runtime.record(kernel_id)
         lost = record.snapshot
+        mended: dict[str, str | None] = {}
         if lost and lost.startswith(f"{CHECKPOINT_PREFIX}{record.kernel_id}-"):
             saved = set(await asyncio.to_thread(snapshots.names, owner, True))
             if lost not in saved:
                 before = record.extra.get("checkpoint_parent")
+                mended["snapshot"] = before if before in saved else None
                 self.service.runtime.append_log(
                     kernel_id, f"checkpoint {lost} was lost (its save was cut short)"
                 )
                 await self._forget(kernel_id, {lost})
 
-                def parent(current: KernelRecord) -> None:
-                    current.snapshot = before if before in saved else None
-
-                await self.service.runtime.store.aupdate(kernel_id, parent)
-
         def note(current: KernelRecord) -> None:
+            if mended:
+                current.snapshot = mended["snapshot"]
             current.extra["checkpoint_parent"] = current.snapshot
 
         await self.service.runtime.store.aupdate(kernel_id, note)
