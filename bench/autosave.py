@@ -300,17 +300,11 @@ async def undo_vs_restore(ksm: KernelSpecManager, cwd: Path, rounds: int) -> dic
                 _, reply = await cell(k.kc, "x = 1")
                 await k.checkpointed_after(reply["content"]["execution_count"])
                 await settled()
-                start = time.perf_counter()
-                _, done = await cell(k.kc, "%container undo")
-                after = await printed(k.kc, "print('x' in dir())")
-                undo.append(time.perf_counter() - start)
-                _check(done, after, "undo")
+                undo.append(await back(k.kc, "%container undo", "undo"))
                 await settled()
-                start = time.perf_counter()
-                _, done = await cell(k.kc, "%container restore bench-autosave-equal")
-                after = await printed(k.kc, "print('x' in dir())")
-                restore.append(time.perf_counter() - start)
-                _check(done, after, "restore")
+                restore.append(
+                    await back(k.kc, "%container restore bench-autosave-equal", "restore")
+                )
         finally:
             await cell(k.kc, "%container delete bench-autosave-equal")
         return {"undo": undo, "restore": restore}
@@ -328,13 +322,19 @@ async def printed(kc: Any, code: str) -> dict[str, Any]:
     return {**reply, "stdout": "".join(texts)}
 
 
-def _check(done: dict[str, Any], after: dict[str, Any], what: str) -> None:
-    """The undo or restore went through, and the next cell saw the state before ``x``."""
+async def back(kc: Any, command: str, what: str) -> float:
+    """The time of ``command`` (an undo or a restore) and the next cell, until its
+    reply; checked: both went through, and the next cell saw the state before ``x``."""
+    start = time.perf_counter()
+    _, done = await cell(kc, command)
+    after = await printed(kc, "print('x' in dir())")
+    took = time.perf_counter() - start
     for reply in (done, after):
         if reply["content"]["status"] != "ok":
             raise RuntimeError(f"the {what} failed: {reply['content']}")
     if after["stdout"].strip() != "False":
         raise RuntimeError(f"after the {what}, x is still there: {after['stdout']!r}")
+    return took
 
 
 async def out_of_memory(ksm: KernelSpecManager, cwd: Path) -> float:
