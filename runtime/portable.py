@@ -678,10 +678,12 @@ def import_(
     name: str | None = None,
     cwd: str | None = None,
     say: Callable[[str], None] = lambda _: None,
+    parent_name: str | None = None,
 ) -> dict[str, Any]:
     """Read an exported snapshot from ``source`` into the store of ``owner_uid``, as
     ``name`` (default: its own name); kernels in host folder ``cwd`` see it (default:
-    the folder it was taken in). Its meta. Blocks.
+    the folder it was taken in). A child stream's parent is the importer's snapshot
+    ``parent_name`` (default: the name it had where it was exported). Its meta. Blocks.
 
     Raises:
         ImportRefused: the stream is damaged, hostile, or needs a parent this store
@@ -707,9 +709,15 @@ def import_(
         for k, v in announced.items()
     ):
         raise ImportRefused("its list of images is damaged")
-    target = snapshots.check_user_name(name or str(stream_meta.get("name", "")))
+    target = name or str(stream_meta.get("name", ""))
+    if not snapshots.is_moved(target):  # the runtime's own name for a moving kernel
+        snapshots.check_user_name(target)
+    snapshots.check_name(target)
     snapshots.check_quota(owner, target)
-    parent = _parent_of(owner, head.get("parent"))
+    parent_head = head.get("parent")
+    if parent_name is not None and isinstance(parent_head, dict):
+        parent_head = {**parent_head, "name": parent_name}
+    parent = _parent_of(owner, parent_head)
     owners = Owners((int(stream_meta["uid"]), owner_uid), (int(stream_meta["gid"]), owner_gid))
     draft = snapshots.Draft(owner, target)
     try:

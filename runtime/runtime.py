@@ -145,10 +145,13 @@ class Runtime:
         live: bool = True,
         progress: Callable[[str], None] | None = None,
         wait: bool = False,
+        keep_frozen: bool = False,
     ) -> dict[str, Any]:
         """Snapshot the kernel's files and live memory; return the meta. It may be
         saved to disk in the background (``saving`` in the meta) unless ``wait``."""
-        return await self.snapshotter.snapshot(kernel_id, name, message, live, progress, wait)
+        return await self.snapshotter.snapshot(
+            kernel_id, name, message, live, progress, wait, keep_frozen
+        )
 
     async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
         """Bring the kernel back to snapshot ``name`` in place:

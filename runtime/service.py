@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import pwd
@@ -34,8 +35,8 @@ from typing import Any
 from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, KernelNotFound, QuotaError, SandboxError
 
-from . import bases, exits, portable, snapshots
-from .callers import Caller, as_caller
+from . import bases, exits, portable, shared, snapshots
+from .callers import Caller, as_caller, groups_of
 from .control import ControlServer, write_credentials
 from .fsutil import write_json
 from .lifecycle import KernelConfig
@@ -323,8 +324,11 @@ class KernelService:
         live: bool = True,
         progress: Progress | None = None,
         wait: bool = False,
+        keep_frozen: bool = False,
     ) -> dict[str, Any]:
-        meta = await self.runtime.snapshot(kernel_id, name, message, live, progress, wait)
+        meta = await self.runtime.snapshot(
+            kernel_id, name, message, live, progress, wait, keep_frozen
+        )
         self.log.info(
             "snapshot %s of kernel %s (owner %s): %s, memory %s, files %s, %.2f s",
             meta["name"], kernel_id, self._owner_text(kernel_id), meta["mode"],
@@ -335,7 +339,13 @@ class KernelService:
 
     async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
         started = time.monotonic()
-        done = await self.runtime.restore(kernel_id, name)
+        try:
+            done = await self.runtime.restore(kernel_id, name)
+        except snapshots.SnapshotNotFound:
+            # A kernel of a cluster: the snapshot may have been taken on another node.
+            if not await self.fetch_shared(kernel_id, name):
+                raise
+            done = await self.runtime.restore(kernel_id, shared.local_name(name))
         self.log.info(
             "restored kernel %s (owner %s) to snapshot %s: %s, %.2f s%s",
             kernel_id, self._owner_text(kernel_id), name, done.get("mode"),
@@ -343,6 +353,28 @@ class KernelService:
         )  # fmt: skip
         self.emit({"event": "process", "kernel_id": kernel_id, "pid": done["pid"]})
         return done
+
+    async def fetch_shared(self, kernel_id: str, name: str) -> list[str]:
+        """Import snapshot ``name`` from the kernel's shared store (a cluster's), as
+        its owner; the names imported, none where the kernel has no shared store or
+        the store lacks it."""
+        record = self.runtime.record(kernel_id)
+        folder = record.extra.get("shared_store")
+        if not folder:
+            return []
+        snapshots.check_name(name)
+        owner = Caller(record.uid, record.gid, 0, groups_of(record.uid, record.gid))
+        try:
+            names = await asyncio.to_thread(
+                shared.fetch, owner, record.uid, record.gid, str(folder), name
+            )
+        except snapshots.SnapshotNotFound:
+            return []
+        for moved in (n for n in names if snapshots.is_moved(n)):
+            await self.runtime.store.aupdate(kernel_id, functools.partial(_carries, name=moved))
+        self.log.info("kernel %s: fetched %s from the shared store %s",
+                      kernel_id, ", ".join(names), folder)  # fmt: skip
+        return names
 
     async def reset(self, kernel_id: str, pristine: bool = False) -> dict[str, Any]:
         started = time.monotonic()
@@ -556,6 +588,12 @@ async def _prepare(svc: KernelService, caller: Caller, args: dict[str, Any], _: 
             record = await svc.runtime.store.aupdate(kernel_id, lambda r: _pool_mark(r, key))
         if args["config"].get("autosave"):
             record = await _turn_autosave_on(svc, kernel_id, args["config"])
+    store = args["config"].get("shared_store")
+    if store:
+        folder = shared.check_store(store)
+        record = await svc.runtime.store.aupdate(
+            record.kernel_id, lambda r: r.extra.update(shared_store=folder) or r
+        )
     if record.belongs_to != caller.uid and not caller.is_root:
         raise KernelNotFound(kernel_id)
     try:
@@ -719,6 +757,9 @@ async def _remove(svc: KernelService, caller: Caller, args: dict[str, Any], _: A
     await svc.close_channel(record.kernel_id)
     await svc.timetravel.drop_all(record)
     await svc.runtime.remove(record.kernel_id)
+    for name in record.extra.get("moved") or []:  # it carried the kernel between nodes
+        with contextlib.suppress(SandboxError, OSError):
+            await asyncio.to_thread(snapshots.delete, str(record.uid), name)
     svc.emit({"event": "removed", "kernel_id": record.public_id, "owner_uid": owner})
 
 
@@ -903,7 +944,7 @@ async def _snapshots(svc: KernelService, caller: Caller, args: dict[str, Any], _
             [owner, meta]
             for owner in owners
             for meta in snapshots.listing(owner)
-            if not snapshots.is_checkpoint(meta["name"])
+            if not (snapshots.is_checkpoint(meta["name"]) or snapshots.is_moved(meta["name"]))
         ]
 
     return await asyncio.to_thread(listing)
@@ -980,7 +1021,15 @@ async def _export_snapshot(
     if since is not None:
         since = snapshots.check_name(str(since))
     path = _export_path(args["path"], "export file")
-    say = _in_thread(progress)
+    return await _export_to(caller, owner, name, path, since, _in_thread(progress))
+
+
+async def _export_to(
+    caller: Caller, owner: str, name: str, path: str, since: str | None,
+    say: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """Write snapshot ``name`` of ``owner`` to the new file ``path``, made by
+    ``caller`` and readable by them alone; nothing is left if it fails."""
 
     def run() -> dict[str, Any]:
         with as_caller(caller):
@@ -1020,6 +1069,16 @@ async def _import_snapshot(
     owner = svc.snapshot_owner(caller, args.get("owner"))
     path = _export_path(args["path"], "import file")
     name = args.get("name") or None
+    parent_name = args.get("parent_name") or None
+    if parent_name is not None:
+        parent_name = snapshots.check_name(str(parent_name))
+    # A kernel moving here: the snapshot is kept as long as that kernel is.
+    carried = svc.kernel(caller, args["kernel_id"]) if args.get("kernel_id") else None
+    if (name is not None and snapshots.is_moved(str(name))) != (carried is not None):
+        raise ConfigError(
+            "snapshot name", name, f"must start with {snapshots.MOVED_PREFIX!r} exactly "
+            "when it carries a kernel (kernel_id); choose another",
+        )  # fmt: skip
     cwd = args.get("cwd") or None
     if cwd is not None:
         cwd = _export_path(cwd, "--cwd")
@@ -1040,9 +1099,99 @@ async def _import_snapshot(
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ConfigError("import file", path, "is not a regular file")
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-            return portable.import_(uid, gid, source, name, cwd, say)
+            return portable.import_(uid, gid, source, name, cwd, say, parent_name)
 
-    return await asyncio.to_thread(run)
+    meta = await asyncio.to_thread(run)
+    if carried is not None:
+        await svc.runtime.store.aupdate(carried.kernel_id, lambda r: _carries(r, meta["name"]))
+    return meta
+
+
+def _carries(record: KernelRecord, name: str) -> None:
+    record.extra["moved"] = [*(record.extra.get("moved") or []), name]
+
+
+@_op("move_out")
+async def _move_out(
+    svc: KernelService, caller: Caller, args: dict[str, Any], progress: Progress | None
+) -> Any:
+    """One step of moving the kernel to another node (``sandbox_kernel/migrate.py``):
+    snapshot it as ``name`` (a ``moved-`` name, deleted with the kernel) and write it
+    to the new file ``path`` as the caller, against ``since`` if given. With
+    ``final`` the kernel stays frozen afterwards (``thaw`` lets it go on here if
+    the move fails); else it runs on."""
+    record = svc.kernel(caller, args["kernel_id"])
+    name = snapshots.check_name(str(args["name"]))
+    if not snapshots.is_moved(name):
+        raise ConfigError("snapshot name", name, f"must start with {snapshots.MOVED_PREFIX!r}")
+    since = args.get("since") or None
+    if since is not None:
+        since = snapshots.check_name(str(since))
+    path = _export_path(args["path"], "export file")
+    final = bool(args.get("final"))
+    started = time.monotonic()
+    await svc.runtime.store.aupdate(record.kernel_id, lambda r: _carries(r, name))
+    meta = await svc.snapshot(record.kernel_id, name, "moving to another node",
+                              wait=True, progress=progress, keep_frozen=final)  # fmt: skip
+    dumped = time.monotonic()
+    try:
+        if meta["mode"] != "live":
+            raise ConfigError(
+                "kernel", record.public_id,
+                f"cannot move with its memory: {meta.get('reason') or 'CRIU could not dump it'}",
+            )  # fmt: skip
+        done = await _export_to(caller, str(record.uid), name, path, since, _in_thread(progress))
+    except BaseException:
+        if final:
+            await svc.runtime.drivers.runc.resume(record.container_id)
+        raise
+    return {**done, "memory_bytes": meta["memory_bytes"], "paused_seconds": meta["paused_seconds"],
+            "snapshot_seconds": round(dumped - started, 4),
+            "export_seconds": round(time.monotonic() - dumped, 4)}  # fmt: skip
+
+
+@_op("fetch")
+async def _fetch(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Import snapshot ``name`` from the kernel's shared store (see ``shared.py``);
+    the name the kernel restores it by."""
+    record = svc.kernel(caller, args["kernel_id"])
+    names = await svc.fetch_shared(record.kernel_id, str(args["name"]))
+    if not names:
+        raise snapshots.SnapshotNotFound(str(args["name"]), [])
+    return names[-1]
+
+
+@_op("thaw")
+async def _thaw(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
+    """Let a kernel whose move failed after its last snapshot run on here."""
+    record = svc.kernel(caller, args["kernel_id"])
+    await svc.runtime.drivers.runc.resume(record.container_id)
+
+
+@_op("kernel_snapshots")
+async def _kernel_snapshots(
+    svc: KernelService, caller: Caller, args: dict[str, Any], _: Any
+) -> Any:
+    """What the kernel's node keeps of it, for the cluster's shared store: the
+    snapshots it took and its checkpoints, saved ones only, oldest first:
+    ``[{"name", "parent", "created", "checkpoint"}]``."""
+    record = svc.kernel(caller, args["kernel_id"])
+    owner = str(record.uid)
+
+    def listing() -> list[dict[str, Any]]:
+        found = []
+        for meta in snapshots.listing(owner):
+            name = meta["name"]
+            if meta.get("saving") or snapshots.is_moved(name):
+                continue
+            if meta.get("kernel_id") != record.kernel_id:
+                continue
+            found.append({"name": name, "parent": meta.get("parent"),
+                          "created": meta.get("created", 0.0),
+                          "checkpoint": snapshots.is_checkpoint(name)})  # fmt: skip
+        return sorted(found, key=lambda m: m["created"])
+
+    return await asyncio.to_thread(listing)
 
 
 def _primary_gid(uid: int) -> int:

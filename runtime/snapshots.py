@@ -110,11 +110,19 @@ PRISTINE_PREFIX = "pristine-base-"
 #: The names of a kernel's automatic checkpoints (see ``timetravel.py``): counted
 #: against the quota like any snapshot, but listed by ``%container history`` only.
 CHECKPOINT_PREFIX = "ckpt-"
+#: The names of the snapshots a kernel moving between nodes is carried in (see
+#: ``sandbox_kernel/migrate.py``): deleted with the kernel, and never listed.
+MOVED_PREFIX = "moved-"
 
 
 def is_checkpoint(name: str) -> bool:
     """Whether snapshot ``name`` is an automatic checkpoint."""
     return name.startswith(CHECKPOINT_PREFIX)
+
+
+def is_moved(name: str) -> bool:
+    """Whether snapshot ``name`` carries a kernel between nodes."""
+    return name.startswith(MOVED_PREFIX)
 
 
 def check_name(name: str) -> str:
@@ -140,7 +148,7 @@ def check_user_name(name: str) -> str:
         ConfigError: invalid, or starting with a reserved prefix.
     """
     check_name(name)
-    for prefix in (CHECKPOINT_PREFIX, PRISTINE_PREFIX):
+    for prefix in (CHECKPOINT_PREFIX, PRISTINE_PREFIX, MOVED_PREFIX):
         if name.startswith(prefix):
             raise ConfigError(
                 "snapshot name", name,

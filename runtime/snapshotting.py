@@ -94,6 +94,7 @@ class Snapshotter:
         live: bool = True,
         progress: Callable[[str], None] | None = None,
         wait: bool = False,
+        keep_frozen: bool = False,
     ) -> dict[str, Any]:
         """Snapshot kernel ``kernel_id``'s files and live memory as ``name``; return its
         meta. A failure at any step keeps nothing.
@@ -110,7 +111,9 @@ class Snapshotter:
         True, and the snapshot is listed as saving until it is durable. With
         ``wait``, or where only the save can tell whether the snapshot fits the
         owner's quota (its pages shared with the parent count), this waits for the
-        save and returns the final meta.
+        save and returns the final meta. With ``keep_frozen`` (a kernel that moves to
+        another node) the kernel stays frozen after a dump that went through: it must
+        not run on past the moment its new node restores.
 
         Raises:
             ConfigError: the name is invalid or taken.
@@ -132,7 +135,7 @@ class Snapshotter:
             try:
                 with _dropped_on_failure(draft):
                     staging = self._staging(record, live)
-                    dump = await self._freeze_and_dump(record, draft, live, staging)
+                    dump = await self._freeze_and_dump(record, draft, live, staging, keep_frozen)
                     images = (
                         staging.images if staging is not None and dump.staged else draft.criu_dir
                     )
@@ -258,6 +261,7 @@ class Snapshotter:
         draft: snapshots.Draft,
         live: bool,
         staging: saving.Staging | None = None,
+        keep_frozen: bool = False,
     ) -> Dump:
         """Freeze the kernel, snapshot its writable layer into the draft and, if
         ``live``, dump its memory into ``staging`` (else the draft); thaw it. A dump
@@ -295,8 +299,12 @@ class Snapshotter:
                 mode, reason = await self._dump(kdir, record, draft.criu_dir, dump, work)
                 if mode == "live":
                     self._readable(record, draft.criu_dir)
-        finally:
+        except BaseException:
             self.boot.criu_config(kdir)
+            await self.drivers.runc.resume(record.container_id)
+            raise
+        self.boot.criu_config(kdir)
+        if not (keep_frozen and mode == "live"):
             await self.drivers.runc.resume(record.container_id)
         return Dump(mode, reason, time.monotonic() - frozen, staged)
 
