@@ -95,6 +95,9 @@ class RestoreHandoff:
         # Set while a cell takes a snapshot: a process restored from it wakes up in
         # that cell, whose own code asks what happened (see finish_restore).
         self._in_snapshot = False
+        #: Said at the start of the next cell: what a restore the user did not ask
+        #: for lost (a kernel brought back on another node).
+        self._notice = ""
         #: Called when this process becomes a new kernel (from a base, or a reset):
         #: what a fresh process does at its start (the magic's warning of how the
         #: last process ended).
@@ -216,6 +219,12 @@ class RestoreHandoff:
         numbered = threading.Event()
         if kind == "crash":
             self._arrive_after_crash(info)
+            return
+        if kind == "notice":
+            # Brought back elsewhere (its node died): the next cell says what was lost.
+            self._reopen_history()
+            self._continue_numbering(count)
+            self._notice = str(info.get("text") or "")
             return
         if kind == "restore" and info.get("undo"):
             text = f"Undone: back to the state before cell {info['undo']} (memory and files).\n"
@@ -397,6 +406,9 @@ class RestoreHandoff:
         if self._restored.is_set():
             self._restored.clear()
             self._wait_for_frontend()
+        notice, self._notice = self._notice, ""
+        if notice:
+            print(f"%container: {notice}", file=sys.stderr)
 
     # ---- the frontend's reconnection ------------------------------------------------
 

@@ -18,12 +18,14 @@ import signal
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.errors import ConfigError, SandboxError
 
+from . import shared
 from .fsutil import write_json
 from .lifecycle import KERNEL_PORTS
 
@@ -72,23 +74,158 @@ async def forward(address: str, port: int) -> asyncio.Server:
     return await asyncio.start_server(link, "0.0.0.0", 0)
 
 
+#: Seconds a kernel moving here waits for each file of the move.
+MOVE_WAIT = 300.0
+#: How often node-run touches ``KERNEL_ID.alive`` for the provisioner, in seconds.
+HEARTBEAT = 1.0
+
+
+async def _wait_for(paths: list[Path], deadline: float) -> Path:
+    """The first of ``paths`` to exist (a file another node writes in a shared folder)."""
+    while True:
+        for path in paths:
+            if path.exists():
+                return path
+        if time.monotonic() > deadline:
+            raise SandboxError(f"{paths[0].name} did not come in {MOVE_WAIT:.0f} s")
+        await asyncio.sleep(0.02)  # a shared folder tells no one: looked at
+
+
+async def arrive(client: DaemonClient, kid: str, move: Path) -> dict[str, Any]:
+    """Take over a kernel moving here (``sandbox_kernel/migrate.py``): import the
+    snapshot sent while it ran on (``base.sks``) and say so (``staged``), then the
+    last one, against it (``final.sks``), and restore it into the kernel launched
+    here. The restore's answer."""
+    deadline = time.monotonic() + MOVE_WAIT
+    found = await _wait_for([move / "base.sks", move / "final.sks", move / "abort"], deadline)
+    if found.name == "abort":
+        raise SandboxError("the move was called off")
+    plan = json.loads((move / "names.json").read_text())
+    parent = None
+    if found.name == "base.sks":
+        await client.call("import_snapshot", path=str(found), name=plan["base"], kernel_id=kid)
+        parent = plan["base"]
+    write_json(move / "staged", {"node": socket.gethostname()})
+    found = await _wait_for([move / "final.sks", move / "abort"], deadline)
+    if found.name == "abort":
+        raise SandboxError("the move was called off")
+    await client.call("import_snapshot", path=str(found), name=plan["final"], kernel_id=kid,
+                      parent_name=parent)  # fmt: skip
+    done: dict[str, Any] = await client.call(
+        "restore", kernel_id=kid, name=plan["final"], arriving=True
+    )
+    return done
+
+
+async def recover(client: DaemonClient, kid: str, store: Path) -> dict[str, Any] | None:
+    """Bring back a kernel whose node died, from the latest snapshot or checkpoint it
+    published to the shared store; its index entry, or None where there is none."""
+    published = [e for e in shared.entries(store) if e.get("kernel_id") == kid]
+    if not published:
+        return None
+    latest = published[-1]
+    local = await client.call("fetch", kernel_id=kid, name=latest["name"])
+    when = time.strftime("%H:%M:%S", time.localtime(float(latest.get("created") or 0)))
+    what = "checkpoint" if latest.get("checkpoint") else f"snapshot {latest['name']}"
+    notice = (
+        f"this kernel's node ({latest.get('node') or 'unknown'}) stopped; the kernel is back on "
+        f"{socket.gethostname()} from its {what} of {when}. Whatever ran after that is lost."
+    )
+    await client.call("restore", kernel_id=kid, name=local, notice=notice, arriving=True)
+    return latest
+
+
+class Publisher:
+    """Copies what this node keeps of the kernel to the shared store (``shared.py``):
+    each snapshot it takes, and its latest checkpoint at most every
+    :data:`shared.CHECKPOINT_EVERY` seconds, each against the nearest ancestor
+    published before it."""
+
+    def __init__(self, client: DaemonClient, kid: str, store: Path) -> None:
+        self.client, self.kid, self.store = client, kid, store
+        self.done: set[str] = {e["name"] for e in shared.entries(store)}
+        self.last_checkpoint = 0.0
+
+    async def run(self, ended: asyncio.Event) -> None:
+        """Publish what is new every second until ``ended``."""
+        while not ended.is_set():
+            try:
+                await self.tick()
+            except (SandboxError, OSError) as err:
+                print(f"kernel {self.kid}: publishing failed: {err}", file=sys.stderr, flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), HEARTBEAT)
+
+    async def tick(self) -> None:
+        rows = await self.client.call("kernel_snapshots", kernel_id=self.kid)
+        parents = {r["name"]: r.get("parent") for r in rows}
+        checkpoints = [r for r in rows if r["checkpoint"]]
+        due = time.monotonic() - self.last_checkpoint >= shared.CHECKPOINT_EVERY
+        for row in rows:
+            name = row["name"]
+            if name in self.done:
+                continue
+            if row["checkpoint"] and (row is not checkpoints[-1] or not due):
+                continue
+            since = row.get("parent")
+            while since and since not in self.done:
+                since = parents.get(since)
+            await self.publish(name, since, bool(row["checkpoint"]), float(row["created"]))
+
+    async def publish(self, name: str, since: str | None, checkpoint: bool, created: float) -> None:
+        partial = self.store / f".{name}.partial"
+        partial.unlink(missing_ok=True)
+        await self.client.call("export_snapshot", name=name, path=str(partial), since=since)
+        partial.rename(self.store / (name + shared.STREAM))
+        write_json(self.store / (name + shared.INDEX), {
+            "name": name, "kernel_id": self.kid, "since": since, "created": created,
+            "checkpoint": checkpoint, "node": socket.gethostname(),
+        })  # fmt: skip
+        self.done.add(name)
+        if checkpoint:
+            self.last_checkpoint = time.monotonic()
+
+
 async def run(spec_path: Path) -> int:
     spec = read_spec(spec_path)
     kid = str(spec["kernel_id"])
+    folder = spec_path.parent
     client = DaemonClient()
-    record = await client.call("prepare", kernel_id=kid, config=spec["config"])
+    config = dict(spec["config"])
+    store = Path(spec["store"]) if spec.get("store") else None
+    if store is not None:
+        store.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config["shared_store"] = str(store)
+    move = Path(spec["move"]["dir"]) if spec.get("move") else None
+    record = await client.call("prepare", kernel_id=kid, config=config)
     address = str(record["kernel_ip"])
     connection = {**spec["connection"], "ip": address, **KERNEL_PORTS}
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()
-    started = await client.call(
-        "launch", kernel_id=kid, argv=spec["argv"], env=spec["env"], connection=connection
-    )
-    del started  # the kernel's pid is asked for when needed: a restore changes it
+    try:
+        await client.call(
+            "launch", kernel_id=kid, argv=spec["argv"], env=spec["env"], connection=connection
+        )
+        if move is not None:
+            await arrive(client, kid, move)
+        elif spec.get("recover") and store is not None:
+            try:
+                await recover(client, kid, store)
+            except SandboxError as err:  # the kernel launched above runs on: a cold start
+                print(f"kernel {kid}: no recovery ({err}); started cold", file=sys.stderr)
+    except BaseException as err:
+        if move is not None:
+            with contextlib.suppress(OSError):
+                write_json(move / "failed", {"error": str(err), "node": socket.gethostname()})
+        with contextlib.suppress(SandboxError):
+            await client.call("remove", kernel_id=kid)
+        raise
     servers = {name: await forward(address, KERNEL_PORTS[name]) for name in PORT_NAMES}
     ports = {name: server.sockets[0].getsockname()[1] for name, server in servers.items()}
     node = socket.gethostname()
-    write_json(spec_path.with_suffix(".ready"), {
+    alive = folder / f"{kid}.alive"
+    alive.touch(mode=0o600)
+    write_json(folder / f"{kid}.ready", {
         "node": node, "address": socket.gethostbyname(node), "ports": ports,
         "job": os.environ.get("SLURM_JOB_ID"),
     })  # fmt: skip
@@ -108,6 +245,9 @@ async def run(spec_path: Path) -> int:
         task.add_done_callback(pending.discard)
 
     loop.add_signal_handler(signal.SIGINT, interrupt_kernel)
+    publishing = None
+    if store is not None:  # its own task: a large export must not hold the heartbeat
+        publishing = asyncio.ensure_future(Publisher(client, kid, store).run(ended))
     try:
         while not ended.is_set():
             try:
@@ -117,10 +257,14 @@ async def run(spec_path: Path) -> int:
             if pid is None:
                 print(f"kernel {kid} ended", file=sys.stderr, flush=True)
                 break  # the kernel ended (a shutdown, or it died)
+            with contextlib.suppress(OSError):
+                os.utime(alive)
             with_timeout = asyncio.ensure_future(ended.wait())
-            await asyncio.wait([with_timeout], timeout=1.0)
+            await asyncio.wait([with_timeout], timeout=HEARTBEAT)
             with_timeout.cancel()
     finally:
+        if publishing is not None:
+            publishing.cancel()
         print(f"removing kernel {kid}", file=sys.stderr, flush=True)
         for server in servers.values():
             server.close()

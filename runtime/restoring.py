@@ -62,7 +62,7 @@ class Restorer:
 
     # ---- restore --------------------------------------------------------------------
 
-    async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+    async def restore(self, kernel_id: str, name: str, arriving: bool = False) -> dict[str, Any]:
         """Bring kernel ``kernel_id`` back to snapshot ``name``, in place.
 
         The kernel keeps its id, address and connection info. A ``live`` snapshot
@@ -77,7 +77,7 @@ class Restorer:
             CommandError: the container could not be stopped or started.
         """
         async with self.store.exclusive(kernel_id):
-            return await self._restore(kernel_id, name)
+            return await self._restore(kernel_id, name, arriving)
 
     async def finish_restore(self, kernel_id: str) -> int | None:
         """Complete a restore whose runtime died in the middle; return the new pid.
@@ -101,7 +101,7 @@ class Restorer:
             pid: int = done["pid"]
             return pid
 
-    async def _restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+    async def _restore(self, kernel_id: str, name: str, arriving: bool = False) -> dict[str, Any]:
         """:meth:`restore`, with the kernel's operation lock held."""
         record = self.store.load(kernel_id)
         kdir = self.store.kernel_dir(kernel_id)
@@ -124,7 +124,9 @@ class Restorer:
                 criu = self.drivers.criu.criu_binary()
             except RequirementMissing as err:
                 mode, reason = "files", str(err)
-        await self._note_peers(record)
+        # A kernel arriving from another node has none of its frontends here yet: its
+        # process waits for one connection of each.
+        await self._note_peers(record, count=not arriving)
         await self.drivers.runc.delete(record.container_id)
 
         def restoring(current: KernelRecord) -> None:
@@ -158,13 +160,15 @@ class Restorer:
             await asyncio.to_thread(self.rootfs.unmount, kdir)
             raise
 
-    async def _note_peers(self, record: KernelRecord) -> None:
+    async def _note_peers(self, record: KernelRecord, count: bool = True) -> None:
         """Tell the process a restore brings back how many frontend connections to
         wait for (``peers.json`` in its run folder; see the magic's handoff): those
         its kernel has now. None are told where that cannot be seen."""
         path = self.rootfs.run_dir(record.kernel_id) / PEERS
         try:
             path.unlink(missing_ok=True)
+            if not count:
+                return
             state = await self.drivers.runc.state(record.container_id)
             pid = state.get("pid") if state else None
             if pid:

@@ -153,10 +153,11 @@ class Runtime:
             kernel_id, name, message, live, progress, wait, keep_frozen
         )
 
-    async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+    async def restore(self, kernel_id: str, name: str, arriving: bool = False) -> dict[str, Any]:
         """Bring the kernel back to snapshot ``name`` in place:
-        ``{"pid", "mode", "reason", "name"}``."""
-        return await self.restorer.restore(kernel_id, name)
+        ``{"pid", "mode", "reason", "name"}``. ``arriving``: the kernel comes from
+        another node, whose frontends reconnect here."""
+        return await self.restorer.restore(kernel_id, name, arriving)
 
     async def finish_restore(self, kernel_id: str) -> int | None:
         """Complete a restore cut short; the new pid, or None if there was none."""

@@ -337,15 +337,15 @@ class KernelService:
         self.emit({"event": "snapshot", "kernel_id": kernel_id, "name": meta["name"]})
         return meta
 
-    async def restore(self, kernel_id: str, name: str) -> dict[str, Any]:
+    async def restore(self, kernel_id: str, name: str, arriving: bool = False) -> dict[str, Any]:
         started = time.monotonic()
         try:
-            done = await self.runtime.restore(kernel_id, name)
+            done = await self.runtime.restore(kernel_id, name, arriving)
         except snapshots.SnapshotNotFound:
             # A kernel of a cluster: the snapshot may have been taken on another node.
             if not await self.fetch_shared(kernel_id, name):
                 raise
-            done = await self.runtime.restore(kernel_id, shared.local_name(name))
+            done = await self.runtime.restore(kernel_id, shared.local_name(name), arriving)
         self.log.info(
             "restored kernel %s (owner %s) to snapshot %s: %s, %.2f s%s",
             kernel_id, self._owner_text(kernel_id), name, done.get("mode"),
@@ -911,7 +911,12 @@ async def _snapshot(
 @_op("restore")
 async def _restore(svc: KernelService, caller: Caller, args: dict[str, Any], _: Any) -> Any:
     record = svc.kernel(caller, args["kernel_id"])
-    return await svc.restore(record.kernel_id, args["name"])
+    notice = args.get("notice")
+    channel = svc.channels.get(record.kernel_id)
+    if notice and channel is not None:
+        # What the restored process tells the notebook at its next cell.
+        channel.server.pending = {"kind": "notice", "text": str(notice)[:2000]}
+    return await svc.restore(record.kernel_id, args["name"], bool(args.get("arriving")))
 
 
 @_op("reset")
