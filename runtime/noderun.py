@@ -28,6 +28,7 @@ from sandbox_kernel.errors import ConfigError, SandboxError
 from . import shared
 from .fsutil import write_json
 from .lifecycle import KERNEL_PORTS
+from .snapshots import is_checkpoint
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
@@ -167,8 +168,12 @@ class Publisher:
                 continue
             if row["checkpoint"] and (row is not checkpoints[-1] or not due):
                 continue
+            # A snapshot of the user's outlives the kernel's published checkpoints
+            # (deleted at its shutdown): it is never published against one.
             since = row.get("parent")
-            while since and since not in self.done:
+            while since and (
+                since not in self.done or (not row["checkpoint"] and is_checkpoint(since))
+            ):
                 since = parents.get(since)
             await self.publish(name, since, bool(row["checkpoint"]), float(row["created"]))
 

@@ -153,3 +153,13 @@ def fetch(
             portable.import_(owner_uid, owner_gid, source, target, None, say, parent)
         imported.append(target)
     return imported
+
+
+def forget_published(folder: Path, kernel_id: str) -> None:
+    """Delete the checkpoints and moves kernel ``kernel_id`` published (at its
+    shutdown: nothing restores them now); the snapshots it took stay, the user's."""
+    for entry in entries(folder):
+        if entry.get("kernel_id") != kernel_id or not entry.get("checkpoint"):
+            continue
+        for suffix in (STREAM, INDEX):
+            (folder / (str(entry["name"]) + suffix)).unlink(missing_ok=True)

@@ -175,6 +175,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("spec", help="the job's spec file, written by the provisioner")
 
+    p = sub.add_parser(
+        "node-step", help="(run by `migrate` in a kernel's job) one step of a move, on its node"
+    )
+    p.add_argument("verb", choices=["move-out", "thaw"])
+    p.add_argument("kernel_id")
+    p.add_argument("--name", default="")
+    p.add_argument("--file", default="")
+    p.add_argument("--since")
+    p.add_argument("--final", action="store_true")
+
+    p = sub.add_parser(
+        "migrate", help="move a running Slurm kernel to another node; the notebook stays"
+    )
+    p.add_argument("kernel_id")
+    p.add_argument("--to", metavar="NODE", help="the node (default: any other Slurm picks)")
+    p.add_argument("--away-from", metavar="NODE", help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "drain", help="drain a node in Slurm and move every kernel on it elsewhere (root)"
+    )
+    p.add_argument("node")
+    p.add_argument("--reason", default="sandbox-kernel drain", help="the reason Slurm keeps")
+
     p = sub.add_parser("bases", help="list base snapshots (install --base), or delete one")
     p.add_argument("--delete", metavar="ID", help="delete this base; its kernelspecs start cold")
 
@@ -557,6 +580,34 @@ def _node_run(args: argparse.Namespace) -> int:
     return node_run(args.spec)
 
 
+def _node_step(args: argparse.Namespace) -> int:
+    from .migrate import node_step
+
+    done = asyncio.run(node_step(args.verb, args.kernel_id, args.name, args.file, args.since,
+                                 args.final))  # fmt: skip
+    print(json.dumps(done))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .migrate import migrate, print_move
+
+    print_move(asyncio.run(migrate(args.kernel_id, args.to, args.away_from)))
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from .migrate import drain
+
+    if os.geteuid() != 0:
+        raise UsageError("drain moves every user's kernels: run it as root")
+    results = drain(args.node, args.reason)
+    rows = [["KERNEL", "USER", "OUTCOME"], *[list(r) for r in results]]
+    print(f"Node {args.node} is drained in Slurm; its kernels:")
+    print(table(rows) if results else "  (none ran there)")
+    return 0 if all(r[2] == "moved" for r in results) else 1
+
+
 def _snapshots(args: argparse.Namespace) -> int:
     ops = Ops()
     if args.delete:
@@ -655,6 +706,9 @@ _HANDLERS: dict[str, Any] = {
     "snapshot-export": _snapshot_export,
     "snapshot-import": _snapshot_import,
     "node-run": _node_run,
+    "node-step": _node_step,
+    "migrate": _migrate,
+    "drain": _drain,
     "reset": _reset,
     "class": _class,
     "bases": _bases,

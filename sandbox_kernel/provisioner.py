@@ -15,6 +15,7 @@ Selected by a kernelspec's ``metadata.kernel_provisioner``::
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
 from .runtime.pool import POOL_MAX, check_pool
 from .runtime.pristine import PER_LAUNCH_ENV
+from .runtime.shared import default_store, forget_published
 from .slurm import SlurmJob, sbatch_args
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
@@ -181,6 +183,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         self._unsubscribe: Callable[[], None] = _nothing
         self._cwd: str = str(Path.cwd())
         self._launched = False
+        #: A Slurm kernel's node that died: the next launch comes back elsewhere.
+        self._lost_node: str | None = None
 
     @property
     def runner(self) -> Backend:
@@ -380,11 +384,16 @@ class SandboxProvisioner(KernelProvisionerBase):
 
     async def _launch_job(self, argv: list[str], env: dict[str, str]) -> KernelConnectionInfo:
         """Submit the kernel's job and forward its ports (see ``slurm.py``)."""
-        spec = {**self._spec, "argv": argv, "env": env,
+        spec = {**self._spec, "argv": argv, "env": env, "store": str(default_store()),
                 "connection": _plain(dict(self.connection_info))}  # fmt: skip
         ports = {name: int(self.connection_info[name]) for name in KERNEL_PORTS}  # type: ignore[literal-required]
         resources = sbatch_args(self.limits.to_dict(), self.partition, self.account,
                                 self.time_limit)  # fmt: skip
+        lost, self._lost_node = self._lost_node, None
+        if lost:
+            # Its node died: elsewhere, from what it published to the shared store.
+            spec["recover"] = True
+            resources.append(f"--exclude={lost}")
         try:
             node = await self.kernel.start(spec, ports, resources)
         except BaseException:
@@ -424,6 +433,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         """
         if self.backend_is_slurm:
             job_status: int | None = await self.kernel.poll()
+            if job_status is not None and self.kernel.lost_node:
+                self._lost_node = self.kernel.lost_node
             return job_status
         if self.kernel.running:
             try:
@@ -476,6 +487,8 @@ class SandboxProvisioner(KernelProvisionerBase):
             await self.kernel.cancel()
             await self.kernel.forget()
             self.process = None
+            if not restart:
+                await asyncio.to_thread(forget_published, default_store(), self.kernel_id)
             return
         self.kernel.forget()
         if restart:

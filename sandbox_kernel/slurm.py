@@ -47,16 +47,21 @@ def kernel_jobs() -> list[dict[str, str]]:
     if shutil.which("squeue") is None:
         return []
     done = subprocess.run(
-        ["squeue", "-h", "-o", "%i|%N|%T|%u|%k"], capture_output=True, text=True, timeout=30,
+        ["squeue", "-h", "-o", "%i|%N|%T|%u|%Z|%k"], capture_output=True, text=True, timeout=30,
         check=False,
     )  # fmt: skip
     found = []
     for line in done.stdout.splitlines():
-        job, node, state, user, comment = (line.split("|", 4) + [""] * 5)[:5]
+        job, node, state, user, folder, comment = (line.split("|", 5) + [""] * 6)[:6]
         if comment.startswith(COMMENT):
             found.append({"kernel_id": comment[len(COMMENT):], "job": job, "node": node or "-",
-                          "state": state.lower(), "user": user})  # fmt: skip
+                          "state": state.lower(), "user": user, "dir": folder})  # fmt: skip
     return found
+
+
+#: Seconds without a heartbeat from a running kernel's node-run after which its
+#: node is taken for dead (Slurm itself notices after its SlurmdTimeout, and more).
+DEAD_AFTER = 10.0
 
 
 class SlurmError(SandboxError):
@@ -73,8 +78,10 @@ def jobs_dir() -> Path:
 
 
 def sbatch_args(limits: dict[str, Any], partition: str, account: str, time_limit: str) -> list[str]:
-    """The resources of a kernel's job: its CPUs (whole ones) and memory."""
-    args = []
+    """The resources of a kernel's job: its CPUs (whole ones) and memory. Slurm must
+    not start a kernel's job again by itself (a requeue would start it from
+    scratch): a kernel comes back through its provisioner, from its snapshots."""
+    args = ["--no-requeue"]
     cpus = limits.get("cpus")
     if cpus:
         args.append(f"--cpus-per-task={max(1, math.ceil(float(cpus)))}")
@@ -86,6 +93,33 @@ def sbatch_args(limits: dict[str, Any], partition: str, account: str, time_limit
         if value:
             args.append(f"{flag}={value}")
     return args
+
+
+async def submit(kernel_id: str, spec_file: Path, log_file: Path, sbatch: list[str]) -> int:
+    """Submit the job that runs the kernel ``spec_file`` describes; its job id.
+
+    Raises:
+        SlurmError: there is no ``sbatch``, or it refused the job.
+    """
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch not found: this machine is no Slurm submit host")
+    # exec: the job's process is node-run itself, which a scancel's SIGTERM
+    # reaches and lets finish (a shell in between would die and take it along).
+    command = f"exec {sys.executable} -m sandbox_kernel.cli node-run {spec_file}"
+    code, out, err = await _run(
+        "sbatch", "--parsable", f"--job-name=sk-{kernel_id[:8]}",
+        f"--comment={COMMENT}{kernel_id}", f"--chdir={spec_file.parent}",
+        f"--output={log_file}", *sbatch, f"--wrap={command}",
+    )  # fmt: skip
+    if code != 0:
+        raise SlurmError(f"sbatch refused the kernel's job: {(err or out).strip()}")
+    return int(out.strip().split(";")[0])
+
+
+async def job_state(job_id: int | str) -> str:
+    """A job's state as squeue has it, "" once it is gone."""
+    code, out, _ = await _run("squeue", "-h", "-j", str(job_id), "-o", "%T")
+    return out.strip() if code == 0 else ""
 
 
 async def _run(*argv: str, timeout: float = 30.0) -> tuple[int, str, str]:
@@ -167,8 +201,12 @@ class SlurmJob:
         self.node: str | None = None
         self.shutdown_requested = False
         self.forwarder = Forwarder("127.0.0.1")
+        #: The node this kernel was on when it stopped answering, if it did.
+        self.lost_node: str | None = None
         self._status: int | None = None
         self._signalled: int | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._beat: tuple[int, float] = (0, time.monotonic())
 
     @property
     def pid(self) -> int | None:
@@ -188,6 +226,46 @@ class SlurmJob:
         return (folder / f"{self.kernel_id}.json", folder / f"{self.kernel_id}.ready",
                 folder / f"{self.kernel_id}.log")  # fmt: skip
 
+    def _follow(self) -> bool:
+        """Point the forwarder at where the ready file says the kernel runs, if that
+        changed (the kernel moved to another node: ``migrate.py``); whether it did."""
+        ready = self.files()[1]
+        try:
+            where = json.loads(ready.read_text())
+        except (OSError, ValueError):
+            return False
+        job = int(where.get("job") or 0)
+        if not job or job == self.job_id:
+            return False
+        self.log.info("Kernel %s moved from %s (job %s) to %s (job %s)", self.kernel_id,
+                      self.node, self.job_id, where["node"], job)  # fmt: skip
+        self.job_id, self.node = job, str(where["node"])
+        self.forwarder.retarget(where["address"], {k: int(v) for k, v in where["ports"].items()})
+        self._beat = (0, time.monotonic())
+        return True
+
+    async def _watch(self) -> None:
+        """Follow a move as soon as its ready file is written (a tenth of a second:
+        the notebook's sockets wait for it)."""
+        while True:
+            self._follow()
+            await asyncio.sleep(0.1)  # a shared folder tells no one: looked at
+
+    def _silent(self) -> bool:
+        """Whether node-run's heartbeat (``KERNEL_ID.alive``) stopped for
+        :data:`DEAD_AFTER` seconds: its node is gone. Clocks are not compared, only
+        whether the file's time moved."""
+        try:
+            mtime = os.stat(jobs_dir() / f"{self.kernel_id}.alive").st_mtime_ns
+        except OSError:
+            return False  # not written yet
+        seen, since = self._beat
+        now = time.monotonic()
+        if mtime != seen:
+            self._beat = (mtime, now)
+            return False
+        return now - since > DEAD_AFTER
+
     async def start(
         self, spec: dict[str, Any], local_ports: dict[str, int], sbatch: list[str]
     ) -> str:
@@ -195,20 +273,9 @@ class SlurmJob:
         ``local_ports`` to it. The node it runs on."""
         spec_file, ready, log_file = self.files()
         ready.unlink(missing_ok=True)
-        write_json(spec_file, spec)  # 0600: it holds the kernel's key
-        if shutil.which("sbatch") is None:
-            raise SlurmError("sbatch not found: this machine is no Slurm submit host")
-        # exec: the job's process is node-run itself, which a scancel's SIGTERM
-        # reaches and lets finish (a shell in between would die and take it along).
-        command = f"exec {sys.executable} -m sandbox_kernel.cli node-run {spec_file}"
-        code, out, err = await _run(
-            "sbatch", "--parsable", f"--job-name=sk-{self.kernel_id[:8]}",
-            f"--comment={COMMENT}{self.kernel_id}",
-            f"--output={log_file}", *sbatch, f"--wrap={command}",
-        )  # fmt: skip
-        if code != 0:
-            raise SlurmError(f"sbatch refused the kernel's job: {(err or out).strip()}")
-        self.job_id = int(out.strip().split(";")[0])
+        (jobs_dir() / f"{self.kernel_id}.alive").unlink(missing_ok=True)
+        write_json(spec_file, {**spec, "sbatch": sbatch})  # 0600: it holds the kernel's key
+        self.job_id = await submit(self.kernel_id, spec_file, log_file, sbatch)
         deadline = time.monotonic() + START_TIMEOUT
         while not ready.exists():
             state = await self.state()
@@ -228,25 +295,38 @@ class SlurmJob:
         self.node = str(where["node"])
         await self.forwarder.listen(local_ports)
         self.forwarder.retarget(where["address"], {k: int(v) for k, v in where["ports"].items()})
+        self._watching = asyncio.ensure_future(self._watch())
         return self.node
 
     async def state(self) -> str:
         """The job's state as squeue has it, "" once it is gone."""
         if self.job_id is None:
             return ""
-        code, out, _ = await _run("squeue", "-h", "-j", str(self.job_id), "-o", "%T")
-        return out.strip() if code == 0 else ""
+        return await job_state(self.job_id)
 
     async def poll(self) -> int | None:
         if self._status is not None:
             return self._status
         if self.job_id is None:
             return 1
-        if await self.state() in ALIVE_STATES:
-            return None
+        self._follow()  # before asking: a kernel that moved is followed, not lost
+        state = await self.state()
+        if state in ALIVE_STATES:
+            if not (state == "RUNNING" and self._silent()):
+                return None
+            self.lost_node = self.node
+            self.log.warning("Kernel %s: its node %s stopped answering (no heartbeat for "
+                             "%.0f s)", self.kernel_id, self.node, DEAD_AFTER)  # fmt: skip
+            await _run("scancel", str(self.job_id))
         self._status = 0 if self.shutdown_requested else -(self._signalled or 1)
-        await self.forwarder.close()
+        await self._stop_following()
         return self._status
+
+    async def _stop_following(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
+        await self.forwarder.close()
 
     async def wait(self) -> int:
         while True:
@@ -270,6 +350,8 @@ class SlurmJob:
         if self.job_id is None:
             return
         await _run("scancel", str(self.job_id))
+        if self.lost_node is not None:
+            return  # Slurm ends it once it hears from the node again, or gives it up
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if await self.state() not in ALIVE_STATES:
@@ -277,9 +359,10 @@ class SlurmJob:
             await asyncio.sleep(0.2)  # Slurm reports a job's end to no one: asked
 
     async def forget(self) -> None:
-        await self.forwarder.close()
+        await self._stop_following()
         for path in self.files()[:2]:
             path.unlink(missing_ok=True)
+        (jobs_dir() / f"{self.kernel_id}.alive").unlink(missing_ok=True)
 
 
 def check_backend(backend: str) -> str:
