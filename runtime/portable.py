@@ -569,6 +569,13 @@ class LayerWriter:
                 target = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 self._finish(target, header, mode, mtime)
                 return 0
+            if kind == "dir" and self._is_dir(fd, name):
+                # A folder of the parent that changed: what it holds and the entry
+                # does not name is the parent's, unchanged. Only it is updated.
+                target = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                self._drop_xattrs(target, header)
+                self._finish(target, header, mode, mtime)
+                return 0
             if kind == "delete" or self._exists(fd, name):
                 self._remove(fd, name)
             if kind == "delete":
@@ -625,6 +632,22 @@ class LayerWriter:
                 os.utime(target, ns=(mtime, mtime))
         finally:
             os.close(target)
+
+    @staticmethod
+    def _drop_xattrs(target: int, header: dict[str, Any]) -> None:
+        """Remove the kept xattrs (an overlay's opaque mark, say) the parent's folder
+        had and the entry no longer has."""
+        wanted = header.get("xattrs") or {}
+        for key in os.listxattr(target):
+            if KEPT_XATTRS.match(key) and key not in wanted:
+                os.removexattr(target, key)
+
+    @staticmethod
+    def _is_dir(fd: int, name: str) -> bool:
+        try:
+            return stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
 
     @staticmethod
     def _exists(fd: int, name: str) -> bool:

@@ -150,6 +150,23 @@ def test_a_later_entry_replaces_one_and_delete_removes_a_tree_not_a_link_target(
     assert (keep / "precious").read_text() == "mine"
 
 
+def test_a_changed_folder_of_the_parent_keeps_what_it_holds(layer: Any) -> None:
+    """A child stream names a folder whose time changed (a file was added), not the
+    unchanged files in it: those are the parent's, and stay. Found moving a kernel
+    whose open file in /tmp was gone on the new node."""
+    top, writer = layer
+    writer.write(_entry("root/tmp", "dir", mode=0o1777, xattrs={"user.a": "01"}), iter(()))
+    writer.write(_entry("root/tmp/held.txt", "file"), iter([b"abc"]))  # the parent's
+    writer.write(_entry("root/tmp", "dir", mode=0o1777, mtime_ns=1_800_000_000 * 10**9),
+                 iter(()))  # fmt: skip
+    writer.write(_entry("root/tmp/new.txt", "file"), iter([b"2"]))
+    assert (top / "root/tmp/held.txt").read_bytes() == b"abc"
+    assert (top / "root/tmp/new.txt").read_bytes() == b"2"
+    assert "user.a" not in os.listxattr(top / "root/tmp"), "gone from the entry: removed"
+    writer.write(_entry("root/tmp", "file"), iter([b"now a file"]))  # replaced outright
+    assert (top / "root/tmp").read_bytes() == b"now a file"
+
+
 def test_unknown_kinds_and_bad_fields_are_refused(layer: Any) -> None:
     top, writer = layer
     writer.write(_entry("cwd", "dir", mode=0o750), iter(()))  # the upper's own folder
