@@ -115,6 +115,8 @@ async def arrive(client: DaemonClient, kid: str, move: Path) -> dict[str, Any]:
     done: dict[str, Any] = await client.call(
         "restore", kernel_id=kid, name=plan["final"], arriving=True
     )
+    if done["mode"] != "live":  # its memory did not come: the kernel stays where it was
+        raise SandboxError(f"the kernel's memory could not be restored here: {done['reason']}")
     return done
 
 
@@ -180,7 +182,9 @@ class Publisher:
     async def publish(self, name: str, since: str | None, checkpoint: bool, created: float) -> None:
         partial = self.store / f".{name}.partial"
         partial.unlink(missing_ok=True)
-        await self.client.call("export_snapshot", name=name, path=str(partial), since=since)
+        await self.client.call(
+            "export_snapshot", name=name, path=str(partial), since=since, kernel_id=self.kid
+        )
         partial.rename(self.store / (name + shared.STREAM))
         write_json(self.store / (name + shared.INDEX), {
             "name": name, "kernel_id": self.kid, "since": since, "created": created,

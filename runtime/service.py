@@ -1089,6 +1089,8 @@ async def _import_snapshot(
         cwd = _export_path(cwd, "--cwd")
     uid = int(owner)
     gid = caller.gid if uid == caller.uid else _primary_gid(uid)
+    if carried is not None:  # the kernel's own store (a root server's kernel runs as another)
+        uid, gid = carried.uid, carried.gid
     say = _in_thread(progress)
 
     def run() -> dict[str, Any]:
