@@ -304,6 +304,55 @@ def up(say: object = print) -> None:
     emit(f"cluster up: {', '.join(n.name for n in nodes())} in partition {PARTITION}")
 
 
+def kill_node(name: str) -> list[int]:
+    """Stop node ``name`` as a power cut would: SIGKILL every process in its network
+    namespace (slurmd, its daemon, its jobs) and every kernel container on it. Its
+    state stays on disk, as a dead machine's disk would. The pids killed.
+
+    Raises:
+        ConfigError: no such node.
+    """
+    node = _node(name)
+    inode = os.stat(f"/run/netns/{node.netns}").st_ino
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns/net").st_ino != inode:
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    runc_root = node.root / "runc"
+    if runc_root.is_dir():
+        for container in _run("runc", "--root", str(runc_root), "list", "-q", check=False).split():
+            _run("runc", "--root", str(runc_root), "kill", "--all", container, "KILL", check=False)
+            killed.append(0)
+    return killed
+
+
+def revive_node(name: str) -> None:
+    """Start a node :func:`kill_node` stopped: its daemon (which removes the dead
+    kernels' containers) and its slurmd; wait until Slurm has it back."""
+    node = _node(name)
+    if _alive(PIDS / f"slurmd-{node.name}.pid"):
+        return  # it runs
+    (PIDS / f"slurmd-{node.name}.pid").unlink(missing_ok=True)
+    (node.root / "run" / "daemon.pid").unlink(missing_ok=True)
+    _start_node(node)
+    _run("scontrol", "update", f"nodename={name}", "state=resume", check=False)
+    wait_idle()
+
+
+def _node(name: str) -> Node:
+    for node in nodes():
+        if node.name == name:
+            return node
+    raise ConfigError("node", name, f"is not one of {', '.join(n.name for n in nodes())}")
+
+
 def states() -> dict[str, str]:
     """Each node's state as Slurm has it (``idle``, ``alloc``, ``down*``, ...)."""
     try:

@@ -36,7 +36,7 @@ from sandbox_kernel.display import format_size
 from sandbox_kernel.errors import ConfigError, KernelNotFound, QuotaError, SandboxError
 
 from . import bases, exits, portable, shared, snapshots
-from .callers import Caller, as_caller, groups_of
+from .callers import Caller, as_caller
 from .control import ControlServer, write_credentials
 from .fsutil import write_json
 from .lifecycle import KernelConfig
@@ -363,10 +363,12 @@ class KernelService:
         if not folder:
             return []
         snapshots.check_name(name)
-        owner = Caller(record.uid, record.gid, 0, groups_of(record.uid, record.gid))
+        # Read as whoever started the kernel (its store is theirs; a root server's
+        # kernel may run as another uid), into the store of the uid it runs as.
+        starter = Caller.of_user(record.belongs_to, record.gid)
         try:
             names = await asyncio.to_thread(
-                shared.fetch, owner, record.uid, record.gid, str(folder), name
+                shared.fetch, starter, record.uid, record.gid, str(folder), name
             )
         except snapshots.SnapshotNotFound:
             return []

@@ -185,6 +185,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         self._launched = False
         #: A Slurm kernel's node that died: the next launch comes back elsewhere.
         self._lost_node: str | None = None
+        #: A Slurm kernel's ports on this machine, kept for its life.
+        self._local_ports: dict[str, int] = {}
 
     @property
     def runner(self) -> Backend:
@@ -320,13 +322,21 @@ class SandboxProvisioner(KernelProvisionerBase):
         if km is None:
             raise KernelStateError(self.kernel_id, "the provisioner has no KernelManager")
         extra_arguments = kwargs.pop("extra_arguments", [])
-        if km.ip != "127.0.0.1" or not km.shell_port:
+        if self._local_ports:
+            # The same ports through every restart, also one jupyter_client asks new
+            # ports for (its restarter, before the kernel was seen alive; a kernel
+            # brought back from a dead node): the notebook's sockets reconnect there.
+            km.transport, km.ip = "tcp", "127.0.0.1"
+            for name, port in self._local_ports.items():
+                setattr(km, name, port)
+        elif km.ip != "127.0.0.1" or not km.shell_port:
             km.transport, km.ip = "tcp", "127.0.0.1"
             for name in KERNEL_PORTS:
                 setattr(km, name, 0)  # jupyter_client picks free ones
         env = kwargs.get("env", {})
         km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
         self.connection_info = km.get_connection_info()
+        self._local_ports = {name: int(getattr(km, name)) for name in KERNEL_PORTS}
         self._spec = {"kernel_id": self.kernel_id, "config": config}
         self.kernel.launching()
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
