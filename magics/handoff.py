@@ -430,12 +430,42 @@ class RestoreHandoff:
                     seen, count = self._subscriptions
                     self._subscriptions = (epoch, (count if seen == epoch else 0) + new)
                 self._news.set()
+                release()
             original(frames)
+
+        # Output sent by a process restored while a cell ran (``sandbox-kernel
+        # restore``, a kernel moved to another node) would go to nobody until the
+        # frontend has subscribed again: it is held until then (at most
+        # RECONNECT_WAIT seconds), in order. All of it runs on the iopub thread.
+        really_send = thread._really_send
+        held: list[tuple[Any, Any]] = []
+        state = {"epoch": _start_time(), "holding": False}
+
+        def release() -> None:
+            state["holding"] = False
+            while held:
+                args, kwargs = held.pop(0)
+                really_send(*args, **kwargs)
+
+        def send(*args: Any, **kwargs: Any) -> None:
+            epoch = _start_time()
+            if epoch != state["epoch"]:
+                state["epoch"] = epoch
+                with self._subscriptions_lock:
+                    back = self._subscriptions[0] == epoch
+                if not back:
+                    state["holding"] = True
+                    thread.io_loop.call_later(RECONNECT_WAIT, release)
+            if state["holding"]:
+                held.append((args, kwargs))
+                return
+            really_send(*args, **kwargs)
 
         def on_its_thread() -> None:
             with contextlib.suppress(Exception):  # an older libzmq: one per topic, as before
                 stream.socket.setsockopt(XPUB_VERBOSE, 1)
             stream.on_recv(handle)
+            thread._really_send = send
 
         thread.io_loop.add_callback(on_its_thread)
 

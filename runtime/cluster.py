@@ -155,7 +155,7 @@ SlurmdPidFile={PIDS}/slurmd-%n.pid
 SlurmctldLogFile={LOGS}/slurmctld.log
 SlurmdLogFile={LOGS}/slurmd-%n.log
 {node_lines}
-PartitionName={PARTITION} Nodes=node[1-{NODES}] Default=YES MaxTime=INFINITE State=UP
+PartitionName={PARTITION} Nodes=node[1-{NODES}] Default=YES MaxTime=INFINITE State=UP LLN=YES
 """
 
 

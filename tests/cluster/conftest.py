@@ -18,3 +18,7 @@ def up() -> Iterator[None]:
     finally:
         cluster.down(say=lambda _: None)
     assert cluster.leftovers() == []
+
+
+# The kernels' fixture (see kernels.py).
+from .kernels import slurm_kernels  # noqa: E402, F401

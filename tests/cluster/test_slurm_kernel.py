@@ -7,58 +7,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
 
-from sandbox_kernel.daemon_client import DaemonClient
-from sandbox_kernel.kernelspec import install, provisioner_config
-from sandbox_kernel.runtime import Limits, cluster
-
-from ..integration.conftest import reachable_by_all, wait_until
+from ..integration.conftest import wait_until
 from ..integration.probe import run_cell
+from .kernels import node_kernels, squeue, start
 
 pytestmark = pytest.mark.integration
-SPEC = "sk-slurm-test"
-
-
-@pytest.fixture
-def slurm_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("SANDBOX_KERNEL_SLURM_DIR", str(tmp_path / "jobs"))
-    limits = Limits.parse(memory="512M", cpus="1", pids="256", disk="2G")
-    config = {**provisioner_config("host", limits, "none"), "backend": "slurm",
-              "pristine_base": False}  # fmt: skip
-    install(SPEC, "slurm test", config, prefix=str(tmp_path))
-    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share/jupyter/kernels")])
-    work = tmp_path / "work"
-    work.mkdir()
-    reachable_by_all(work)
-    return ksm, work
-
-
-def node_kernels() -> dict[str, list[str]]:
-    return {
-        n.name: [k["kernel_id"] for k in DaemonClient(str(n.socket)).call_sync("kernels")]
-        for n in cluster.nodes()
-    }
-
-
-def squeue(job: int) -> str:
-    done = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T %N"], capture_output=True,
-                          text=True, timeout=30, check=False)  # fmt: skip
-    return done.stdout.strip()
-
-
-async def start(ksm: KernelSpecManager, work: Path) -> tuple[AsyncKernelManager, Any]:
-    km = AsyncKernelManager(kernel_name=SPEC, kernel_spec_manager=ksm)
-    await km.start_kernel(cwd=str(work))
-    kc = km.client()
-    kc.start_channels()
-    await kc.wait_for_ready(timeout=120)
-    return km, kc
 
 
 async def test_a_kernel_runs_as_a_job_on_its_node_and_ends_with_it(
@@ -89,20 +46,27 @@ async def test_a_kernel_runs_as_a_job_on_its_node_and_ends_with_it(
     assert all(not kernels for kernels in node_kernels().values())
 
 
-async def test_scancel_ends_the_kernel_and_the_provisioner_says_so(
+async def test_scancel_ends_the_kernel_and_the_restarters_new_kernel_runs(
     up: None, slurm_kernels: Any
 ) -> None:
     ksm, work = slurm_kernels
     km, kc = await start(ksm, work)
+    restarts: list[bool] = []
+    km.add_restart_callback(lambda: restarts.append(True), "restart")
     try:
+        (await run_cell(kc, "x = 1")).check()
         job = km.provisioner.kernel.job_id
         await asyncio.to_thread(subprocess.run, ["scancel", str(job)], check=True, timeout=30)
-
-        async def dead() -> bool:
-            return not await km.is_alive()
-
-        await wait_until(dead, 60, "the provisioner to see the job's end")
-        assert all(not kernels for kernels in node_kernels().values())
+        # The provisioner reports it dead; the restarter starts a new kernel as a job.
+        await wait_until(lambda: restarts, 60, "the restarter to see the kernel dead")
+        await wait_until(lambda: km.provisioner.kernel.job_id not in (None, job), 120,
+                         "the new kernel's job")  # fmt: skip
+        await kc.wait_for_ready(timeout=120)
+        cell = await run_cell(kc, "print('x' in dir())")
+        assert cell.check().strip() == "False"  # a new kernel, on the same connection file
+        assert squeue(job) == ""
+        assert list(node_kernels().values()).count([km.kernel_id]) == 1
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+    assert all(not kernels for kernels in node_kernels().values())
