@@ -116,8 +116,9 @@ async def test_migrate_moves_a_live_kernel_mid_cell_and_the_same_client_goes_on(
         cell = await counting
         assert cell.check().split() == [str(i) for i in range(60)]
         assert (job.node, squeue(job.job_id)) == (target, f"RUNNING {target}")
-        after = (await run_cell(kc, "f.seek(0); n = ticks[0]; time.sleep(0.2)\n"
-                                    "print(x + 1, f.read(), t.is_alive(), ticks[0] > n)"))  # fmt: skip
+        code = "f.seek(0); n = ticks[0]; time.sleep(0.2)\n"
+        code += "print(x + 1, f.read(), t.is_alive(), ticks[0] > n)"
+        after = await run_cell(kc, code)
         assert after.check().split() == ["42", "abc", "True", "True"]
         assert node_kernels()[source] == [] and node_kernels()[target] == [km.kernel_id]
         await wait_until(lambda: len(jobs()) == 1, 60, "the old job to end")
@@ -149,8 +150,9 @@ async def test_drain_moves_every_kernel_off_a_node_and_the_notebooks_go_on(
         assert node_kernels()["node2"] == []
     finally:
         await stop(*started)
-        subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=True)
-        cluster.wait_idle()
+        resume = ["scontrol", "update", "nodename=node2", "state=resume"]
+        await asyncio.to_thread(subprocess.run, resume, check=True)
+        await asyncio.to_thread(cluster.wait_idle)
 
 
 async def test_a_dead_nodes_kernels_come_back_elsewhere_from_their_snapshots(
@@ -160,7 +162,7 @@ async def test_a_dead_nodes_kernels_come_back_elsewhere_from_their_snapshots(
     started = await asyncio.gather(*(start(ksm, work) for _ in range(6)))
     on_node3 = [(km, kc) for km, kc in started if km.provisioner.kernel.node == "node3"]
     assert len(on_node3) == 2, "LLN puts two of six kernels on each node"
-    (saved_km, saved_kc), (cold_km, cold_kc) = on_node3
+    (_, saved_kc), (_, cold_kc) = on_node3
     try:
         (await run_cell(saved_kc, "x = 'before'")).check()
         (await run_cell(saved_kc, "%container snapshot lifeboat")).check()
@@ -188,7 +190,7 @@ async def test_a_dead_nodes_kernels_come_back_elsewhere_from_their_snapshots(
         assert "node (node3) stopped" in cell.stderr and "lifeboat" in cell.stderr
         cold = await run_cell(cold_kc, "print('x' in dir())")
         assert cold.check().strip() == "False"  # no snapshot: a cold start, as a restarter's
-        for km, kc in started:
+        for _, kc in started:
             assert (await run_cell(kc, "print(1)")).check().strip() == "1"
     finally:
         await stop(*started)
