@@ -289,7 +289,10 @@ class ContainerMagics(Magics):
         ends in (the request carries it: ``progress``)."""
         args = _parse("restore", line)
         assert self.handoff is not None
-        metas = {m["name"]: m for m in self._call("list")["snapshots"]}
+        listed = self._call("list")
+        metas = {m["name"]: m for m in listed["snapshots"]}
+        # One a kernel of this user took on another node of a cluster: fetched first.
+        metas.update({m["name"]: m for m in listed.get("shared", []) if m["name"] not in metas})
         if args.name not in metas:
             raise UsageError(
                 f"%container restore: no snapshot named {args.name!r}; "
@@ -318,6 +321,10 @@ class ContainerMagics(Magics):
         )
         for failed in listed.get("unsaved", []):
             print(f"Snapshot {failed['name']} was not saved: {failed['error']}")
+        elsewhere = listed.get("shared", [])
+        if elsewhere:
+            names = ", ".join(f"{m['name']} ({m['node']})" for m in elsewhere)
+            print(f"On other nodes of the cluster (a restore fetches them): {names}")
         if not metas:
             print("No snapshots yet: `%container snapshot NAME` takes one.")
             print(usage)

@@ -30,6 +30,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sandbox_kernel.display import format_size
@@ -144,6 +145,23 @@ class _Governed:
         self, kernel_id: str, name: str, message: str = "", /, *, progress: Progress | None = None
     ) -> dict[str, Any]:
         return await self._service.snapshot(kernel_id, name, message, progress=progress)
+
+    def snapshot_listing(self, kernel_id: str, /) -> dict[str, Any]:
+        """The kernel's snapshots, and for a kernel of a cluster (``shared``) those
+        its owner's kernels published on other nodes, which a restore fetches."""
+        listing: dict[str, Any] = self._service.runtime.snapshot_listing(kernel_id)
+        record = self._service.runtime.record(kernel_id)
+        folder = record.extra.get("shared_store")
+        if folder:
+            here = {m["name"] for m in listing["snapshots"]}
+            with as_caller(Caller.of_user(record.belongs_to, record.gid)):
+                published = shared.entries(Path(str(folder)))
+            listing["shared"] = [
+                {"name": e["name"], "created": e.get("created"), "node": e.get("node")}
+                for e in published
+                if not e.get("checkpoint") and e["name"] not in here
+            ]
+        return listing
 
     async def restore(self, kernel_id: str, name: str, /) -> dict[str, Any]:
         return await self._service.restore(kernel_id, name)
