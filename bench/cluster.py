@@ -17,17 +17,26 @@
   store has). Bytes are the files' sizes; the import's bytes are what it added to
   the volume (data and metadata after a commit).
 
-Migration and node-loss figures come with migration (not built yet). Needs
-root::
+- **Migration.** A kernel of the slurm backend holds 100M, then 1G of random
+  bytes (``--migrate-sizes``). A cell prints a line every 10 ms while, from
+  outside, the kernel is (the peer) snapshotted and restored in place on its node
+  through that node's daemon, and then (ours) moved to another node with
+  ``sandbox-kernel migrate``. The kernel is unavailable while no line arrives:
+  the figure is the sum of the gaps over 50 ms between lines as the client
+  receives them (the longest gap beside it). Target: ours <= 1.5 x the peer.
+  Every line must arrive, in order.
 
-    .venv/bin/python bench/cluster.py [--part all|start|portable] [--size 300M]
-        [--rounds 3] [--json out.json]
+Needs root::
+
+    .venv/bin/python bench/cluster.py [--part all|start|portable|migrate]
+        [--size 300M] [--migrate-sizes 100M,1G] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -188,6 +197,127 @@ async def measure_start(rounds: int, tmp: Path) -> dict[str, list[float]]:
     return found
 
 
+MIGRATE_TARGET = 1.5
+#: A gap between two lines of the ticking cell longer than this is unavailability.
+GAP = 0.05
+_TICKER = "import time\nfor _i in range(10**6):\n    print(_i, flush=True); time.sleep(0.01)"
+
+
+async def _while_ticking(kc: Any, km: Any, action: Any) -> tuple[float, float, float]:
+    """Run ``action()`` while a cell prints a line every 10 ms; interrupt the cell
+    a second after. (gaps over GAP summed, the longest gap, the action's seconds).
+
+    Raises:
+        BenchError: a line was lost or came twice in a row out of order.
+    """
+    received: list[tuple[float, int]] = []
+    running = asyncio.Event()
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            now = time.perf_counter()
+            received.extend((now, int(n)) for n in msg["content"]["text"].split())
+            if len(received) >= 100:
+                running.set()
+
+    cell = asyncio.ensure_future(kc.execute_interactive(_TICKER, timeout=900, output_hook=hook))
+    await asyncio.wait_for(running.wait(), 60)
+    begin = time.perf_counter()
+    await action()
+    took = time.perf_counter() - begin
+    await asyncio.sleep(1.0)
+    await km.interrupt_kernel()
+    await cell
+    numbers = [n for _, n in received]
+    # A restore in place goes back to the snapshot's moment: lines from then on
+    # come again. None may be missing.
+    missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+    if missing:
+        raise BenchError(f"{len(missing)} lines never arrived, e.g. {missing[:5]}")
+    times = [t for t, _ in received]
+    gaps = [b - a for a, b in itertools.pairwise(times) if b - a > GAP]
+    return sum(gaps), max(gaps, default=0.0), took
+
+
+async def measure_migrate(sizes: list[int], tmp: Path) -> dict[str, dict[str, float]]:
+    found: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        label = f"{size // MIB}M"
+        found[label] = await _measure_move(size, tmp)
+        print(f"  {label}: in place {found[label]['local unavailable s']:.2f} s unavailable, "
+              f"moved {found[label]['migrate unavailable s']:.2f} s", file=sys.stderr)  # fmt: skip
+    return found
+
+
+async def _measure_move(size: int, tmp: Path) -> dict[str, float]:
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+    from sandbox_kernel.daemon_client import DaemonClient
+
+    limits = Limits.parse(memory=str(2 * size + (512 << 20)), cpus="1", pids="512", disk="4G")
+    config = {**provisioner_config("host", limits, "none"), "backend": "slurm",
+              "pristine_base": False}  # fmt: skip
+    install("bench-migrate", "migrate", config, prefix=str(tmp))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp / "share" / "jupyter" / "kernels")])
+    cwd = tmp / "migrate-cwd"
+    cwd.mkdir(mode=0o755, exist_ok=True)
+    km = AsyncIOLoopKernelManager(kernel_name="bench-migrate", kernel_spec_manager=ksm)
+    await km.start_kernel(cwd=str(cwd))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=180)
+        await run_cell(kc, _BUILD.format(size=size))
+        job = km.provisioner.kernel
+        node = next(n for n in cluster.nodes() if n.name == job.node)
+        daemon = DaemonClient(str(node.socket))
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+
+        async def in_place() -> None:
+            await daemon.call("snapshot", kernel_id=km.kernel_id, name=name, wait=True)
+            await daemon.call("restore", kernel_id=km.kernel_id, name=name)
+
+        local = await _while_ticking(kc, km, in_place)
+        await daemon.call("delete_snapshot", kernel_id=km.kernel_id, name=name)
+        target = next(n.name for n in cluster.nodes() if n.name != job.node)
+        moved: dict[str, str] = {}
+
+        async def migrate() -> None:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sandbox_kernel.cli", "migrate", km.kernel_id,
+                "--to", target, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise BenchError(f"migrate failed: {err.decode()[-800:]}")
+            moved["table"] = out.decode()
+
+        ours = await _while_ticking(kc, km, migrate)
+        if job.node != target:
+            raise BenchError(f"the kernel is on {job.node}, not {target}")
+        print(moved["table"], file=sys.stderr)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    return {
+        "local unavailable s": local[0], "local longest gap s": local[1], "local s": local[2],
+        "migrate unavailable s": ours[0], "migrate longest gap s": ours[1], "migrate s": ours[2],
+    }  # fmt: skip
+
+
+def print_migrate(found: dict[str, dict[str, float]]) -> None:
+    print("\nmigration: how long the kernel is unavailable (gaps in a cell's output, s)")
+    print(f"{'kernel state':<14}{'snapshot+restore in place':>27}{'migrate':>10}"
+          f"{'ratio':>8}{'longest gaps':>16}{'whole move':>12}")  # fmt: skip
+    for label, f in found.items():
+        ratio = f["migrate unavailable s"] / f["local unavailable s"]
+        verdict = "PASS" if ratio <= MIGRATE_TARGET else "FAIL"
+        gaps = f"{f['local longest gap s']:.2f} / {f['migrate longest gap s']:.2f}"
+        print(f"{label:<14}{f['local unavailable s']:>27.3f}{f['migrate unavailable s']:>10.3f}"
+              f"{ratio:>8.2f}{gaps:>16}{f['migrate s']:>12.2f}   {verdict} "
+              f"(target <= {MIGRATE_TARGET})")  # fmt: skip
+
+
 def print_start(found: dict[str, list[float]]) -> None:
     med = {key: statistics.median(v) for key, v in found.items()}
     allowed = START_TARGET * med["local"] + med["sbatch"]
@@ -207,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="300M", help="the kernel's state (default: 300M)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
-    parser.add_argument("--part", choices=("all", "start", "portable"), default="all")
+    parser.add_argument("--part", choices=("all", "start", "portable", "migrate"), default="all")
+    parser.add_argument("--migrate-sizes", default="100M,1G",
+                        help="the moved kernels' states (default: 100M,1G)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.size, "size")
@@ -217,15 +349,21 @@ def main(argv: list[str] | None = None) -> int:
     tmp.chmod(0o755)
     started: dict[str, list[float]] = {}
     found: dict[str, list[float]] = {}
+    moves: dict[str, dict[str, float]] = {}
     brought_up = False
     try:
+        idle = {n.name: "idle" for n in cluster.nodes()}
+        if args.part in ("all", "start", "migrate") and cluster.states() != idle:
+            print("bringing the test cluster up ...", file=sys.stderr)
+            cluster.up(say=lambda line: print(f"  {line}", file=sys.stderr))
+            brought_up = True
         if args.part in ("all", "start"):
-            if cluster.states() != {n.name: "idle" for n in cluster.nodes()}:
-                print("bringing the test cluster up ...", file=sys.stderr)
-                cluster.up(say=lambda line: print(f"  {line}", file=sys.stderr))
-                brought_up = True
             print("kernel starts, local and through Slurm:", file=sys.stderr)
             started = asyncio.run(measure_start(args.rounds, tmp))
+        if args.part in ("all", "migrate"):
+            print("migration, against a snapshot and restore in place:", file=sys.stderr)
+            sizes = [parse_size(s, "migrate size") for s in args.migrate_sizes.split(",")]
+            moves = asyncio.run(measure_migrate(sizes, tmp))
         if args.part in ("all", "portable"):
             print(f"portable snapshots of a {args.size} kernel, 1% changed:", file=sys.stderr)
             found = asyncio.run(measure(size, args.rounds, tmp))
@@ -240,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down(say=lambda line: print(f"  {line}", file=sys.stderr))
     if started:
         print_start(started)
+    if moves:
+        print_migrate(moves)
     if not found:
         if args.json:
-            args.json.write_text(json.dumps(started, indent=2) + "\n")
+            args.json.write_text(json.dumps({"start": started, "migrate": moves}, indent=2) + "\n")
         return 0
     med = {key: statistics.median(values) for key, values in found.items()}
     peer_s, peer_b = med["export parent s"], med["export parent bytes"]
