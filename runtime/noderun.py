@@ -89,7 +89,7 @@ async def _wait_for(paths: list[Path], deadline: float) -> Path:
                 return path
         if time.monotonic() > deadline:
             raise SandboxError(f"{paths[0].name} did not come in {MOVE_WAIT:.0f} s")
-        await asyncio.sleep(0.02)  # a shared folder tells no one: looked at
+        await asyncio.sleep(0.005)  # a shared folder tells no one: looked at
 
 
 async def arrive(client: DaemonClient, kid: str, move: Path) -> dict[str, Any]:
@@ -211,10 +211,13 @@ async def run(spec_path: Path) -> int:
     connection = {**spec["connection"], "ip": address, **KERNEL_PORTS}
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()
+    servers: dict[str, asyncio.Server] = {}
     try:
         await client.call(
             "launch", kernel_id=kid, argv=spec["argv"], env=spec["env"], connection=connection
         )
+        for name in PORT_NAMES:  # ready before a moving kernel's last snapshot comes
+            servers[name] = await forward(address, KERNEL_PORTS[name])
         if move is not None:
             await arrive(client, kid, move)
         elif spec.get("recover") and store is not None:
@@ -223,13 +226,14 @@ async def run(spec_path: Path) -> int:
             except SandboxError as err:  # the kernel launched above runs on: a cold start
                 print(f"kernel {kid}: no recovery ({err}); started cold", file=sys.stderr)
     except BaseException as err:
+        for server in servers.values():
+            server.close()
         if move is not None:
             with contextlib.suppress(OSError):
                 write_json(move / "failed", {"error": str(err), "node": socket.gethostname()})
         with contextlib.suppress(SandboxError):
             await client.call("remove", kernel_id=kid)
         raise
-    servers = {name: await forward(address, KERNEL_PORTS[name]) for name in PORT_NAMES}
     ports = {name: server.sockets[0].getsockname()[1] for name, server in servers.items()}
     node = socket.gethostname()
     alive = folder / f"{kid}.alive"

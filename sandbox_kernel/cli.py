@@ -180,10 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("verb", choices=["move-out", "thaw"])
     p.add_argument("kernel_id")
-    p.add_argument("--name", default="")
-    p.add_argument("--file", default="")
-    p.add_argument("--since")
-    p.add_argument("--final", action="store_true")
+    p.add_argument("--dir", default="", help="the move's folder in the shared store")
 
     p = sub.add_parser(
         "migrate", help="move a running Slurm kernel to another node; the notebook stays"
@@ -583,8 +580,7 @@ def _node_run(args: argparse.Namespace) -> int:
 def _node_step(args: argparse.Namespace) -> int:
     from .migrate import node_step
 
-    done = asyncio.run(node_step(args.verb, args.kernel_id, args.name, args.file, args.since,
-                                 args.final))  # fmt: skip
+    done = asyncio.run(node_step(args.verb, args.kernel_id, args.dir))
     print(json.dumps(done))
     return 0
 

@@ -105,31 +105,17 @@ async def _step(job: int, *argv: str) -> dict[str, Any]:
     return answer
 
 
-async def _wait_for(move_dir: Path, name: str, job: int) -> None:
-    """Wait until the target writes ``name`` in the move's folder.
+async def _wait_ready(
+    ready: Path, job: int, move_dir: Path, step: asyncio.Future[dict[str, Any]]
+) -> dict[str, Any]:
+    """Wait until the kernel's ready file names the target's job.
 
     Raises:
-        SlurmError: the target failed (its error), or its job ended.
+        SlurmError: the target failed (its error), its job ended, or the step on the
+            source failed.
     """
-    deadline = time.monotonic() + STEP_TIMEOUT
-    checked = 0.0
-    while not (move_dir / name).exists():
-        failed = move_dir / "failed"
-        if failed.exists():
-            raise SlurmError(f"the target node failed: {json.loads(failed.read_text())['error']}")
-        if time.monotonic() - checked > 1.0:
-            checked = time.monotonic()
-            state = await job_state(job)
-            if state not in ("PENDING", "CONFIGURING", "RUNNING"):
-                raise SlurmError(f"the target's job {job} ended ({state or 'gone'})")
-        if time.monotonic() > deadline:
-            raise SlurmError(f"the target did not write {name} within {STEP_TIMEOUT:.0f} s")
-        await asyncio.sleep(0.01)  # a shared folder tells no one: looked at
-
-
-async def _wait_ready(ready: Path, job: int, move_dir: Path) -> dict[str, Any]:
-    """Wait until the kernel's ready file names the target's job."""
-    deadline = time.monotonic() + STEP_TIMEOUT
+    deadline = time.monotonic() + 2 * STEP_TIMEOUT
+    checked = time.monotonic()
     while True:
         with contextlib.suppress(OSError, ValueError):
             where: dict[str, Any] = json.loads(ready.read_text())
@@ -138,9 +124,16 @@ async def _wait_ready(ready: Path, job: int, move_dir: Path) -> dict[str, Any]:
         failed = move_dir / "failed"
         if failed.exists():
             raise SlurmError(f"the target node failed: {json.loads(failed.read_text())['error']}")
+        if step.done():
+            step.result()  # its error, if it failed
+        if time.monotonic() - checked > 1.0:
+            checked = time.monotonic()
+            state = await job_state(job)
+            if state not in ("PENDING", "CONFIGURING", "RUNNING"):
+                raise SlurmError(f"the target's job {job} ended ({state or 'gone'})")
         if time.monotonic() > deadline:
-            raise SlurmError(f"the kernel did not run on the target within {STEP_TIMEOUT:.0f} s")
-        await asyncio.sleep(0.005)  # as the provisioner: looked at
+            raise SlurmError(f"the kernel did not run on the target within {deadline:.0f} s")
+        await asyncio.sleep(0.005)  # a shared folder tells no one: looked at
 
 
 async def migrate(kernel_id: str, to: str | None = None, away_from: str | None = None) -> Move:
@@ -172,34 +165,35 @@ async def migrate(kernel_id: str, to: str | None = None, away_from: str | None =
     sbatch.append(f"--nodelist={to}" if to else f"--exclude={away_from or move.source}")
     if to is None and away_from and away_from != move.source:
         sbatch[-1] += f",{move.source}"
-    frozen = False
     started = time.monotonic()
+    step: asyncio.Future[dict[str, Any]] | None = None
     try:
         move.target_job = await submit(kernel_id, target_spec, folder / f"{kernel_id}.log", sbatch)
-        base = move_dir / "base.sks"
-        sent = await _step(move.source_job, "move-out", kernel_id, "--name", names["base"],
-                           "--file", str(base))  # fmt: skip
-        move.steps["snapshot and send, kernel running"] = time.monotonic() - started
-        move.sizes["snapshot and send, kernel running"] = int(sent["bytes"])
-        await _wait_for(move_dir, "staged", move.target_job)
-        move.steps["target ready"] = time.monotonic() - started
-        cut = time.monotonic()
-        frozen = True
-        final = await _step(move.source_job, "move-out", kernel_id, "--name", names["final"],
-                            "--file", str(move_dir / "final.sks"), "--since", names["base"],
-                            "--final")  # fmt: skip
-        move.steps["last snapshot and send, frozen"] = time.monotonic() - cut
-        move.sizes["last snapshot and send, frozen"] = int(final["bytes"])
-        arrived = time.monotonic()
-        now = await _wait_ready(folder / f"{kernel_id}.ready", move.target_job, move_dir)
+        # One step on the source does both snapshots: no process starts while frozen.
+        step = asyncio.ensure_future(_step(move.source_job, "move-out", kernel_id,
+                                           "--dir", str(move_dir)))  # fmt: skip
+        now = await _wait_ready(folder / f"{kernel_id}.ready", move.target_job, move_dir, step)
+        seen = time.time()
+        done = await step
         move.target = str(now["node"])
-        move.steps["import and restore on the target"] = time.monotonic() - arrived
-        move.steps["kernel unavailable"] = time.monotonic() - cut
+        base, final = done["base"], done["final"]
+        move.steps["snapshot and send, kernel running"] = float(base["seconds"])
+        move.sizes["snapshot and send, kernel running"] = int(base["bytes"])
+        move.steps["target ready (it imported the first)"] = float(done["staged_seconds"])
+        move.steps["last snapshot and send, frozen"] = float(final["seconds"])
+        move.sizes["last snapshot and send, frozen"] = int(final["bytes"])
+        for part in ("paused_seconds", "snapshot_seconds", "export_seconds"):
+            move.steps[f"  of which {part.split('_')[0]}"] = float(final.get(part) or 0.0)
+        move.steps["import and restore on the target"] = seen - float(done["sent_at"])
+        move.steps["kernel unavailable (frozen until it runs there)"] = seen - done["frozen_at"]
     except BaseException:
         write_json(move_dir / "abort", {})
+        if step is not None:
+            with contextlib.suppress(BaseException):
+                await step
         if move.target_job:
             await _run("scancel", str(move.target_job))
-        if frozen:
+        if (move_dir / "frozen").exists():
             with contextlib.suppress(SandboxError):
                 await _step(move.source_job, "thaw", kernel_id)
         moving.unlink(missing_ok=True)
@@ -263,26 +257,45 @@ def _as_user(user: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
 # ---- on the kernel's node: ``sandbox-kernel node-step`` ---------------------------------
 
 
-async def node_step(
-    verb: str, kernel_id: str, name: str = "", file: str = "", since: str | None = None,
-    final: bool = False,
-) -> dict[str, Any]:  # fmt: skip
-    """One step of a move, on the kernel's node, as its owner (``_step``): ``thaw``
-    the kernel, or ``move-out``: snapshot it as ``name`` and write it to ``file``
-    (whole once written: the target never reads half a file)."""
+async def node_step(verb: str, kernel_id: str, move_dir: str = "") -> dict[str, Any]:
+    """On the kernel's node, as its owner (``_step``): ``thaw`` the kernel, or
+    ``move-out``: send the running kernel (``base.sks``), wait until the target
+    has it (``staged``), then freeze it and send what changed since
+    (``final.sks``). Each file is whole once it is there (renamed when written)."""
     from .daemon_client import DaemonClient
 
     client = DaemonClient()
     if verb == "thaw":
         await client.call("thaw", kernel_id=kernel_id)
         return {}
-    path = Path(file)
-    partial = path.with_name(path.name + ".partial")
-    done: dict[str, Any] = await client.call(
-        "move_out", kernel_id=kernel_id, name=name, path=str(partial), since=since, final=final
-    )
-    partial.rename(path)
-    return done
+    folder = Path(move_dir)
+    names = json.loads((folder / "names.json").read_text())
+
+    async def send(name: str, file: str, since: str | None, final: bool) -> dict[str, Any]:
+        begin = time.monotonic()
+        partial = folder / f"{file}.partial"
+        done: dict[str, Any] = await client.call(
+            "move_out", kernel_id=kernel_id, name=name, path=str(partial), since=since,
+            final=final,
+        )  # fmt: skip
+        partial.rename(folder / file)
+        return {**done, "seconds": round(time.monotonic() - begin, 4)}
+
+    base = await send(names["base"], "base.sks", None, False)
+    waited = time.monotonic()
+    deadline = waited + STEP_TIMEOUT
+    while not (folder / "staged").exists():
+        if (folder / "abort").exists() or (folder / "failed").exists():
+            raise SlurmError("the move was called off before the kernel was frozen")
+        if time.monotonic() > deadline:
+            raise SlurmError(f"the target did not take the kernel in {STEP_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.01)  # a shared folder tells no one: looked at
+    staged = time.monotonic() - waited
+    frozen_at = time.time()
+    write_json(folder / "frozen", {"at": frozen_at})
+    final = await send(names["final"], "final.sks", names["base"], True)
+    return {"base": base, "final": final, "staged_seconds": staged, "frozen_at": frozen_at,
+            "sent_at": time.time()}  # fmt: skip
 
 
 def print_move(move: Move) -> None:
