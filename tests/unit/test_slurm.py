@@ -13,10 +13,11 @@ from sandbox_kernel.slurm import sbatch_args
 def test_a_kernels_limits_become_its_jobs_resources() -> None:
     limits = Limits.parse(memory="1536M", cpus="1.5", pids="256", disk="2G").to_dict()
     assert sbatch_args(limits, "kernels", "physics", "8:00:00") == [
-        "--cpus-per-task=2", "--mem=1536M", "--partition=kernels", "--account=physics",
-        "--time=8:00:00",
+        "--no-requeue", "--cpus-per-task=2", "--mem=1536M", "--partition=kernels",
+        "--account=physics", "--time=8:00:00",
     ]  # fmt: skip
-    assert sbatch_args(Limits.parse(memory="", cpus="").to_dict(), "", "", "") == []
+    # Never requeued by Slurm: a requeue would start the kernel from scratch.
+    assert sbatch_args(Limits.parse(memory="", cpus="").to_dict(), "", "", "") == ["--no-requeue"]
 
 
 @pytest.mark.parametrize(
