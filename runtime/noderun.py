@@ -4,8 +4,14 @@ Run by the job as the submitting user. It asks the node's daemon (its usual
 socket) to prepare and launch the kernel the spec file describes, forwards a port
 of the node for each of the kernel's ports, writes where they are beside the spec
 (``KERNEL_ID.ready``, for the provisioner), and holds the job until the kernel
-ends. A SIGTERM (``scancel``, or the job's end) removes the kernel; a SIGINT
-interrupts it.
+ends, touching ``KERNEL_ID.alive`` every second. A SIGTERM (``scancel``, or the
+job's end) removes the kernel; a SIGINT interrupts it.
+
+Meanwhile it copies the kernel's snapshots and latest checkpoint to the shared
+store (:class:`Publisher`, see ``shared.py``). A spec that says ``move`` is a
+kernel arriving from another node (:func:`arrive`, see
+``sandbox_kernel/migrate.py``); one that says ``recover``, a kernel whose node
+died, brought back from the shared store (:func:`recover`).
 """
 
 from __future__ import annotations
@@ -146,7 +152,11 @@ class Publisher:
 
     def __init__(self, client: DaemonClient, kid: str, store: Path) -> None:
         self.client, self.kid, self.store = client, kid, store
-        self.done: set[str] = {e["name"] for e in shared.entries(store)}
+        # What this kernel published, here or on a node it moved from. A name
+        # another kernel published is published again: the latest one wins.
+        self.done: set[str] = {
+            e["name"] for e in shared.entries(store) if e.get("kernel_id") == kid
+        }
         self.last_checkpoint = 0.0
 
     async def run(self, ended: asyncio.Event) -> None:
