@@ -30,7 +30,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Enum, Float, Int, List, Unicode, Union, default, validate
 
 from .backends import DAEMON_MODES, Backend, choose
-from .errors import DaemonError, KernelStateError
+from .errors import DaemonError, KernelNotFound, KernelStateError
 from .kernel_process import KernelProcess
 from .runtime import Limits
 from .runtime.bundle import CONNECTION_FILE
@@ -41,7 +41,7 @@ from .runtime.network import NETWORK_MODES
 from .runtime.pool import POOL_MAX, check_pool
 from .runtime.pristine import PER_LAUNCH_ENV
 from .runtime.shared import default_store, forget_published
-from .slurm import SlurmJob, sbatch_args
+from .slurm import SlurmError, SlurmJob, sbatch_args
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
 MAGICS = "sandbox_kernel.magics"
@@ -532,6 +532,18 @@ class SandboxProvisioner(KernelProvisionerBase):
         self._unsubscribe()
         self.process = None
         self._cwd = provisioner_info.get("cwd") or self._cwd
+        if self.backend_is_slurm:
+            # Its job ran on without the server: forward the same ports to it again.
+            info = provisioner_info["connection_info"]
+            self._local_ports = {name: int(info[name]) for name in KERNEL_PORTS}
+            try:
+                node = await self.kernel.adopt(int(provisioner_info["job"]), self._local_ports)
+            except SlurmError as err:
+                raise KernelNotFound(self.kernel_id) from err
+            self._launched = True
+            self.log.info("Adopted sandboxed kernel %s, Slurm job %s on %s",
+                          self.kernel_id, self.kernel.job_id, node)  # fmt: skip
+            return
         pid = await self.runner.call("adopt", kernel_id=self.kernel_id)
         self._track(pid)
         self._launched = True

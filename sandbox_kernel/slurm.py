@@ -298,6 +298,28 @@ class SlurmJob:
         self._watching = asyncio.ensure_future(self._watch())
         return self.node
 
+    async def adopt(self, job_id: int, local_ports: dict[str, int]) -> str:
+        """Follow the running kernel of job ``job_id`` again (a restarted Jupyter
+        server): forward ``local_ports`` to where its ready file says it runs
+        (another job's node, if it moved meanwhile). The node.
+
+        Raises:
+            SlurmError: its job has ended, or never wrote where the kernel runs.
+        """
+        self.job_id = job_id
+        try:
+            where = json.loads(self.files()[1].read_text())
+        except (OSError, ValueError):
+            raise SlurmError(f"job {job_id} never said where its kernel runs") from None
+        self.job_id = int(where.get("job") or job_id)
+        if await self.state() not in ALIVE_STATES:
+            raise SlurmError(f"job {self.job_id} of kernel {self.kernel_id} has ended")
+        self.node = str(where["node"])
+        await self.forwarder.listen(local_ports)
+        self.forwarder.retarget(where["address"], {k: int(v) for k, v in where["ports"].items()})
+        self._watching = asyncio.ensure_future(self._watch())
+        return self.node
+
     async def state(self) -> str:
         """The job's state as squeue has it, "" once it is gone."""
         if self.job_id is None:

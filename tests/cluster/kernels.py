@@ -3,6 +3,7 @@ server starts them (with the restarter), for the cluster's tests."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ async def start(ksm: KernelSpecManager, work: Path) -> tuple[AsyncIOLoopKernelMa
 
 
 async def stop(*pairs: tuple[AsyncIOLoopKernelManager, Any]) -> None:
+    """Shut the kernels down; none of their forwards on this machine may be left."""
     for km, kc in pairs:
         kc.stop_channels()
+        ports = [km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port]
         await km.shutdown_kernel(now=True)
+        for port in ports:
+            with socket.socket() as probe:
+                assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still forwards"

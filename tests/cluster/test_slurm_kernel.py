@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
+from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
 from ..integration.conftest import wait_until
 from ..integration.probe import run_cell
-from .kernels import node_kernels, squeue, start
+from ..integration.test_server_crash import orphan_kernel
+from .kernels import SPEC, node_kernels, squeue, start
 
 pytestmark = pytest.mark.integration
 
@@ -69,4 +73,31 @@ async def test_scancel_ends_the_kernel_and_the_restarters_new_kernel_runs(
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+    assert all(not kernels for kernels in node_kernels().values())
+
+
+async def test_a_restarted_server_adopts_its_slurm_kernel_again(
+    up: None, slurm_kernels: Any, tmp_path: Path
+) -> None:
+    ksm, work = slurm_kernels
+    info = await orphan_kernel(ksm, SPEC, work, tmp_path)  # its server was SIGKILLed
+    job = int(info["job"])
+    assert squeue(job) == f"RUNNING {info['node']}", "the kernel's job outlives its server"
+    km = AsyncIOLoopKernelManager(kernel_name=SPEC, kernel_spec_manager=ksm)
+    km.kernel_id = info["kernel_id"]
+    km.load_connection_info(info["connection_info"])
+    km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+        km.kernel_id, km.kernel_spec, parent=km
+    )
+    await km.provisioner.load_provisioner_info(info)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        assert await km.is_alive()
+        await kc.wait_for_ready(timeout=60)
+        assert (await run_cell(kc, "print(survivor)")).check().strip() == "still here"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert squeue(job) == ""
     assert all(not kernels for kernels in node_kernels().values())
