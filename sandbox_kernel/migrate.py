@@ -29,6 +29,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def find(kernel_id: str) -> tuple[Path, dict[str, Any]]:
             "runs as no Slurm job of yours; `sandbox-kernel ps` lists the kernels' jobs",
         )  # fmt: skip
     folder = Path(jobs[0]["dir"])
-    if (folder / f"{kernel_id}.moving").exists():
+    if _moving(folder / f"{kernel_id}.moving"):
         raise ConfigError("kernel", kernel_id, "is moving already; wait for that move to end")
     try:
         where = json.loads((folder / f"{kernel_id}.ready").read_text())
@@ -89,6 +90,26 @@ def find(kernel_id: str) -> tuple[Path, dict[str, Any]]:
             "kernel", kernel_id, "has not started yet; move it once it runs"
         ) from None
     return folder, where
+
+
+def _moving(marker: Path) -> bool:
+    """Whether another move of the kernel is under way: its marker is there, and
+    the ``migrate`` that wrote it runs (on this host) or is younger than a move
+    can last (elsewhere)."""
+    try:
+        mark = json.loads(marker.read_text())
+        age = time.time() - marker.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    if mark.get("host") == socket.gethostname():
+        try:
+            os.kill(int(mark["pid"]), 0)
+        except (ProcessLookupError, KeyError, ValueError, TypeError):
+            return False  # it died mid-move; the move's own undo did not run
+        except PermissionError:
+            return True
+        return True
+    return age < 2 * STEP_TIMEOUT
 
 
 async def _step(job: int, *argv: str) -> dict[str, Any]:
@@ -160,7 +181,7 @@ async def migrate(kernel_id: str, to: str | None = None, away_from: str | None =
     target_spec = folder / f"{kernel_id}.move.json"
     write_json(target_spec, {**spec, "move": {"dir": str(move_dir)}})
     moving = folder / f"{kernel_id}.moving"
-    write_json(moving, {"from": move.source_job})
+    write_json(moving, {"from": move.source_job, "pid": os.getpid(), "host": socket.gethostname()})
     sbatch = [a for a in spec.get("sbatch", []) if not a.startswith(("--exclude", "--nodelist"))]
     sbatch.append(f"--nodelist={to}" if to else f"--exclude={away_from or move.source}")
     if to is None and away_from and away_from != move.source:
@@ -203,6 +224,7 @@ async def migrate(kernel_id: str, to: str | None = None, away_from: str | None =
     # The old job's node-run removes the frozen kernel there (and its moved- snapshots).
     await _run("scancel", str(move.source_job))
     moving.unlink(missing_ok=True)
+    target_spec.unlink(missing_ok=True)  # read at the job's start; the kernel's own stays
     shutil.rmtree(move_dir, ignore_errors=True)
     move.steps["whole move"] = time.monotonic() - started
     return move

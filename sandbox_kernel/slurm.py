@@ -384,7 +384,8 @@ class SlurmJob:
         await self._stop_following()
         for path in self.files()[:2]:
             path.unlink(missing_ok=True)
-        (jobs_dir() / f"{self.kernel_id}.alive").unlink(missing_ok=True)
+        for suffix in ("alive", "move.json", "moving"):
+            (jobs_dir() / f"{self.kernel_id}.{suffix}").unlink(missing_ok=True)
 
 
 def check_backend(backend: str) -> str:
