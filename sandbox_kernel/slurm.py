@@ -256,9 +256,15 @@ class SlurmJob:
         :data:`DEAD_AFTER` seconds: its node is gone. Clocks are not compared, only
         whether the file's time moved."""
         try:
-            mtime = os.stat(jobs_dir() / f"{self.kernel_id}.alive").st_mtime_ns
+            # Opened, not only stat'ed: NFS revalidates a file's attributes at open
+            # (close-to-open), where a stat may answer from its cache for a minute.
+            fd = os.open(jobs_dir() / f"{self.kernel_id}.alive", os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return False  # not written yet
+        try:
+            mtime = os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
         seen, since = self._beat
         now = time.monotonic()
         if mtime != seen:
