@@ -283,7 +283,12 @@ class SlurmJob:
         write_json(spec_file, {**spec, "sbatch": sbatch})  # 0600: it holds the kernel's key
         self.job_id = await submit(self.kernel_id, spec_file, log_file, sbatch)
         deadline = time.monotonic() + START_TIMEOUT
+        asked = 0.0
         while not ready.exists():
+            await asyncio.sleep(0.01)  # the shared folder, looked at: Slurm pushes nothing
+            if time.monotonic() - asked < 0.5:
+                continue  # squeue only twice a second: it costs a round trip to slurmctld
+            asked = time.monotonic()
             state = await self.state()
             if state not in ALIVE_STATES:
                 tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
@@ -296,7 +301,6 @@ class SlurmJob:
                     f"job {self.job_id} did not run its kernel within {START_TIMEOUT:.0f} s "
                     f"(it is {state}); see squeue -j {self.job_id}"
                 )
-            await asyncio.sleep(0.1)  # polling the shared folder: Slurm pushes nothing
         where = json.loads(ready.read_text())
         self.node = str(where["node"])
         await self.forwarder.listen(local_ports)
