@@ -29,14 +29,13 @@ from .drivers import Drivers
 from .limits import Limits
 from .network import Addresses, check_mode
 from .portable import misfit_host
+from .ports import KERNEL_PORTS  # noqa: F401 (the kernels' ports, named here too)
 from .pyenv import merge_prefixes, package_dirs, python_prefixes
 from .record import KernelRecord, Start
 from .rootfs import Rootfs, check_cwd
 from .store import KernelStore, private_folder
 
 #: The kernel's ZMQ ports inside its own network namespace; no other process uses them.
-KERNEL_PORTS = {"shell_port": 50001, "iopub_port": 50002, "stdin_port": 50003,
-                "control_port": 50004, "hb_port": 50005}  # fmt: skip
 #: What each limit is called in messages.
 _LIMIT_NAMES = {"memory": "memory limit", "cpus": "cpu limit", "pids": "pids limit"}
 

@@ -31,11 +31,14 @@ from typing import Any
 from sandbox_kernel.daemon_client import DaemonClient
 from sandbox_kernel.errors import ConfigError, SandboxError
 
-from . import shared
 from .fsutil import write_json
-from .lifecycle import KERNEL_PORTS
-from .snapshots import is_checkpoint
+from .ports import KERNEL_PORTS
 
+# The shared store's module (and the snapshot store's under it) loads when a kernel
+# publishes or comes back: a job's start does not wait for it.
+
+#: The names of automatic checkpoints (``snapshots.CHECKPOINT_PREFIX``).
+CHECKPOINT_PREFIX = "ckpt-"
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
@@ -129,6 +132,8 @@ async def arrive(client: DaemonClient, kid: str, move: Path) -> dict[str, Any]:
 async def recover(client: DaemonClient, kid: str, store: Path) -> dict[str, Any] | None:
     """Bring back a kernel whose node died, from the latest snapshot or checkpoint it
     published to the shared store; its index entry, or None where there is none."""
+    from . import shared
+
     published = [e for e in shared.entries(store) if e.get("kernel_id") == kid]
     if not published:
         return None
@@ -151,6 +156,9 @@ class Publisher:
     published before it."""
 
     def __init__(self, client: DaemonClient, kid: str, store: Path) -> None:
+        from . import shared
+
+        self.shared = shared
         self.client, self.kid, self.store = client, kid, store
         # What this kernel published, here or on a node it moved from. A name
         # another kernel published is published again: the latest one wins.
@@ -173,7 +181,7 @@ class Publisher:
         rows = await self.client.call("kernel_snapshots", kernel_id=self.kid)
         parents = {r["name"]: r.get("parent") for r in rows}
         checkpoints = [r for r in rows if r["checkpoint"]]
-        due = time.monotonic() - self.last_checkpoint >= shared.CHECKPOINT_EVERY
+        due = time.monotonic() - self.last_checkpoint >= self.shared.CHECKPOINT_EVERY
         for row in rows:
             name = row["name"]
             if name in self.done:
@@ -184,7 +192,8 @@ class Publisher:
             # (deleted at its shutdown): it is never published against one.
             since = row.get("parent")
             while since and (
-                since not in self.done or (not row["checkpoint"] and is_checkpoint(since))
+                since not in self.done
+                or (not row["checkpoint"] and since.startswith(CHECKPOINT_PREFIX))
             ):
                 since = parents.get(since)
             await self.publish(name, since, bool(row["checkpoint"]), float(row["created"]))
@@ -195,8 +204,8 @@ class Publisher:
         await self.client.call(
             "export_snapshot", name=name, path=str(partial), since=since, kernel_id=self.kid
         )
-        partial.rename(self.store / (name + shared.STREAM))
-        write_json(self.store / (name + shared.INDEX), {
+        partial.rename(self.store / (name + self.shared.STREAM))
+        write_json(self.store / (name + self.shared.INDEX), {
             "name": name, "kernel_id": self.kid, "since": since, "created": created,
             "checkpoint": checkpoint, "node": socket.gethostname(),
         })  # fmt: skip
@@ -298,3 +307,7 @@ async def run(spec_path: Path) -> int:
 
 def main(spec: str) -> int:
     return asyncio.run(run(Path(spec)))
+
+
+if __name__ == "__main__":  # the job's command: lighter than the whole CLI
+    sys.exit(main(sys.argv[1]))

@@ -42,11 +42,11 @@ from sandbox_kernel.errors import ConfigError, QuotaError
 from . import snapshots
 from .callers import Caller
 from .limits import Limits, parse_size
+from .ports import DEFAULT_SOCKET
 
 #: Where the daemon reads its config unless told otherwise.
 DEFAULT_CONFIG = Path("/etc/sandbox-kernel/daemon.toml")
 #: Where the daemon listens unless its config or command line says otherwise.
-DEFAULT_SOCKET = "/run/sandbox-kernel/daemon.sock"
 _SIZES = ("memory_total", "memory", "disk", "snapshot_bytes")
 _COUNTS = ("kernels", "pids", "snapshots")
 

@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from . import errors
-from .runtime import snapshots
-from .runtime.quotas import DEFAULT_SOCKET
+from .runtime.ports import DEFAULT_SOCKET
 
 #: Bytes of one reply line the client accepts (a long ``diff`` or listing).
 MAX_REPLY = 64 << 20
@@ -29,15 +28,26 @@ IDEMPOTENT = frozenset({"pid", "tend", "ended", "kernels", "logs", "snapshots", 
 #: What starts a daemon, for messages.
 START_HINT = "sudo sandbox-kernel daemon --detach (or: sudo systemctl start sandbox-kernel)"
 
-_ERRORS: dict[str, type[Exception]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.SandboxError, errors.ConfigError, errors.CommandError, errors.KernelNotFound,
-        errors.KernelStateError, errors.ImageNotFound, errors.RequirementMissing,
-        errors.QuotaError, errors.DaemonError, snapshots.QuotaExceeded,
-        snapshots.SnapshotNotFound, snapshots.SnapshotCorrupt, snapshots.StoreFull,
-    )
-}  # fmt: skip
+_ERRORS: dict[str, type[Exception]] = {}
+
+
+def _error_classes() -> dict[str, type[Exception]]:
+    """The errors a reply may name, by name (made at the first error: the snapshot
+    store's module is not needed before)."""
+    if not _ERRORS:
+        from .runtime import snapshots
+
+        _ERRORS.update({
+            cls.__name__: cls
+            for cls in (
+                errors.SandboxError, errors.ConfigError, errors.CommandError,
+                errors.KernelNotFound, errors.KernelStateError, errors.ImageNotFound,
+                errors.RequirementMissing, errors.QuotaError, errors.DaemonError,
+                snapshots.QuotaExceeded, snapshots.SnapshotNotFound, snapshots.SnapshotCorrupt,
+                snapshots.StoreFull,
+            )
+        })  # fmt: skip
+    return _ERRORS
 
 
 def socket_path() -> str:
@@ -54,7 +64,7 @@ def _error(data: object) -> Exception:
     """The exception a reply's ``error`` describes, as the runtime would raise it."""
     if not isinstance(data, dict):
         return errors.DaemonError(f"the daemon sent a malformed error: {data!r:.200}")
-    cls = _ERRORS.get(str(data.get("type")), errors.SandboxError)
+    cls = _error_classes().get(str(data.get("type")), errors.SandboxError)
     err = cls.__new__(cls)
     Exception.__init__(err, str(data.get("message", "")))
     return err

@@ -105,7 +105,7 @@ async def submit(kernel_id: str, spec_file: Path, log_file: Path, sbatch: list[s
         raise SlurmError("sbatch not found: this machine is no Slurm submit host")
     # exec: the job's process is node-run itself, which a scancel's SIGTERM
     # reaches and lets finish (a shell in between would die and take it along).
-    command = f"exec {sys.executable} -m sandbox_kernel.cli node-run {spec_file}"
+    command = f"exec {sys.executable} -m sandbox_kernel.runtime.noderun {spec_file}"
     code, out, err = await _run(
         "sbatch", "--parsable", f"--job-name=sk-{kernel_id[:8]}",
         f"--comment={COMMENT}{kernel_id}", f"--chdir={spec_file.parent}",
