@@ -22,7 +22,8 @@ from sandbox_kernel.errors import SandboxError
 from . import bases, paths, pristine, snapshots
 from .checkpoint import criu_binary
 from .fsutil import aflocked
-from .lifecycle import KERNEL_PORTS, KernelConfig
+from .lifecycle import KernelConfig
+from .ports import KERNEL_PORTS
 from .record import KernelRecord
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ from . import paths, snapshots
 from .boot import Boot, lazy_restore_size
 from .drivers import Drivers
 from .fsutil import write_json
-from .lifecycle import KERNEL_PORTS, follow_class
+from .lifecycle import follow_class
 from .portable import misfit_host
+from .ports import KERNEL_PORTS
 from .record import KernelRecord
 from .rootfs import Rootfs, check_disk, check_folders, inherited_bytes
 from .store import KernelStore

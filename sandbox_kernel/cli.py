@@ -29,7 +29,8 @@ from .runtime import Limits, volume
 from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
 from .runtime.portable import misfit_host
-from .runtime.quotas import DEFAULT_CONFIG, DEFAULT_SOCKET
+from .runtime.ports import DEFAULT_SOCKET
+from .runtime.quotas import DEFAULT_CONFIG
 
 #: Where ``daemon --detach`` writes the daemon's log unless told otherwise.
 DEFAULT_LOG = "/var/log/sandbox-kernel/daemon.log"

@@ -35,10 +35,11 @@ from .kernel_process import KernelProcess
 from .runtime import Limits
 from .runtime.bundle import CONNECTION_FILE
 from .runtime.layers import check_image_name
-from .runtime.lifecycle import KERNEL_PORTS, default_uid
+from .runtime.lifecycle import default_uid
 from .runtime.limits import parse_size
 from .runtime.network import NETWORK_MODES
 from .runtime.pool import POOL_MAX, check_pool
+from .runtime.ports import KERNEL_PORTS
 from .runtime.pristine import PER_LAUNCH_ENV
 from .runtime.shared import default_store, forget_published
 from .slurm import SlurmError, SlurmJob, sbatch_args
