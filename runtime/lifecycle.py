@@ -29,7 +29,6 @@ from .drivers import Drivers
 from .limits import Limits
 from .network import Addresses, check_mode
 from .portable import misfit_host
-from .ports import KERNEL_PORTS  # noqa: F401 (the kernels' ports, named here too)
 from .pyenv import merge_prefixes, package_dirs, python_prefixes
 from .record import KernelRecord, Start
 from .rootfs import Rootfs, check_cwd
