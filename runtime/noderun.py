@@ -149,6 +149,48 @@ async def recover(client: DaemonClient, kid: str, store: Path) -> dict[str, Any]
     return latest
 
 
+#: Seconds a kernel that ended for a restart waits for its provisioner's relaunch.
+RELAUNCH_WAIT = 120.0
+
+
+async def relaunch(
+    client: DaemonClient, kid: str, folder: Path, config: dict[str, Any],
+    where: dict[str, Any], ended: asyncio.Event,
+) -> bool:  # fmt: skip
+    """A kernel that ended because its provisioner restarts it (it wrote
+    ``KERNEL_ID.restarting`` when it asked): say so (``KERNEL_ID.exited``), wait
+    for the new command (``KERNEL_ID.relaunch``) and start it in the same
+    container, with its files, as a local kernel's restart does. Whether it did;
+    False for an end nobody asked to restart from."""
+    restarting = folder / f"{kid}.restarting"
+    if not restarting.exists():
+        # jupyter_client tells the provisioner just after it asks the kernel to go.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), 1.0)
+        if ended.is_set() or not restarting.exists():
+            return False
+    request = folder / f"{kid}.relaunch"
+    write_json(folder / f"{kid}.exited", {"job": where["job"], "epoch": where["epoch"]})
+    deadline = time.monotonic() + RELAUNCH_WAIT
+    while not request.exists():
+        if ended.is_set() or time.monotonic() > deadline:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), 0.01)  # a shared folder: looked at
+    new = read_spec(request)
+    for path in (request, restarting):
+        path.unlink(missing_ok=True)
+    await client.call("stop", kernel_id=kid)
+    record = await client.call("prepare", kernel_id=kid, config=config)
+    connection = {**new["connection"], "ip": str(record["kernel_ip"]), **KERNEL_PORTS}
+    await client.call("launch", kernel_id=kid, argv=new["argv"], env=new["env"],
+                      connection=connection)  # fmt: skip
+    where["epoch"] += 1
+    write_json(folder / f"{kid}.ready", where)
+    print(f"kernel {kid} restarted in its job", file=sys.stderr, flush=True)
+    return True
+
+
 class Publisher:
     """Copies what this node keeps of the kernel to the shared store (``shared.py``):
     each snapshot it takes, and its latest checkpoint at most every
@@ -257,10 +299,10 @@ async def run(spec_path: Path) -> int:
     node = socket.gethostname()
     alive = folder / f"{kid}.alive"
     alive.touch(mode=0o600)
-    write_json(folder / f"{kid}.ready", {
-        "node": node, "address": socket.gethostbyname(node), "ports": ports,
-        "job": os.environ.get("SLURM_JOB_ID"),
-    })  # fmt: skip
+    job = os.environ.get("SLURM_JOB_ID")
+    where = {"node": node, "address": socket.gethostbyname(node), "ports": ports, "job": job,
+             "epoch": 0}  # fmt: skip
+    write_json(folder / f"{kid}.ready", where)
     loop.add_signal_handler(signal.SIGTERM, ended.set)
 
     async def interrupt() -> None:
@@ -288,6 +330,8 @@ async def run(spec_path: Path) -> int:
                 break  # removed
             if pid is None:
                 print(f"kernel {kid} ended", file=sys.stderr, flush=True)
+                if await relaunch(client, kid, folder, config, where, ended):
+                    continue  # a restart: the same container, its files kept
                 break  # the kernel ended (a shutdown, or it died)
             with contextlib.suppress(OSError):
                 os.utime(alive)

@@ -42,7 +42,7 @@ from .runtime.pool import POOL_MAX, check_pool
 from .runtime.ports import KERNEL_PORTS
 from .runtime.pristine import PER_LAUNCH_ENV
 from .runtime.shared import default_store, forget_published
-from .slurm import SlurmError, SlurmJob, sbatch_args
+from .slurm import ALIVE_STATES, SlurmError, SlurmJob, sbatch_args
 
 #: The IPython extension every sandboxed kernel loads: the ``%container`` magic.
 MAGICS = "sandbox_kernel.magics"
@@ -188,6 +188,8 @@ class SandboxProvisioner(KernelProvisionerBase):
         self._lost_node: str | None = None
         #: A Slurm kernel's ports on this machine, kept for its life.
         self._local_ports: dict[str, int] = {}
+        #: A Slurm kernel's next launch restarts it in its job (its files stay).
+        self._relaunch = False
 
     @property
     def runner(self) -> Backend:
@@ -400,6 +402,23 @@ class SandboxProvisioner(KernelProvisionerBase):
         ports = {name: int(self.connection_info[name]) for name in KERNEL_PORTS}  # type: ignore[literal-required]
         resources = sbatch_args(self.limits.to_dict(), self.partition, self.account,
                                 self.time_limit)  # fmt: skip
+        if self._relaunch:
+            self._relaunch = False
+            try:
+                node = await self.kernel.relaunch(
+                    {"argv": argv, "env": env, "connection": spec["connection"]}
+                )
+            except SlurmError as err:  # a new job, then: its files are lost
+                self.log.warning("Kernel %s: %s; starting it as a new job", self.kernel_id, err)
+                await self.kernel.cancel()
+                await self.kernel.forget()
+                self.process = None
+                self.kernel.launching()
+            else:
+                _reconnect_quickly(self.parent)
+                self.log.info("Restarted sandboxed kernel %s in its Slurm job %s on %s",
+                              self.kernel_id, self.kernel.job_id, node)  # fmt: skip
+                return self.connection_info
         lost, self._lost_node = self._lost_node, None
         if lost:
             # Its node died: elsewhere, from what it published to the shared store.
@@ -484,8 +503,11 @@ class SandboxProvisioner(KernelProvisionerBase):
         await self.send_signal(signal.SIGTERM)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
-        """Noted, so a kernel that then exits on its own reports status 0."""
+        """Noted, so a kernel that then exits on its own reports status 0. A Slurm
+        kernel's job is told that a restart follows: it keeps the container."""
         self.kernel.shutdown_requested = True
+        if restart and self.backend_is_slurm:
+            await asyncio.to_thread(self.kernel.restarting)
 
     async def cleanup(self, restart: bool = False) -> None:
         """Take the container down. Called by ``KernelManager.cleanup_resources``.
@@ -494,6 +516,10 @@ class SandboxProvisioner(KernelProvisionerBase):
         keeps its files and address. Otherwise nothing of the kernel is left.
         """
         if self.backend_is_slurm:
+            if restart and self.kernel.exited() and await self.kernel.state() in ALIVE_STATES:
+                # Its job waits to start the new process in the same container.
+                self._relaunch = True
+                return
             # The job's end removes the kernel on its node; a restart submits anew.
             await self.kernel.cancel()
             await self.kernel.forget()

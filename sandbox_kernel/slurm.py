@@ -207,6 +207,8 @@ class SlurmJob:
         self._signalled: int | None = None
         self._watching: asyncio.Task[None] | None = None
         self._beat: tuple[int, float] = (0, time.monotonic())
+        #: How many times the kernel restarted in this job (node-run's count).
+        self.epoch = 0
 
     @property
     def pid(self) -> int | None:
@@ -303,6 +305,7 @@ class SlurmJob:
                 )
         where = json.loads(ready.read_text())
         self.node = str(where["node"])
+        self.epoch = int(where.get("epoch") or 0)
         await self.forwarder.listen(local_ports)
         self.forwarder.retarget(where["address"], {k: int(v) for k, v in where["ports"].items()})
         self._watching = asyncio.ensure_future(self._watch())
@@ -336,11 +339,59 @@ class SlurmJob:
             return ""
         return await job_state(self.job_id)
 
+    # ---- a restart in the same job: the container and its files stay ----------------
+
+    def _file(self, suffix: str) -> Path:
+        return jobs_dir() / f"{self.kernel_id}.{suffix}"
+
+    def restarting(self) -> None:
+        """Tell node-run that the kernel's coming end is a restart's."""
+        write_json(self._file("restarting"), {"job": self.job_id})
+
+    def exited(self) -> bool:
+        """Whether the kernel's process ended for a restart and its job waits for
+        the new one (node-run's ``KERNEL_ID.exited``)."""
+        try:
+            said = json.loads(self._file("exited").read_text())
+        except (OSError, ValueError):
+            return False
+        return str(said.get("job")) == str(self.job_id) and said.get("epoch") == self.epoch
+
+    async def relaunch(self, spec: dict[str, Any]) -> str:
+        """Start the kernel again in its job, with ``spec``'s command, environment
+        and connection; wait until it runs. The node.
+
+        Raises:
+            SlurmError: the job ended, or did not start it in time.
+        """
+        self._file("exited").unlink(missing_ok=True)
+        write_json(self._file("relaunch"), spec)  # 0600: it holds the kernel's key
+        deadline = time.monotonic() + START_TIMEOUT
+        asked = time.monotonic()
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                where = json.loads(self.files()[1].read_text())
+                if int(where.get("epoch") or 0) > self.epoch:
+                    self.epoch = int(where["epoch"])
+                    break
+            await asyncio.sleep(0.01)  # the shared folder, looked at
+            if time.monotonic() - asked > 0.5:
+                asked = time.monotonic()
+                if await self.state() not in ALIVE_STATES:
+                    raise SlurmError(f"job {self.job_id} ended before the kernel restarted")
+            if time.monotonic() > deadline:
+                raise SlurmError(f"job {self.job_id} did not restart the kernel in time")
+        self._status = None
+        return str(self.node)
+
     async def poll(self) -> int | None:
         if self._status is not None:
             return self._status
         if self.job_id is None:
             return 1
+        if self.exited():  # its job waits for the restart's new process
+            self._status = 0 if self.shutdown_requested else -(self._signalled or 1)
+            return self._status
         self._follow()  # before asking: a kernel that moved is followed, not lost
         state = await self.state()
         if state in ALIVE_STATES:
@@ -394,7 +445,7 @@ class SlurmJob:
         await self._stop_following()
         for path in self.files()[:2]:
             path.unlink(missing_ok=True)
-        for suffix in ("alive", "move.json", "moving"):
+        for suffix in ("alive", "move.json", "moving", "restarting", "exited", "relaunch"):
             (jobs_dir() / f"{self.kernel_id}.{suffix}").unlink(missing_ok=True)
 
 

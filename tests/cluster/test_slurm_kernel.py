@@ -101,3 +101,24 @@ async def test_a_restarted_server_adopts_its_slurm_kernel_again(
         await km.shutdown_kernel(now=True)
     assert squeue(job) == ""
     assert all(not kernels for kernels in node_kernels().values())
+
+
+async def test_a_restart_keeps_the_kernels_files_in_the_same_job(
+    up: None, slurm_kernels: Any
+) -> None:
+    ksm, work = slurm_kernels
+    km, kc = await start(ksm, work)
+    try:
+        job, node = km.provisioner.kernel.job_id, km.provisioner.kernel.node
+        (await run_cell(kc, "x = 1; open('/tmp/kept.txt', 'w').write('mine')")).check()
+        await km.restart_kernel()  # as the notebook's Restart does (not now=True)
+        await kc.wait_for_ready(timeout=60)
+        cell = await run_cell(kc, "print('x' in dir(), open('/tmp/kept.txt').read())")
+        assert cell.check().split() == ["False", "mine"]  # a new process, the same files
+        assert (km.provisioner.kernel.job_id, km.provisioner.kernel.node) == (job, node)
+        assert squeue(job) == f"RUNNING {node}"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    assert squeue(job) == ""
+    assert all(not kernels for kernels in node_kernels().values())
