@@ -90,24 +90,34 @@ MOVE_WAIT = 300.0
 HEARTBEAT = 1.0
 
 
-async def _wait_for(paths: list[Path], deadline: float) -> Path:
-    """The first of ``paths`` to exist (a file another node writes in a shared folder)."""
+async def _wait_for(paths: list[Path], deadline: float, ended: asyncio.Event) -> Path:
+    """The first of ``paths`` to exist (a file another node writes in a shared folder).
+
+    Raises:
+        SandboxError: none came in time, or the job is being cancelled.
+    """
     while True:
         for path in paths:
             if path.exists():
                 return path
+        if ended.is_set():
+            raise SandboxError("the job was cancelled")
         if time.monotonic() > deadline:
             raise SandboxError(f"{paths[0].name} did not come in {MOVE_WAIT:.0f} s")
         await asyncio.sleep(0.005)  # a shared folder tells no one: looked at
 
 
-async def arrive(client: DaemonClient, kid: str, move: Path) -> dict[str, Any]:
+async def arrive(
+    client: DaemonClient, kid: str, move: Path, ended: asyncio.Event
+) -> dict[str, Any]:
     """Take over a kernel moving here (``sandbox_kernel/migrate.py``): import the
     snapshot sent while it ran on (``base.sks``) and say so (``staged``), then the
     last one, against it (``final.sks``), and restore it into the kernel launched
     here. The restore's answer."""
     deadline = time.monotonic() + MOVE_WAIT
-    found = await _wait_for([move / "base.sks", move / "final.sks", move / "abort"], deadline)
+    found = await _wait_for(
+        [move / "base.sks", move / "final.sks", move / "abort"], deadline, ended
+    )
     if found.name == "abort":
         raise SandboxError("the move was called off")
     plan = json.loads((move / "names.json").read_text())
@@ -116,7 +126,7 @@ async def arrive(client: DaemonClient, kid: str, move: Path) -> dict[str, Any]:
         await client.call("import_snapshot", path=str(found), name=plan["base"], kernel_id=kid)
         parent = plan["base"]
     write_json(move / "staged", {"node": socket.gethostname()})
-    found = await _wait_for([move / "final.sks", move / "abort"], deadline)
+    found = await _wait_for([move / "final.sks", move / "abort"], deadline, ended)
     if found.name == "abort":
         raise SandboxError("the move was called off")
     await client.call("import_snapshot", path=str(found), name=plan["final"], kernel_id=kid,
@@ -267,11 +277,14 @@ async def run(spec_path: Path) -> int:
         store.mkdir(mode=0o700, parents=True, exist_ok=True)
         config["shared_store"] = str(store)
     move = Path(spec["move"]["dir"]) if spec.get("move") else None
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # From the first moment: a scancel while the kernel is being made (a move called
+    # off) must still remove it, not kill this process before it can.
+    loop.add_signal_handler(signal.SIGTERM, ended.set)
     record = await client.call("prepare", kernel_id=kid, config=config)
     address = str(record["kernel_ip"])
     connection = {**spec["connection"], "ip": address, **KERNEL_PORTS}
-    ended = asyncio.Event()
-    loop = asyncio.get_running_loop()
     servers: dict[str, asyncio.Server] = {}
     try:
         await client.call(
@@ -280,7 +293,7 @@ async def run(spec_path: Path) -> int:
         for name in PORT_NAMES:  # ready before a moving kernel's last snapshot comes
             servers[name] = await forward(address, KERNEL_PORTS[name])
         if move is not None:
-            await arrive(client, kid, move)
+            await arrive(client, kid, move, ended)
         elif spec.get("recover") and store is not None:
             try:
                 await recover(client, kid, store)
@@ -303,7 +316,6 @@ async def run(spec_path: Path) -> int:
     where = {"node": node, "address": socket.gethostbyname(node), "ports": ports, "job": job,
              "epoch": 0}  # fmt: skip
     write_json(folder / f"{kid}.ready", where)
-    loop.add_signal_handler(signal.SIGTERM, ended.set)
 
     async def interrupt() -> None:
         with contextlib.suppress(SandboxError, OSError):

@@ -106,6 +106,13 @@ async def test_migrate_moves_a_live_kernel_mid_cell_and_the_same_client_goes_on(
             "t = threading.Thread(target=tick, daemon=True); t.start()"
         )
         (await run_cell(kc, setup)).check()
+        # A move Slurm refuses leaves the kernel as it was, and nothing behind.
+        refused = await asyncio.to_thread(cli, "migrate", km.kernel_id, "--to", "node9",
+                                          check=False)  # fmt: skip
+        assert refused.returncode != 0 and "node9" in refused.stderr, refused.stderr
+        assert jobs() == [str(job.job_id)] and job.node == source
+        store = Path(os.environ["SANDBOX_KERNEL_STORE"])
+        assert not list(store.glob(".move-*")) and not list(store.glob("*.moving"))
         # A cell that runs through the move: every line it prints arrives, once.
         counting = asyncio.ensure_future(run_cell(
             kc, "for i in range(60):\n    print(i, flush=True); time.sleep(0.1)", timeout=120
