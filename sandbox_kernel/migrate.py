@@ -126,6 +126,34 @@ async def _step(job: int, *argv: str) -> dict[str, Any]:
     return answer
 
 
+#: Node states (sinfo's short ones, without a trailing mark) a kernel can move to.
+_TAKES_JOBS = {"idle", "mix", "alloc", "comp"}
+
+
+async def _check_node(node: str) -> None:
+    """That ``node`` is a node of the cluster that takes new jobs.
+
+    Raises:
+        ConfigError: it is not, with the nodes that are.
+    """
+    code, out, err = await _run("sinfo", "-h", "-N", "-o", "%N %t")
+    if code != 0:
+        raise SlurmError(f"sinfo failed: {(err or out).strip()}")
+    states = dict(line.split(None, 1) for line in out.splitlines() if " " in line)
+    usable = sorted(
+        n for n, state in states.items() if state.strip().rstrip("*~#$@^-") in _TAKES_JOBS
+    )
+    if node not in states:
+        raise ConfigError(
+            "--to", node, f"is not a node of this cluster; use one of {', '.join(usable)}"
+        )
+    if node not in usable:
+        raise ConfigError(
+            "--to", node, f"takes no new jobs (it is {states[node].strip()}); use one of "
+            f"{', '.join(usable)}",
+        )  # fmt: skip
+
+
 async def _wait_ready(
     ready: Path, job: int, move_dir: Path, step: asyncio.Future[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -169,6 +197,8 @@ async def migrate(kernel_id: str, to: str | None = None, away_from: str | None =
     move = Move(kernel_id, source=str(where["node"]), source_job=int(where["job"]))
     if to is not None and to == move.source:
         raise ConfigError("--to", to, f"is where kernel {kernel_id} runs already")
+    if to is not None:
+        await _check_node(to)
     spec = read_spec(folder / f"{kernel_id}.json")
     if not spec.get("store"):
         raise ConfigError("kernel", kernel_id, "was started without a shared store; restart it")
