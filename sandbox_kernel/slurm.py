@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,8 @@ class SlurmJob:
         self._beat: tuple[int, float] = (0, time.monotonic())
         #: How many times the kernel restarted in this job (node-run's count).
         self.epoch = 0
+        #: The ready file's inode and time when :meth:`_follow` last read it.
+        self._ready_seen: tuple[int, int] = (0, 0)
 
     @property
     def pid(self) -> int | None:
@@ -233,9 +236,16 @@ class SlurmJob:
         changed (the kernel moved to another node: ``migrate.py``); whether it did."""
         ready = self.files()[1]
         try:
-            where = json.loads(ready.read_text())
+            # Opened each time (NFS revalidates at open, where a stat may answer from
+            # its cache), read only when it is another file than the one read last.
+            with open(ready, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                if (st.st_ino, st.st_mtime_ns) == self._ready_seen:
+                    return False  # read already (a move writes a new file)
+                where = json.loads(handle.read())
         except (OSError, ValueError):
             return False
+        self._ready_seen = (st.st_ino, st.st_mtime_ns)
         job = int(where.get("job") or 0)
         if not job or job == self.job_id:
             return False
@@ -248,7 +258,7 @@ class SlurmJob:
 
     async def _watch(self) -> None:
         """Follow a move as soon as its ready file is written (within 20 ms: the
-        notebook's sockets wait for it; a stat of one small file each time)."""
+        notebook's sockets wait for it; an open of one small file each time)."""
         while True:
             self._follow()
             await asyncio.sleep(0.02)  # a shared folder tells no one: looked at
@@ -284,26 +294,16 @@ class SlurmJob:
         (jobs_dir() / f"{self.kernel_id}.alive").unlink(missing_ok=True)
         write_json(spec_file, {**spec, "sbatch": sbatch})  # 0600: it holds the kernel's key
         self.job_id = await submit(self.kernel_id, spec_file, log_file, sbatch)
-        deadline = time.monotonic() + START_TIMEOUT
-        asked = 0.0
-        while not ready.exists():
-            await asyncio.sleep(0.01)  # the shared folder, looked at: Slurm pushes nothing
-            if time.monotonic() - asked < 0.5:
-                continue  # squeue only twice a second: it costs a round trip to slurmctld
-            asked = time.monotonic()
-            state = await self.state()
-            if state not in ALIVE_STATES:
-                tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
-                raise SlurmError(
-                    f"job {self.job_id} ended ({state or 'gone'}) before its kernel ran:\n{tail}"
-                )
-            if time.monotonic() > deadline:
-                await self.cancel()
-                raise SlurmError(
-                    f"job {self.job_id} did not run its kernel within {START_TIMEOUT:.0f} s "
-                    f"(it is {state}); see squeue -j {self.job_id}"
-                )
-        where = json.loads(ready.read_text())
+
+        def ended(state: str) -> str:
+            tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
+            return f"job {self.job_id} ended ({state or 'gone'}) before its kernel ran:\n{tail}"
+
+        def late(state: str) -> str:
+            return (f"job {self.job_id} did not run its kernel within {START_TIMEOUT:.0f} s "
+                    f"(it is {state}); see squeue -j {self.job_id}")  # fmt: skip
+
+        where = await self._ready_when(lambda _: True, ended, late, cancel_if_late=True)
         self.node = str(where["node"])
         self.epoch = int(where.get("epoch") or 0)
         await self.forwarder.listen(local_ports)
@@ -332,6 +332,40 @@ class SlurmJob:
         self.forwarder.retarget(where["address"], {k: int(v) for k, v in where["ports"].items()})
         self._watching = asyncio.ensure_future(self._watch())
         return self.node
+
+    async def _ready_when(
+        self,
+        accept: Callable[[dict[str, Any]], bool],
+        ended: Callable[[str], str],
+        late: Callable[[str], str],
+        cancel_if_late: bool = False,
+    ) -> dict[str, Any]:
+        """Wait until the job's ready file says what ``accept`` wants (a start, a
+        restart in the job); what it says. Its folder is looked at every 10 ms,
+        squeue asked twice a second (a round trip to slurmctld).
+
+        Raises:
+            SlurmError: the job ended (``ended(state)``), or not in time (``late``).
+        """
+        ready = self.files()[1]
+        deadline = time.monotonic() + START_TIMEOUT
+        asked = 0.0
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                where: dict[str, Any] = json.loads(ready.read_text())
+                if accept(where):
+                    return where
+            await asyncio.sleep(0.01)  # the shared folder, looked at: Slurm pushes nothing
+            if time.monotonic() - asked < 0.5:
+                continue
+            asked = time.monotonic()
+            state = await self.state()
+            if state not in ALIVE_STATES:
+                raise SlurmError(ended(state))
+            if time.monotonic() > deadline:
+                if cancel_if_late:
+                    await self.cancel()
+                raise SlurmError(late(state))
 
     async def state(self) -> str:
         """The job's state as squeue has it, "" once it is gone."""
@@ -366,21 +400,12 @@ class SlurmJob:
         """
         self._file("exited").unlink(missing_ok=True)
         write_json(self._file("relaunch"), spec)  # 0600: it holds the kernel's key
-        deadline = time.monotonic() + START_TIMEOUT
-        asked = time.monotonic()
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                where = json.loads(self.files()[1].read_text())
-                if int(where.get("epoch") or 0) > self.epoch:
-                    self.epoch = int(where["epoch"])
-                    break
-            await asyncio.sleep(0.01)  # the shared folder, looked at
-            if time.monotonic() - asked > 0.5:
-                asked = time.monotonic()
-                if await self.state() not in ALIVE_STATES:
-                    raise SlurmError(f"job {self.job_id} ended before the kernel restarted")
-            if time.monotonic() > deadline:
-                raise SlurmError(f"job {self.job_id} did not restart the kernel in time")
+        where = await self._ready_when(
+            lambda where: int(where.get("epoch") or 0) > self.epoch,
+            lambda _: f"job {self.job_id} ended before the kernel restarted",
+            lambda _: f"job {self.job_id} did not restart the kernel in time",
+        )
+        self.epoch = int(where["epoch"])
         self._status = None
         return str(self.node)
 

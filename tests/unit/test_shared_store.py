@@ -15,6 +15,7 @@ import pytest
 
 from sandbox_kernel import slurm
 from sandbox_kernel.runtime import shared
+from sandbox_kernel.runtime.fsutil import write_json
 from sandbox_kernel.runtime.noderun import Publisher
 from sandbox_kernel.slurm import SlurmJob
 
@@ -104,11 +105,12 @@ def test_the_provisioner_follows_a_move_and_notices_a_silent_node(
     job = SlurmJob("kid", logging.getLogger("test"))
     job.job_id, job.node = 7, "node1"
     ready = tmp_path / "kid.ready"
-    ready.write_text(json.dumps({"job": "7", "node": "node1", "address": "10.0.0.1",
-                                 "ports": {"shell_port": 1}}))  # fmt: skip
+    # As node-run writes it: a new file each time, renamed into place.
+    write_json(ready, {"job": "7", "node": "node1", "address": "10.0.0.1",
+                       "ports": {"shell_port": 1}})  # fmt: skip
     assert job._follow() is False  # the same job: nothing to do
-    ready.write_text(json.dumps({"job": "9", "node": "node2", "address": "10.0.0.2",
-                                 "ports": {"shell_port": 2}}))  # fmt: skip
+    write_json(ready, {"job": "9", "node": "node2", "address": "10.0.0.2",
+                       "ports": {"shell_port": 2}})  # fmt: skip
     assert job._follow() is True
     assert (job.job_id, job.node, job.forwarder.target) == (
         9,
