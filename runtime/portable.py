@@ -350,19 +350,14 @@ def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple
     segments: list[list[Any]] = []  # ["data", offset here, length] until written
     shared = 0
 
-    def sent(start: int, length: int) -> None:
+    def add(kind: str, at: int, length: int) -> None:
+        """A range of this image (``data``) or of the parent's (``parent``); one
+        that continues the last segment of its kind lengthens it."""
         last = segments[-1] if segments else None
-        if last and last[0] == "data" and last[1] + last[2] == start:
+        if last and last[0] == kind and last[1] + last[2] == at:
             last[2] += length
         else:
-            segments.append(["data", start, length])
-
-    def kept(at: int, length: int) -> None:
-        last = segments[-1] if segments else None
-        if last and last[0] == "parent" and last[1] + last[2] == at:
-            last[2] += length
-        else:
-            segments.append(["parent", at, length])
+            segments.append([kind, at, length])
 
     new_fd = os.open(whole, os.O_RDONLY)
     old_fd = os.open(old_path, os.O_RDONLY)
@@ -370,26 +365,26 @@ def _pages_record(out: IO[bytes], images: Path, rel: str, parent: Path) -> tuple
         done = 0
         for dst, src, length in same_address_ranges(runs, old_runs):
             if dst > done:
-                sent(done, dst - done)  # pages the parent did not have at those addresses
+                add("data", done, dst - done)  # pages the parent did not have at those addresses
             k = 0
             while k < length:
                 step = min(_COMPARE, length - k)
                 mine = os.pread(new_fd, step, dst + k)
                 theirs = memoryview(os.pread(old_fd, step, src + k))
                 if mine.startswith(theirs):  # compared in place, without a copy
-                    kept(src + k, step)
+                    add("parent", src + k, step)
                     shared += step
                 else:
                     for p in range(0, step, PAGE):
                         if mine.startswith(theirs[p : p + PAGE], p):
-                            kept(src + k + p, PAGE)
+                            add("parent", src + k + p, PAGE)
                             shared += PAGE
                         else:
-                            sent(dst + k + p, PAGE)
+                            add("data", dst + k + p, PAGE)
                 k += step
             done = dst + length
         if done < position:
-            sent(done, position - done)
+            add("data", done, position - done)
         wire = [["data", s[2]] if s[0] == "data" else s for s in segments]
         header = {"kind": "pages", "path": rel, "parent_path": old_path.name, "segments": wire}
         if len(json.dumps(header)) > MAX_HEADER // 2:  # too scattered to describe: whole
