@@ -60,6 +60,8 @@ def kernel_jobs() -> list[dict[str, str]]:
     return found
 
 
+#: Seconds the forwarder waits to reach the kernel's node for a new connection.
+CONNECT_TIMEOUT = 5.0
 #: Seconds without a heartbeat from a running kernel's node-run after which its
 #: node is taken for dead (Slurm itself notices after its SlurmdTimeout, and more).
 DEAD_AFTER = 10.0
@@ -162,18 +164,30 @@ class Forwarder:
     async def _link(
         self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if self.target is None:
-            writer.close()
-            return
-        address, ports = self.target
+        # Followed from the moment it is accepted: a retarget or close while the
+        # node's side is still being reached closes it too (none is left open).
+        self.links.add(writer)
+        far_writer: asyncio.StreamWriter | None = None
         try:
-            far_reader, far_writer = await asyncio.open_connection(address, ports[name])
-        except OSError:
-            writer.close()
-            return
-        self.links.update((writer, far_writer))
-        await asyncio.gather(pipe(reader, far_writer), pipe(far_reader, writer))
-        self.links.difference_update((writer, far_writer))
+            if self.target is None:
+                return
+            address, ports = self.target
+            try:
+                far_reader, far = await asyncio.wait_for(
+                    asyncio.open_connection(address, ports[name]), CONNECT_TIMEOUT
+                )
+            except (OSError, TimeoutError):
+                return
+            far_writer = far
+            if writer.is_closing():
+                return  # retargeted or closed meanwhile
+            self.links.add(far)
+            await asyncio.gather(pipe(reader, far), pipe(far_reader, writer))
+        finally:
+            for end in (writer, far_writer):
+                if end is not None:
+                    end.close()
+                    self.links.discard(end)
 
     async def close(self) -> None:
         for server in self.servers:
