@@ -98,6 +98,9 @@ class RestoreHandoff:
         #: Said at the start of the next cell: what a restore the user did not ask
         #: for lost (a kernel brought back on another node).
         self._notice = ""
+        #: The process start time IPython's history database was last opened in.
+        self._history_start = _start_time()
+        self._history_lock = threading.Lock()
         #: Called when this process becomes a new kernel (from a base, or a reset):
         #: what a fresh process does at its start (the magic's warning of how the
         #: last process ended).
@@ -328,6 +331,16 @@ class RestoreHandoff:
         history = getattr(self.shell, "history_manager", None)
         if history is None or not getattr(history, "enabled", False):
             return
+        with self._history_lock:
+            # Once per process life: the watcher's arrival and the next cell's
+            # pre_execute hook both ask, whichever comes first reconnects.
+            started = _start_time()
+            if started == self._history_start:
+                return
+            self._history_start = started
+            self._connect_history(history)
+
+    def _connect_history(self, history: Any) -> None:
         try:
             import sqlite3
 
@@ -345,7 +358,8 @@ class RestoreHandoff:
         history = getattr(self.shell, "history_manager", None)
         if history is not None:
             try:
-                history.reset(new_session=True)
+                with self._history_lock:  # not while the next cell's hook reconnects it
+                    history.reset(new_session=True)
             except Exception as err:  # the history is IPython's; the kernel goes on
                 print(f"%container: could not start a new history session ({err})",
                       file=sys.__stderr__)  # fmt: skip
@@ -403,6 +417,9 @@ class RestoreHandoff:
     def after_restore(self) -> None:
         """Before a cell runs in a restored process: let the frontend reconnect first,
         or the cell's output would be published to nobody. The ``pre_execute`` hook."""
+        # Before the cell writes its history: the restore's own reconnection (the
+        # watcher's) may not have run yet.
+        self._reopen_history()
         if self._restored.is_set():
             self._restored.clear()
             self._wait_for_frontend()
