@@ -465,7 +465,11 @@ class RestoreHandoff:
                 really_send(*args, **kwargs)
 
         def send(*args: Any, **kwargs: Any) -> None:
-            epoch = _start_time()
+            # The life the last message was signed in (signing notices a restore):
+            # one signed before the restore and sent again by the restored process
+            # went out already from the process that took the snapshot, and is not
+            # held (that would send it twice).
+            epoch = self._identity_start
             if epoch != state["epoch"]:
                 state["epoch"] = epoch
                 with self._subscriptions_lock:
