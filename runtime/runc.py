@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,31 +142,36 @@ async def list_containers() -> list[dict[str, Any]]:
     return result
 
 
-#: Tries of a freeze that the cgroup freezer did not finish ("unable to freeze").
-PAUSE_TRIES = 4
+#: Seconds a freeze may keep failing ("unable to freeze") before it is given up.
+PAUSE_WITHIN = 15.0
 
 
 async def pause(container_id: str) -> None:
     """Freeze every process of the container (cgroup freezer).
 
     cgroup v1's freezer gives up when a task keeps escaping it, e.g. one forking
-    or exiting at that moment (seen under load with 20 busy kernels): runc then
-    reports "unable to freeze" and leaves the cgroup as it was. That is tried
-    again, after a thaw and a short pause, a few times.
+    or exiting at that moment, or one in uninterruptible I/O that the loaded disk
+    is slow to finish (seen under load with 20 busy kernels, four tries in a row):
+    runc gives up after about 0.2 s, reports "unable to freeze" and leaves the
+    cgroup as it was. That is tried again, after a thaw and a growing pause, for
+    up to :data:`PAUSE_WITHIN` seconds.
 
     Raises:
         CommandError: runc could not freeze it.
     """
-    for attempt in range(PAUSE_TRIES):
+    deadline = time.monotonic() + PAUSE_WITHIN
+    attempt = 0
+    while True:
         try:
             await run([paths.runc_binary(), "pause", container_id])
             return
         except CommandError as err:
-            if "unable to freeze" not in str(err) or attempt == PAUSE_TRIES - 1:
+            if "unable to freeze" not in str(err) or time.monotonic() > deadline:
                 raise
         with contextlib.suppress(CommandError):
             await resume(container_id)
-        await asyncio.sleep(0.05 * (attempt + 1))  # let the fork or exit finish
+        attempt += 1
+        await asyncio.sleep(min(0.05 * attempt, 0.5))  # let the fork, exit or I/O finish
 
 
 async def resume(container_id: str) -> None:
@@ -209,7 +215,8 @@ async def restore(
     serves each page through userfaultfd when the kernel first touches it, and
     sends the rest in the background, then exits. The restore returns before the
     pages are in. The daemon runs on its own (it outlives this process) and holds
-    ``lazy_lock`` (flock) while it reads ``images``: whoever deletes them waits.
+    ``lazy_lock`` (flock, shared with other readers) while it reads ``images``:
+    whoever deletes them waits.
 
     Raises:
         CommandError: the restore failed; the last lines of CRIU's log are in it.
@@ -234,7 +241,7 @@ async def _start_lazy_pages(criu: str, images: Path, work: Path, lock: Path) -> 
     socket = work / "lazy-pages.socket"
     # setsid -f: the daemon is nobody's child here, so no zombie and no warning.
     argv = ["/bin/sh", "-c", 'exec setsid -f "$@" </dev/null >/dev/null 2>&1', "sh",
-            "flock", str(lock), criu, "lazy-pages", "-D", str(images), "-W", str(work),
+            "flock", "--shared", str(lock), criu, "lazy-pages", "-D", str(images), "-W", str(work),
             "-o", "lazy-pages.log"]  # fmt: skip
     await run(argv, timeout=30)
     loop = asyncio.get_running_loop()

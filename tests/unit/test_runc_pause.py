@@ -25,11 +25,14 @@ def fake_runc(monkeypatch: pytest.MonkeyPatch, pause_failures: list[str]) -> lis
             raise CommandError(argv, 1, pause_failures.pop(0))
         return 0, "", ""
 
-    async def no_wait(_: float) -> None:
-        return None
+    clock = [0.0]
+
+    async def no_wait(seconds: float) -> None:
+        clock[0] += seconds + 0.2  # runc's own tries before it gives up
 
     monkeypatch.setattr(runc, "run", run)
     monkeypatch.setattr(runc.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(runc.time, "monotonic", lambda: clock[0])
     return calls
 
 
@@ -39,11 +42,13 @@ def test_a_freeze_that_gives_up_is_tried_again_after_a_thaw(monkeypatch) -> None
     assert calls == ["pause", "resume", "pause", "resume", "pause"]
 
 
-def test_it_gives_up_after_its_tries(monkeypatch) -> None:
-    calls = fake_runc(monkeypatch, [FREEZE] * runc.PAUSE_TRIES)
+def test_it_keeps_trying_for_seconds_then_gives_up(monkeypatch) -> None:
+    calls = fake_runc(monkeypatch, [FREEZE] * 1000)
     with pytest.raises(CommandError, match="unable to freeze"):
         asyncio.run(runc.pause("sk-1"))
-    assert calls.count("pause") == runc.PAUSE_TRIES
+    # Tried well beyond the four tries that CI saw fail under load, and not forever.
+    assert 10 < calls.count("pause") < 100
+    assert calls[-1] == "pause"
 
 
 def test_another_failure_is_not_tried_again(monkeypatch) -> None:
