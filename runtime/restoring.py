@@ -9,6 +9,7 @@ through ``KernelStore.update``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,20 @@ class Restorer:
 
     async def _restore(self, kernel_id: str, name: str, arriving: bool = False) -> dict[str, Any]:
         """:meth:`restore`, with the kernel's operation lock held."""
+        owner = str(self.store.load(kernel_id).uid)
+        # One still being saved in the background is restored once it is durable.
+        await asyncio.to_thread(snapshots.wait_saved, owner, name)
+        with contextlib.ExitStack() as held:
+            # Not deleted while it is read (a delete waits for the restore).
+            await asyncio.to_thread(held.enter_context, snapshots.reading(owner, name))
+            return await self._restore_read(kernel_id, name, arriving)
+
+    async def _restore_read(self, kernel_id: str, name: str, arriving: bool) -> dict[str, Any]:
+        """:meth:`_restore`, with the snapshot held against its deletion."""
         record = self.store.load(kernel_id)
         kdir = self.store.kernel_dir(kernel_id)
         owner = str(record.uid)
         folder = snapshots.snapshot_dir(owner, name)
-        # One still being saved in the background is restored once it is durable.
-        await asyncio.to_thread(snapshots.wait_saved, owner, name)
         # Only a snapshot this kernel may see (same owner, image and folder).
         snapshots.load_visible(record, name)
         meta = await asyncio.to_thread(snapshots.verify, owner, name)

@@ -286,10 +286,22 @@ class Rootfs:
     def layer_from(self, record: KernelRecord, folder: Path, meta: dict[str, object]) -> None:
         """Replace the kernel's writable layer by a writable snapshot of the files of
         the snapshot or base in ``folder``, limited to ``disk`` less what it inherits.
-        Blocks: call it in a thread."""
+        Blocks: call it in a thread.
+
+        The new layer is made beside the old one and only then takes its place, so
+        one that cannot be made (the snapshot deleted at that moment) leaves the
+        kernel its files. gc removes a ``.KERNEL_ID.new`` that a crash left.
+        """
         layer = self.layer_dir(record.kernel_id)
-        self.volume.delete_subvolume(layer)
-        self.volume.snapshot_subvolume(folder / "files", layer, readonly=False)
+        fresh = layer.with_name(f".{layer.name}.new")
+        self.volume.delete_subvolume(fresh)
+        self.volume.snapshot_subvolume(folder / "files", fresh, readonly=False)
+        try:
+            self.volume.delete_subvolume(layer)
+            os.rename(fresh, layer)
+        except BaseException:
+            self.volume.delete_subvolume(fresh)
+            raise
         self.limit_layer(record, inherited_bytes(meta, folder))
 
     def _empty_layer(self, record: KernelRecord) -> None:

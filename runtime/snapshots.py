@@ -19,12 +19,13 @@ locked hidden folder, and whatever reads it waits for it (:func:`wait_saved`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +41,9 @@ from .volume import compress, delete_subvolume, ensure_volume, image_path, is_su
 if TYPE_CHECKING:
     from .record import KernelRecord
 
-#: A file in a snapshot's folder that a lazy restore's page server holds locked
-#: (flock) while it reads the images; deleting the snapshot waits for it.
+#: A file in a snapshot's folder that whatever reads the snapshot (a restore, a lazy
+#: restore's page server) holds locked, shared (flock), while it reads; deleting the
+#: snapshot takes it exclusively, so it waits for them and they for it.
 SERVING = ".serving"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole names: fullmatch
 MODES = ("live", "files")
@@ -622,29 +624,67 @@ def delete(owner: str, name: str) -> None:
     wait_saved(owner, name)
     if not (folder / "meta.json").exists():
         raise SnapshotNotFound(name, names(owner))
-    _wait_for_page_server(folder)
-    doomed = folder.with_name(f".deleting.{name}.{time.monotonic_ns()}")
-    os.rename(folder, doomed)  # unlisted at once, even if the removal is cut short
-    fsync_dir(folder.parent)
+    with _no_readers(folder):
+        doomed = folder.with_name(f".deleting.{name}.{time.monotonic_ns()}")
+        os.rename(folder, doomed)  # unlisted at once, even if the removal is cut short
+        fsync_dir(folder.parent)
     purge(doomed)
 
 
-def _wait_for_page_server(folder: Path, timeout: float = 60) -> None:
-    """Wait (bounded) until no lazy restore still reads this snapshot's images.
+@contextlib.contextmanager
+def reading(owner: str, name: str) -> Iterator[None]:
+    """Keep snapshot ``name`` from being deleted while the block reads it.
+
+    Any number of readers hold it at once (a class restoring one snapshot). A
+    delete waits for them; a reader that comes while a delete holds it waits, then
+    finds the snapshot gone. Blocks (briefly: a delete holds it for a rename).
 
     Raises:
-        SandboxError: the page server still holds its lock after ``timeout`` seconds.
+        SnapshotNotFound: there is no such snapshot, or it was deleted meanwhile.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    folder = snapshot_dir(owner, name)
+    try:
+        fd = os.open(folder / SERVING, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise SnapshotNotFound(name, names(owner)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
         try:
-            if not lock_held(folder / SERVING):
-                return
+            now = os.stat(folder / SERVING, follow_symlinks=False)
         except FileNotFoundError:
-            return  # never restored lazily
-        if time.monotonic() > deadline:
-            raise SandboxError(f"snapshot {folder.name!r} is still being restored; try again")
-        time.sleep(0.01)
+            now = None
+        held = os.fstat(fd)
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise SnapshotNotFound(name, names(owner))  # deleted while this waited
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _no_readers(folder: Path, timeout: float = 60) -> Iterator[None]:
+    """Hold a snapshot's folder with no reader (see :func:`reading`) for the block,
+    waiting (bounded) for those there are.
+
+    Raises:
+        SandboxError: readers still hold it after ``timeout`` seconds.
+    """
+    fd = os.open(folder / SERVING, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"snapshot {folder.name!r} is still being restored; try again"
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
 
 
 def purge(folder: Path) -> None:

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,66 @@ async def test_a_restore_that_fails_again_is_not_retried_forever(
         await runtime.finish_restore("k1")
     assert runtime.record("k1").restoring is None
     assert fakes.mounts.mounts_under(runtime.kernel_dir("k1")) == []
+
+
+async def test_a_restore_whose_snapshot_files_cannot_be_taken_keeps_the_kernels_files(
+    fakes: Fakes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = make_runtime(fakes)
+    await started(runtime, tmp_path / "work")
+    (upper(runtime) / "marker").write_text("snapshot")
+    await runtime.snapshot("k1", "s1")
+    (upper(runtime) / "marker").write_text("after")
+
+    def gone(source: Path, target: Path, readonly: bool) -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(source))
+
+    monkeypatch.setattr(fakes.volume, "snapshot_subvolume", gone)
+    with pytest.raises(FileNotFoundError):
+        await runtime.restore("k1", "s1")
+    # The kernel's own layer is whole, so its restart starts on its files (CI saw
+    # the restart fail to mount a layer the restore had already deleted).
+    assert (upper(runtime) / "marker").read_text() == "after"
+    assert sorted(p.name for p in runtime.rootfs.layer_dir("k1").parent.iterdir()) == ["k1"]
+
+
+def test_a_delete_waits_for_a_reader_of_the_snapshot(fakes: Fakes) -> None:
+    owner = str(os.getuid())
+    folder = snapshots.snapshot_dir(owner, "s1")
+    folder.mkdir(parents=True)
+    write_json(folder / "meta.json", {"name": "s1"})
+    deleting = threading.Thread(target=snapshots.delete, args=(owner, "s1"))
+    with snapshots.reading(owner, "s1"):
+        deleting.start()
+        deleting.join(0.5)
+        assert deleting.is_alive(), "the delete did not wait for the reader"
+        assert (folder / "meta.json").exists()
+    deleting.join(10)
+    assert not deleting.is_alive() and not folder.exists()
+
+
+def test_a_reader_that_waited_for_a_delete_finds_the_snapshot_gone(fakes: Fakes) -> None:
+    owner = str(os.getuid())
+    folder = snapshots.snapshot_dir(owner, "s1")
+    folder.mkdir(parents=True)
+    write_json(folder / "meta.json", {"name": "s1"})
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            with snapshots.reading(owner, "s1"):
+                outcome.append(None)
+        except BaseException as err:
+            outcome.append(err)
+
+    with snapshots._no_readers(folder):
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive(), "the reader did not wait for the delete"
+        os.rename(folder, folder.with_name(".deleting.s1"))
+    reader.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], snapshots.SnapshotNotFound)
 
 
 async def test_snapshot_failing_mid_commit_keeps_nothing(
