@@ -150,6 +150,8 @@ class Kernels:
             with contextlib.suppress(Exception):
                 if km.has_kernel:
                     await km.shutdown_kernel(now=True)
+        self.clients.clear()
+        self.managers.clear()
 
 
 @pytest_asyncio.fixture

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.runtime import snapshots
+from sandbox_kernel.runtime import saving, snapshots
 
 from ..integration.conftest import Kernels
 from ..integration.probe import run_cell
@@ -70,8 +70,7 @@ async def test_twenty_kernels_under_random_operations(kernels: Kernels, make_spe
     taken: dict[str, int] = {}
     try:
         rngs = [random.Random(SEED + i) for i in range(KERNELS)]
-        # A task group cancels the other kernels' operations when one fails, so none
-        # takes a snapshot after the clean-up below.
+        # A task group cancels the other kernels' cells when one fails.
         async with asyncio.TaskGroup() as group:
             drives = [
                 group.create_task(_drive(i, kc, rngs[i], taken))
@@ -86,6 +85,11 @@ async def test_twenty_kernels_under_random_operations(kernels: Kernels, make_spe
         for _, kc in started:
             assert (await run_cell(kc, "print('alive')")).check().strip() == "alive"
     finally:
+        # A failure cancels the other kernels' cells, not what the runtime does for
+        # them: their kernels go first, so no snapshot is still being taken or
+        # restored below.
+        await kernels.close()
+        assert await asyncio.to_thread(saving.wait_all, 300), "a snapshot was still saving"
         # Every snapshot of this test's names, taken or not (one cut short by a
         # failure, or left by an earlier run that was killed).
         for name in snapshots.names(OWNER):
