@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ AFTER_HANDSHAKE = 0.01
 EVENT_HANDSHAKE_SUCCEEDED = 0x1000
 #: zmq.XPUB_VERBOSE (pass every subscription up, not only a topic's first).
 XPUB_VERBOSE = 40
+#: Signatures remembered with the life they were signed in (see _signed_in).
+SIGNED_KEPT = 4096
+_DELIM = b"<IDS|MSG>"
 
 
 def _launch_environment() -> dict[str, str]:
@@ -91,6 +95,11 @@ class RestoreHandoff:
         self._pause = threading.Event()  # never set: waits between retries
         self._identity_lock = threading.Lock()
         self._identity_start = _start_time()
+        # The life (start time) each recent message was signed in, by signature,
+        # oldest first: the iopub hold tells a message queued before a restore from
+        # one the restored process signed.
+        self._signed_in: OrderedDict[bytes, str] = OrderedDict()
+        self._signed_lock = threading.Lock()
         self._hooked = False
         # Set while a cell takes a snapshot: a process restored from it wakes up in
         # that cell, whose own code asks what happened (see finish_restore).
@@ -456,7 +465,7 @@ class RestoreHandoff:
         # RECONNECT_WAIT seconds), in order. All of it runs on the iopub thread.
         really_send = thread._really_send
         held: list[tuple[Any, Any]] = []
-        state = {"epoch": _start_time(), "holding": False}
+        state: dict[str, Any] = {"epoch": _start_time(), "holding": False}
 
         def release() -> None:
             state["holding"] = False
@@ -465,11 +474,14 @@ class RestoreHandoff:
                 really_send(*args, **kwargs)
 
         def send(*args: Any, **kwargs: Any) -> None:
-            # The life the last message was signed in (signing notices a restore):
-            # one signed before the restore and sent again by the restored process
-            # went out already from the process that took the snapshot, and is not
-            # held (that would send it twice).
-            epoch = self._identity_start
+            # The life this message was signed in: one signed before the restore
+            # and sent again by the restored process went out already from the
+            # process that took the snapshot, and is not held (that would send it
+            # twice, and the frontend refuses a duplicate signature).
+            epoch = self._signed_life(args[0] if args else kwargs.get("msg"))
+            if epoch != self._identity_start:
+                really_send(*args, **kwargs)
+                return
             if epoch != state["epoch"]:
                 state["epoch"] = epoch
                 with self._subscriptions_lock:
@@ -689,9 +701,26 @@ class RestoreHandoff:
         def sign_with_current_key(msg_list: list[bytes]) -> bytes:
             self._check_identity()
             signed: bytes = sign(msg_list)
+            with self._signed_lock:
+                self._signed_in[signed] = self._identity_start
+                while len(self._signed_in) > SIGNED_KEPT:
+                    self._signed_in.popitem(last=False)
             return signed
 
         session.sign = sign_with_current_key
+
+    def _signed_life(self, frames: Any) -> str:
+        """The life (start time) the message in ``frames`` was signed in, forgotten
+        once asked; the latest life signed in for one this process does not remember."""
+        try:
+            at = next(i for i, frame in enumerate(frames) if isinstance(frame, bytes)
+                      and frame == _DELIM)  # fmt: skip
+            signature = bytes(frames[at + 1])
+        except (StopIteration, IndexError, TypeError):
+            return self._identity_start
+        with self._signed_lock:
+            life = self._signed_in.pop(signature, None)
+        return life if life is not None else self._identity_start
 
     def _check_identity(self) -> None:
         """Take the kernel's current key if this process was restored since it last
