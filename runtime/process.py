@@ -26,6 +26,11 @@ async def run(
     status raises; on timeout the process is killed and :class:`CommandError` raised
     with returncode None either way. ``env`` is added to this process's environment.
 
+    A caller cancelled meanwhile (a pool fill at its server's exit) does not leave
+    the program running on its own behind its clean-up: it is let finish, within
+    what is left of ``timeout``, and killed after that. A ``runc restore`` left so
+    went on restoring into a kernel already removed, and hung there.
+
     Raises:
         CommandError: the program failed (with ``check``) or timed out.
     """
@@ -36,6 +41,7 @@ async def run(
         stderr=subprocess.PIPE,
         env={**os.environ, **env} if env else None,
     )
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
         out, err = await asyncio.wait_for(
             proc.communicate(stdin.encode() if stdin is not None else None), timeout
@@ -44,12 +50,27 @@ async def run(
         proc.kill()
         await proc.wait()
         raise CommandError(argv, None, "", hint) from None
+    except asyncio.CancelledError:
+        await _finish(proc, deadline)
+        raise
     code = proc.returncode
     assert code is not None
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     if check and code != 0:
         raise CommandError(argv, code, stderr or stdout, hint)
     return code, stdout, stderr
+
+
+async def _finish(proc: asyncio.subprocess.Process, deadline: float) -> None:
+    """Let a program whose caller was cancelled end by ``deadline`` (loop time),
+    reading what it prints; kill it after that, or at a second cancellation."""
+    try:
+        left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        await asyncio.wait_for(proc.communicate(), left)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.shield(proc.wait())
 
 
 def run_sync(argv: Sequence[str], *, timeout: float = 30.0, check: bool = True) -> str:

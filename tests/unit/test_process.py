@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sandbox_kernel.runtime.process import has_exited
+from sandbox_kernel.runtime.process import has_exited, run
 
 HIGH_FD = 1500  # past select(2)'s 1024, as in a server holding ~84 kernels
 
@@ -41,3 +45,37 @@ def test_an_exit_is_seen_through_a_pidfd_numbered_past_1024(high_fd_room: None) 
         if child.poll() is None:
             child.kill()
             child.wait(timeout=30)
+
+
+def _started(mark: Path) -> Any:
+    """A program that says it started, then, a moment later, leaves ``mark``."""
+    return [
+        "/bin/sh", "-c", f'echo started > {mark}.started; sleep 0.3; echo done > "{mark}"',
+    ]  # fmt: skip
+
+
+async def _cancelled_mid_run(mark: Path, timeout: float) -> None:
+    task = asyncio.ensure_future(run(_started(mark), timeout=timeout))
+    deadline = time.monotonic() + 30
+    while not Path(f"{mark}.started").exists():
+        assert time.monotonic() < deadline, "the program did not start"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_a_cancelled_run_lets_its_program_finish(tmp_path: Path) -> None:
+    mark = tmp_path / "mark"
+    asyncio.run(_cancelled_mid_run(mark, timeout=30))
+    # Finished before the cancellation went on: not left running on its own.
+    assert mark.read_text() == "done\n"
+
+
+def test_a_cancelled_run_kills_its_program_at_the_timeout(tmp_path: Path) -> None:
+    mark = tmp_path / "mark"
+    asyncio.run(_cancelled_mid_run(mark, timeout=0.1))
+    assert not mark.exists()
+    # Killed, not left to finish later.
+    asyncio.run(asyncio.sleep(0.5))
+    assert not mark.exists()
