@@ -669,7 +669,10 @@ def _no_readers(folder: Path, timeout: float = 60) -> Iterator[None]:
     Raises:
         SandboxError: readers still hold it after ``timeout`` seconds.
     """
-    fd = os.open(folder / SERVING, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(folder / SERVING, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:  # another delete was quicker
+        raise SnapshotNotFound(folder.name, names(folder.parent.name)) from None
     try:
         deadline = time.monotonic() + timeout
         while True:
