@@ -190,6 +190,22 @@ async def sbatch_to_running(tmp: Path) -> tuple[float, float]:
         mark.unlink(missing_ok=True)
 
 
+async def idle_cluster(timeout: float = 60.0) -> None:
+    """Wait until squeue lists no job, then a second more (untimed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = await asyncio.create_subprocess_exec(
+            "squeue", "-h", "-o", "%i", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        if not out.strip():
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(f"jobs still in squeue after {timeout:.0f} s: {out.decode().split()}")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+
+
 async def measure_start(rounds: int, tmp: Path) -> dict[str, list[float]]:
     limits = Limits.parse(memory="1G", cpus="1", pids="512", disk="2G")
     config = provisioner_config("host", limits, "none")
@@ -207,15 +223,14 @@ async def measure_start(rounds: int, tmp: Path) -> dict[str, list[float]]:
     for k in range(rounds):
         found["local"].append(await start_once(ksm, "bench-local", cwd))
         # Each job, the kernel's or the trivial one, starts on an idle cluster: the
-        # one before has left its node (a job right after another's end waited up
-        # to 2.7 s).
-        await asyncio.sleep(1.0)
+        # one before has left squeue, and a second more (a job submitted while
+        # another was still ending waited 2.4 s more).
+        await idle_cluster()
         found["slurm"].append(await start_once(ksm, "bench-slurm", cwd))
-        await asyncio.sleep(1.0)
+        await idle_cluster()
         running, ran = await sbatch_to_running(tmp)
         found["sbatch"].append(running)
         found["script"].append(ran)
-        await asyncio.sleep(1.0)
         print(f"  start round {k + 1}/{rounds}: local {found['local'][-1]:.2f} s, "
               f"slurm {found['slurm'][-1]:.2f} s, trivial job running {running:.2f} s, "
               f"its script {ran:.2f} s", file=sys.stderr)  # fmt: skip
