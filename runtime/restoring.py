@@ -9,7 +9,6 @@ through ``KernelStore.update``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -108,9 +107,7 @@ class Restorer:
         owner = str(self.store.load(kernel_id).uid)
         # One still being saved in the background is restored once it is durable.
         await asyncio.to_thread(snapshots.wait_saved, owner, name)
-        with contextlib.ExitStack() as held:
-            # Not deleted while it is read (a delete waits for the restore).
-            await asyncio.to_thread(held.enter_context, snapshots.reading(owner, name))
+        async with snapshots.areading(owner, name):  # a delete waits for the restore
             return await self._restore_read(kernel_id, name, arriving)
 
     async def _restore_read(self, kernel_id: str, name: str, arriving: bool) -> dict[str, Any]:

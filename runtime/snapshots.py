@@ -18,6 +18,7 @@ locked hidden folder, and whatever reads it waits for it (:func:`wait_saved`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -25,7 +26,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -637,7 +638,39 @@ def reading(owner: str, name: str) -> Iterator[None]:
 
     Any number of readers hold it at once (a class restoring one snapshot). A
     delete waits for them; a reader that comes while a delete holds it waits, then
-    finds the snapshot gone. Blocks (briefly: a delete holds it for a rename).
+    finds the snapshot gone. Blocks (briefly: a delete holds it for a rename);
+    :func:`areading` is the same for async code.
+
+    Raises:
+        SnapshotNotFound: there is no such snapshot, or it was deleted meanwhile.
+    """
+    fd = _reader(owner, name)
+    while fd is None:
+        time.sleep(0.005)
+        fd = _reader(owner, name)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def areading(owner: str, name: str) -> AsyncIterator[None]:
+    """:func:`reading` for async code: it waits on the event loop, never in a thread
+    that a cancellation would leave holding the lock."""
+    fd = _reader(owner, name)
+    while fd is None:
+        await asyncio.sleep(0.005)
+        fd = _reader(owner, name)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _reader(owner: str, name: str) -> int | None:
+    """The descriptor of a shared lock on snapshot ``name`` (see :func:`reading`),
+    or None while a delete holds it.
 
     Raises:
         SnapshotNotFound: there is no such snapshot, or it was deleted meanwhile.
@@ -648,17 +681,19 @@ def reading(owner: str, name: str) -> Iterator[None]:
     except FileNotFoundError:
         raise SnapshotNotFound(name, names(owner)) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
-            now = os.stat(folder / SERVING, follow_symlinks=False)
-        except FileNotFoundError:
-            now = None
-        held = os.fstat(fd)
-        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-            raise SnapshotNotFound(name, names(owner))  # deleted while this waited
-        yield
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
+        return None
+    try:
+        now = os.stat(folder / SERVING, follow_symlinks=False)
+    except FileNotFoundError:
+        now = None
+    held = os.fstat(fd)
+    if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        os.close(fd)
+        raise SnapshotNotFound(name, names(owner))  # deleted while this waited
+    return fd
 
 
 @contextlib.contextmanager
