@@ -241,9 +241,11 @@ class SlurmJob:
         self.shutdown_requested = False
 
     def files(self) -> tuple[Path, Path, Path]:
-        folder = jobs_dir()
-        return (folder / f"{self.kernel_id}.json", folder / f"{self.kernel_id}.ready",
-                folder / f"{self.kernel_id}.log")  # fmt: skip
+        return self._file("json"), self._file("ready"), self._file("log")
+
+    def _file(self, suffix: str) -> Path:
+        """The kernel's file ``KERNEL_ID.suffix`` in the jobs folder."""
+        return jobs_dir() / f"{self.kernel_id}.{suffix}"
 
     def _follow(self) -> bool:
         """Point the forwarder at where the ready file says the kernel runs, if that
@@ -284,7 +286,7 @@ class SlurmJob:
         try:
             # Opened, not only stat'ed: NFS revalidates a file's attributes at open
             # (close-to-open), where a stat may answer from its cache for a minute.
-            fd = os.open(jobs_dir() / f"{self.kernel_id}.alive", os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self._file("alive"), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return False  # not written yet
         try:
@@ -305,7 +307,7 @@ class SlurmJob:
         ``local_ports`` to it. The node it runs on."""
         spec_file, ready, log_file = self.files()
         ready.unlink(missing_ok=True)
-        (jobs_dir() / f"{self.kernel_id}.alive").unlink(missing_ok=True)
+        self._file("alive").unlink(missing_ok=True)
         write_json(spec_file, {**spec, "sbatch": sbatch})  # 0600: it holds the kernel's key
         self.job_id = await submit(self.kernel_id, spec_file, log_file, sbatch)
 
@@ -388,9 +390,6 @@ class SlurmJob:
         return await job_state(self.job_id)
 
     # ---- a restart in the same job: the container and its files stay ----------------
-
-    def _file(self, suffix: str) -> Path:
-        return jobs_dir() / f"{self.kernel_id}.{suffix}"
 
     def restarting(self) -> None:
         """Tell node-run that the kernel's coming end is a restart's."""
@@ -485,7 +484,7 @@ class SlurmJob:
         for path in self.files()[:2]:
             path.unlink(missing_ok=True)
         for suffix in ("alive", "move.json", "moving", "restarting", "exited", "relaunch"):
-            (jobs_dir() / f"{self.kernel_id}.{suffix}").unlink(missing_ok=True)
+            self._file(suffix).unlink(missing_ok=True)
 
 
 def check_backend(backend: str) -> str:
