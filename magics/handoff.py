@@ -107,6 +107,10 @@ class RestoreHandoff:
         #: Said at the start of the next cell: what a restore the user did not ask
         #: for lost (a kernel brought back on another node).
         self._notice = ""
+        #: The process life (start time) whose restore the watcher has handled: the
+        #: next cell waits for it, so that it sees what the hand-off said.
+        self._handled_life = _start_time()
+        self._handled = threading.Condition()
         #: The process start time IPython's history database was last opened in.
         self._history_start = _start_time()
         self._history_lock = threading.Lock()
@@ -429,6 +433,11 @@ class RestoreHandoff:
         # Before the cell writes its history: the restore's own reconnection (the
         # watcher's) may not have run yet.
         self._reopen_history()
+        now = _start_time()
+        with self._handled:
+            # A cell can come before the watcher has handled the restore (its notice).
+            if not self._handled.wait_for(lambda: self._handled_life == now, RECONNECT_WAIT):
+                self._handled_life = now  # the watcher is gone: not waited for again
         if self._restored.is_set():
             self._restored.clear()
             self._wait_for_frontend()
@@ -671,6 +680,9 @@ class RestoreHandoff:
                         # Before the watch is heard again: a new kernel's launch
                         # waits for it, and its first cell must be numbered 1.
                         self._arrive_idle()
+                    with self._handled:
+                        self._handled_life = started
+                        self._handled.notify_all()
                     failures = 0
                     # A new kernel's control server may not listen yet: retry fast.
                     retry_until = time.monotonic() + RECONNECT_WAIT
